@@ -1,0 +1,91 @@
+"""Span semantics, defined once for the whole project.
+
+A head with a sink+window pattern keeps ``span(N)`` key tokens per query at input length N, the sink
+included (MoA's definition)::
+
+    span(N) = min(N, round_up_to_block(clamp(floor(alpha + beta * N), min_span, max_span)))   (>= 1)
+
+Inside the span, the first ``sink_eff = min(sink, span - 1)`` tokens are the sink and the remaining
+``window = span - sink_eff`` tokens are the most recent ones, the query itself included, so every query
+always sees itself. Query i (0-based position among real tokens) sees key j iff::
+
+    j <= i  and  (j < sink_eff  or  i - j < window)
+
+Rows i < span therefore see every earlier token. Example::
+
+    >>> s = span_at(alpha=64, beta=0.25, n=1024, block=64)
+    >>> s, split_span(s, sink=64)
+    (320, (64, 256))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DENSE_SPAN = 1 << 62  # stands for "unbounded" in integer span tensors
+
+
+def span_at(
+    alpha: float,
+    beta: float,
+    n: int,
+    *,
+    min_span: int | None = None,
+    max_span: int | None = None,
+    block: int = 1,
+) -> int:
+    """Number of keys (sink included) a head keeps at input length ``n``."""
+    if n <= 0:
+        return 0
+    s = math.floor(alpha + beta * n + 1e-9)
+    if min_span is not None:
+        s = max(s, min_span)
+    if max_span is not None:
+        s = min(s, max_span)
+    if block > 1:
+        s = -(-s // block) * block
+    return int(max(1, min(s, n)))
+
+
+def split_span(span: int, sink: int) -> tuple[int, int]:
+    """(sink_eff, window) for a span: the sink is clamped so the window keeps at least the query."""
+    sink_eff = max(0, min(sink, span - 1))
+    return sink_eff, span - sink_eff
+
+
+def visible(i, j, sink: int, span: int):
+    """Whether query i sees key j (works on ints and broadcasting tensors)."""
+    sink_eff, window = split_span(span, sink)
+    return (j <= i) & ((j < sink_eff) | (i - j < window))
+
+
+def kept_entries(span: int, n: int) -> int:
+    """Attention entries computed by one head over a causal prefill of length n: sum_i min(i+1, span)."""
+    span = min(span, n)
+    return span * (span + 1) // 2 + (n - span) * span
+
+
+def prefill_density(span: int, n: int) -> float:
+    """Kept entries / causal entries for one head at length n."""
+    return kept_entries(span, n) / (n * (n + 1) / 2)
+
+
+def decode_density(span: int, n: int) -> float:
+    """KV tokens kept / n for one head after a prefill of length n."""
+    return min(span, n) / n
+
+
+def visibility_mask(n_q: int, n_k: int, sink: torch.Tensor, span: torch.Tensor, q_offset: int | None = None):
+    """Bool mask (..., n_q, n_k) for per-head integer ``sink``/``span`` tensors of any batch shape.
+
+    Queries are the last ``n_q`` positions of ``n_k`` keys unless ``q_offset`` is given.
+    """
+    off = n_k - n_q if q_offset is None else q_offset
+    i = torch.arange(off, off + n_q, device=span.device)[:, None]
+    j = torch.arange(n_k, device=span.device)[None, :]
+    span = span.clamp(min=1)
+    sink_eff = torch.minimum(sink, span - 1).clamp(min=0)[..., None, None]
+    window = span[..., None, None] - sink_eff
+    return (j <= i) & ((j < sink_eff) | (i - j < window))
