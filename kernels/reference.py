@@ -18,12 +18,18 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def pattern_mask(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, sink: torch.Tensor, span: torch.Tensor
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor,
+    sink: torch.Tensor,
+    span: torch.Tensor,
+    native_window: int | None = None,
 ) -> torch.Tensor:
     """Bool (B, H, q, k): query at real position q_pos sees key at real position k_pos under (sink, span).
 
     q_pos (B, q), k_pos (B, k) are positions among real tokens; k_valid (B, k) marks real keys;
-    sink/span are (B, H) or (H,) int tensors. Rows with no visible key (padding queries) may see every real
+    sink/span are (B, H) or (H,) int tensors. ``native_window`` (a model's own sliding window, HF semantics
+    i - j < native_window) is intersected with the pattern. Rows with no visible key (padding queries) may see every real
     key, so SDPA never produces NaN.
     """
     b = q_pos.shape[0]
@@ -35,6 +41,8 @@ def pattern_mask(
     d = q_pos[:, None, :, None] - k_pos[:, None, None, :]
     kp = k_pos[:, None, None, :]
     ok = (d >= 0) & k_valid[:, None, None, :] & ((kp < sink_eff) | (d < window))
+    if native_window is not None:
+        ok = ok & (d < native_window)
     empty = ~ok.any(-1, keepdim=True)
     return ok | (empty & k_valid[:, None, None, :])
 
@@ -50,6 +58,7 @@ def reference_attention(
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
     k_valid: torch.Tensor | None = None,
+    native_window: int | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, q, D), k/v (B, Hkv, k, D) un-repeated -> (B, Hq, q, D).
 
@@ -63,7 +72,7 @@ def reference_attention(
         k_pos = torch.arange(nk, device=q.device).expand(b, nk)
     if q_pos is None:
         q_pos = k_pos[:, nk - nq :]
-    mask = pattern_mask(q_pos, k_pos, k_valid, sink.to(q.device), span.to(q.device))
+    mask = pattern_mask(q_pos, k_pos, k_valid, sink.to(q.device), span.to(q.device), native_window)
     n_rep = hq // k.shape[1]
     return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask, scale=scale)
 

@@ -1,0 +1,175 @@
+"""CPU prefill benchmark: kernels.banded.banded_attention vs dense causal SDPA (paired ratios, 1 thread).
+
+For every (N, density) the heads get sink 64 and power-of-two windows spread over three octaves (as in
+shared/reference/cpu-kernels.md ``make_windows``); each repeat times dense and banded back to back in
+alternating order, and the reported speedup is the median of the per-repeat ratios.
+
+    python benchmarks/kernels_cpu.py                 # full run, writes benchmarks/results/kernels_cpu.{json,md}
+    python benchmarks/kernels_cpu.py --quick --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.banded import banded_attention  # noqa: E402
+from plans.span import prefill_density  # noqa: E402
+
+SINK = 64
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_windows(n: int, h: int, target: float, sink: int = SINK) -> list[int]:
+    """Spans (sink + power-of-two window, or n for a full head) over three octaves with mean density ~ target."""
+
+    def spans_for(x: float) -> list[int]:
+        out = []
+        for i in range(h):
+            e = round(x + 3.0 * i / max(h - 1, 1))
+            w = 2**e
+            out.append(n if sink + w >= n else sink + w)
+        return out
+
+    def dens(sp: list[int]) -> float:
+        return sum(prefill_density(s, n) for s in sp) / len(sp)
+
+    best, best_err = None, math.inf
+    x = 3.0
+    while x <= math.log2(n) + 0.01:
+        sp = spans_for(x)
+        err = abs(math.log(dens(sp) / target))
+        if err < best_err:
+            best, best_err = sp, err
+        x += 0.02
+    return sorted(best)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def bench(n: int, h: int, d: int, target: float, repeats: int, dtype=torch.float32) -> dict:
+    spans = make_windows(n, h, target)
+    density = sum(prefill_density(s, n) for s in spans) / h
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, d, generator=g, dtype=dtype) for _ in range(3))
+    sink = torch.full((h,), SINK, dtype=torch.int64)
+    span = torch.tensor(spans, dtype=torch.int64)
+
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def banded():
+        return banded_attention(q, k, v, sink, span)
+
+    def timed(fn):
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    dense(), banded()  # warm-up
+    td, tb, ratios = [], [], []
+    for r in range(repeats):
+        if r % 2 == 0:
+            a, b = timed(dense), timed(banded)
+        else:
+            b, a = timed(banded), timed(dense)
+        td.append(a)
+        tb.append(b)
+        ratios.append(a / b)
+    speed = statistics.median(ratios)
+    return {
+        "N": n, "H": h, "D": d, "dtype": str(dtype).replace("torch.", ""), "sink": SINK, "spans": spans,
+        "density": round(density, 4), "ideal": round(1 / density, 2),
+        "dense_ms": round(1000 * statistics.median(td), 1), "banded_ms": round(1000 * statistics.median(tb), 1),
+        "speedup": round(speed, 2), "pct_of_ideal": round(100 * speed * density, 1),
+        "ratios": [round(x, 3) for x in ratios],
+    }
+
+
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        "# CPU prefill: banded_attention vs dense causal SDPA",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- machine: {meta['machine']}",
+        f"- date: {meta['date']}, load average at start {meta['loadavg']}",
+        f"- method: {meta['method']}",
+        "",
+        "| N | H | D | density | ideal 1/density | dense ms | banded ms | speedup | % of ideal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['N']} | {r['H']} | {r['D']} | {r['density']:.3f} | {r['ideal']:.2f} | {r['dense_ms']:.0f} | "
+            f"{r['banded_ms']:.0f} | {r['speedup']:.2f} | {r['pct_of_ideal']:.0f}% |"
+        )
+    lines += ["", "Spans per configuration (sink 64 included; N = full head):", ""]
+    for r in rows:
+        lines.append(f"- N={r['N']}, density {r['density']:.3f}: {r['spans']}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N=4096 only, 3 repeats")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--n", type=int, nargs="*", help="override the lengths")
+    ap.add_argument("--density", type=float, nargs="*", default=[0.1, 0.25, 0.5])
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    plan = {4096: (16, 5), 8192: (16, 3), 16384: (8, 3)}  # N -> (heads, repeats)
+    if args.quick:
+        plan = {4096: (16, 3)}
+    if args.n:
+        plan = {n: plan.get(n, (8 if n > 8192 else 16, 3)) for n in args.n}
+    load = os.getloadavg()
+    rows = []
+    print(f"{'N':>6} {'H':>3} {'D':>4} {'density':>8} {'ideal':>6} {'dense ms':>9} {'banded ms':>10} {'speedup':>8} {'%ideal':>7}")
+    for n, (h, reps) in plan.items():
+        for dens in args.density:
+            r = bench(n, h, args.d, dens, args.repeats or reps)
+            rows.append(r)
+            print(f"{r['N']:>6} {r['H']:>3} {r['D']:>4} {r['density']:>8.3f} {r['ideal']:>6.2f} {r['dense_ms']:>9.0f} "
+                  f"{r['banded_ms']:>10.0f} {r['speedup']:>8.2f} {r['pct_of_ideal']:>6.0f}%", flush=True)
+    meta = {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "machine": machine(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg": " ".join(f"{x:.2f}" for x in load),
+        "method": "fp32, batch 1, one warm-up, paired repeats in alternating order, median of dense/banded ratios",
+    }
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "kernels_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        (RESULTS / "kernels_cpu.md").write_text(to_markdown(meta, rows))
+        print(f"wrote {RESULTS / 'kernels_cpu.json'} and .md")
+
+
+if __name__ == "__main__":
+    main()

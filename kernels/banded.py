@@ -1,0 +1,206 @@
+"""CPU sink+window prefill by composing SDPA calls ("banded_v2", see shared/reference/cpu-kernels.md §3).
+
+For one head with ``sink_eff = S`` and ``window = W`` (``span = S + W``, semantics in ``plans/span.py``):
+
+1. rows ``[0, span)`` see every earlier key: one causal SDPA call on that prefix;
+2. rows ``[span, N)`` in query blocks of ``Bq`` rows: one call over a zero-copy ``as_strided`` view that gives
+   each block its ``W + Bq - 1`` window keys, with one shared ``(Bq, W + Bq - 1)`` band mask;
+3. one unmasked call over the ``S`` sink keys for the same rows, merged with the window part through the
+   log-sum-exp: ``out = lerp(o_win, o_sink, sigmoid(lse_sink - lse_win))``.
+
+Heads with the same ``(S, W)`` are processed together (as head views when their indices form arithmetic
+progressions, so GQA never materialises repeated K/V). Heads with ``span >= N`` use causal SDPA; tiny inputs
+(``N < SMALL_N``) use one masked SDPA call. Everything is exact; bf16/fp16 are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SMALL_N = 128  # below this length one masked SDPA call over all heads is faster than the composition
+BQ_SMALL = 32  # query block for windows < BQ_SWITCH (the CPU flash kernel's q tile is 32 below 192 rows)
+BQ_LARGE = 256  # query block for windows >= BQ_SWITCH (fewer calls; band waste (Bq-1)/W stays small)
+BQ_SWITCH = 4096
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_COMPUTE_DTYPE = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.bfloat16: torch.float32,
+    torch.float16: torch.float32,
+}
+_band_cache: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+
+
+def check_prefill_args(q, k, v, sink, span) -> tuple[int, int, int, int, int]:
+    """Validate prefill inputs shared by every kernel; returns (B, Hq, Hkv, N, D)."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v, sink, span)):
+        raise ValueError("q, k, v, sink and span must all be tensors")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    b, hq, n, d = q.shape
+    bk, hkv, nk, dk = k.shape
+    if (bk, nk, dk) != (b, n, d):
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch, length or head_dim")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if q.dtype not in _COMPUTE_DTYPE or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype among {list(_COMPUTE_DTYPE)}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("sink", sink), ("span", span)):
+        if t.shape != (hq,) or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor of shape ({hq},); got {t.dtype} {tuple(t.shape)}")
+    return b, hq, hkv, n, d
+
+
+def head_pattern(sink: torch.Tensor, span: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head (sink_eff, window) as int64 tensors; full heads (span >= n) become (0, n)."""
+    span = span.to(torch.int64).clamp(min=1)
+    sink_eff = torch.minimum(sink.to(torch.int64), span - 1).clamp(min=0)
+    window = span - sink_eff
+    full = span >= n
+    return torch.where(full, 0, sink_eff), torch.where(full, max(n, 1), window)
+
+
+def _band(bq: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (bq, w + bq - 1) mask: row r sees columns [r, r + w - 1] (keys q0-w+1+c for query q0+r)."""
+    key = (bq, w, dtype)
+    m = _band_cache.get(key)
+    if m is None:
+        r = torch.arange(bq)[:, None]
+        c = torch.arange(w + bq - 1)[None, :]
+        m = torch.zeros(bq, w + bq - 1, dtype=dtype).masked_fill_((c < r) | (c > r + w - 1), float("-inf"))
+        if len(_band_cache) > 64:
+            _band_cache.clear()
+        _band_cache[key] = m
+    return m
+
+
+def _runs(heads: list[int], n_rep: int) -> list[tuple[int, int, int, int, int]]:
+    """Split sorted query heads into runs where q and kv head indices are both arithmetic progressions.
+
+    Returns (q_start, q_step, kv_start, kv_step, count) so every run is a strided view of q/k/v/out.
+    """
+    out = []
+    i = 0
+    while i < len(heads):
+        j = i + 1
+        qs = kvs = None
+        while j < len(heads):
+            dq, dkv = heads[j] - heads[j - 1], heads[j] // n_rep - heads[j - 1] // n_rep
+            if qs is None:
+                qs, kvs = dq, dkv
+            elif (dq, dkv) != (qs, kvs):
+                break
+            j += 1
+        out.append((heads[i], qs or 1, heads[i] // n_rep, kvs or 0, j - i))
+        i = j
+    return out
+
+
+def _heads(x: torch.Tensor, start: int, step: int, count: int) -> torch.Tensor:
+    """Head view x[start::step][:count] of a (H, N, D) tensor; step 0 repeats one head without copying."""
+    h, n, d = x.shape
+    return x.as_strided((count, n, d), (step * x.stride(0), x.stride(1), x.stride(2)), x.storage_offset() + start * x.stride(0))
+
+
+def _windowed(q, k, v, out, s: int, w: int, scale: float) -> None:
+    """Rows [s + w, N) of one (S, W) head run; q/k/v/out are (hg, N, D) views (k/v may repeat a head)."""
+    hg, n, d = q.shape
+    span = s + w
+    rows = n - span
+    bq = BQ_SMALL if w < BQ_SWITCH else BQ_LARGE
+    nb, tail = divmod(rows, bq)
+    band = _band(bq, w, q.dtype)
+    dst = out[:, span:]
+    if s:  # sink part for every row at once
+        o_s, l_s = _flash_cpu(q[None, :, span:], k[None, :, :s], v[None, :, :s], scale=scale)
+        o_s, l_s = o_s[0], l_s[0]
+
+    def merge(o_w, l_w, sl, view):
+        if s:
+            wgt = torch.sigmoid_(view(l_s[:, sl]) - l_w).unsqueeze_(-1).to(o_w.dtype)
+            torch.lerp(o_w, view(o_s[:, sl]), wgt, out=view(dst[:, sl]))
+        else:
+            view(dst[:, sl]).copy_(o_w)
+
+    if nb:  # all full query blocks in one call over overlapping window views
+        qb = q[:, span : span + nb * bq].unflatten(1, (nb, bq)).transpose(0, 1)  # (nb, hg, bq, D)
+        shape = (nb, hg, w + bq - 1, d)
+        kb, vb = (
+            t.as_strided(shape, (bq * t.stride(1), t.stride(0), t.stride(1), t.stride(2)),
+                         t.storage_offset() + (span - w + 1) * t.stride(1))
+            for t in (k, v)
+        )
+        o, lse = _flash_cpu(qb, kb, vb, attn_mask=band, scale=scale)
+        merge(o, lse, slice(0, nb * bq), lambda t: t.unflatten(1, (nb, bq)).transpose(0, 1))
+    if tail:
+        t0 = span + nb * bq
+        mask = band[:tail, : w + tail - 1].contiguous()
+        o, lse = _flash_cpu(q[None, :, t0:], k[None, :, t0 - w + 1 :], v[None, :, t0 - w + 1 :], attn_mask=mask, scale=scale)
+        merge(o[0], lse[0], slice(nb * bq, rows), lambda t: t)
+
+
+def _small(q, k, v, sink_eff, window, scale, n_rep) -> torch.Tensor:
+    """One masked SDPA call over all heads (tiny N)."""
+    n = q.shape[2]
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    se, w = sink_eff[:, None, None], window[:, None, None]
+    mask = (j <= i) & ((j < se) | (i - j < w))
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def banded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    span: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal sink+window prefill on the CPU: q (B, Hq, N, D), k/v (B, Hkv, N, D), sink/span (Hq,) -> (B, Hq, N, D)."""
+    b, hq, hkv, n, d = check_prefill_args(q, k, v, sink, span)
+    if q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu":
+        raise ValueError("banded_attention runs on CPU tensors; use kernels.triton_prefill.sparse_prefill on a GPU")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d) if d else 1.0
+    scale = float(scale)
+    n_rep = hq // hkv
+    out_dtype = q.dtype
+    cdt = _COMPUTE_DTYPE[q.dtype]
+    if n == 0 or b == 0 or d == 0:
+        return q.new_zeros(q.shape)
+    q, k, v = (t.to(cdt) for t in (q, k, v))
+    sink_eff, window = head_pattern(sink.cpu(), span.cpu(), n)
+    if n < SMALL_N:
+        return _small(q, k, v, sink_eff, window, scale, n_rep).to(out_dtype)
+
+    # group heads by (sink_eff, window); full heads (window == n) use causal SDPA
+    groups: dict[tuple[int, int], list[int]] = {}
+    for h, (s, w) in enumerate(zip(sink_eff.tolist(), window.tolist())):
+        groups.setdefault((s, w) if w < n else (0, n), []).append(h)
+    out = torch.empty(b, hq, n, d, dtype=cdt)
+    for (s, w), heads in groups.items():
+        span_h = min(s + w, n)
+        for q0, qstep, kv0, kvstep, cnt in _runs(heads, n_rep):
+            for bi in range(b):
+                qh = _heads(q[bi], q0, qstep, cnt)
+                kh = _heads(k[bi], kv0, kvstep, cnt)
+                vh = _heads(v[bi], kv0, kvstep, cnt)
+                oh = _heads(out[bi], q0, qstep, cnt)
+                oh[:, :span_h] = F.scaled_dot_product_attention(
+                    qh[None, :, :span_h], kh[None, :, :span_h], vh[None, :, :span_h], is_causal=True, scale=scale
+                )[0]
+                if span_h < n:
+                    _windowed(qh, kh, vh, oh, s, w, scale)
+    return out.to(out_dtype)
+
+
+__all__ = ["banded_attention", "check_prefill_args", "head_pattern", "SMALL_N", "BQ_SMALL", "BQ_LARGE", "BQ_SWITCH"]

@@ -1,0 +1,199 @@
+"""Per-head bounded KV cache for ``generate()``: a ``transformers.Cache`` made of our own layer objects.
+
+A KV head whose query heads all have a bounded span keeps only its sink tokens plus the recent window the
+next query can still see (``sink_eff + window - 1`` slots); a KV head with any dense query head keeps
+everything. KV heads of a layer are stored in groups (dense, and one group per bounded capacity), each a
+contiguous ``(B, Hg, L, D)`` tensor with a ``pos`` tensor of real token positions (-1 = empty slot). RoPE is
+applied before caching, so slot order does not matter.
+
+The cache is storage; the attention function (``compressor.patching``) owns the policy: it calls
+:meth:`PlanCacheLayer.store`, :meth:`attend` and :meth:`evict`. ``update`` only passes the new states through.
+Spans are evaluated once per sequence at the prefill length ``n0`` and held fixed while decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kernels.reference import repeat_kv
+
+
+class PlanCacheLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, n_rep: int):
+        super().__init__()
+        self.n_rep = n_rep
+        self.cum = 0  # cache slots ever seen (pads included), what HF masks index
+        self.groups: list[dict] = []
+        self.n_real: torch.Tensor | None = None  # (B,) real tokens seen per sample
+        self.sink_q: torch.Tensor | None = None  # (B, Hq) effective sink per query head
+        self.window_q: torch.Tensor | None = None  # (B, Hq) window per query head (huge = dense)
+
+    # -- CacheLayerMixin --------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states, *args, **kwargs):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cum += key_states.shape[-2]
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.cum
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        return self.cum + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def has_states(self) -> bool:
+        return bool(self.groups)
+
+    def nbytes(self) -> int:
+        return sum(g["k"].nbytes + g["v"].nbytes for g in self.groups)
+
+    def _index_batch(self, fn):
+        for g in self.groups:
+            for key in ("k", "v", "pos"):
+                g[key] = fn(g[key])
+        for name in ("n_real", "sink_q", "window_q"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_batch(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        self.cum, self.groups, self.n_real, self.sink_q, self.window_q = 0, [], None, None, None
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a bounded per-head cache cannot be cropped (evicted tokens are gone)")
+
+    # -- policy hooks used by the attention function ---------------------------------------------------
+    def store(self, keys, values, k_pos, sink_q, window_q, dense_kv: torch.Tensor):
+        """Keep the prefill's keys/values: (B, Hkv, N, D), real positions k_pos (B, N) (-1 = pad).
+
+        sink_q/window_q (B, Hq) per query head; dense_kv (Hkv,) bool marks KV heads that never evict.
+        """
+        b, hkv = keys.shape[:2]
+        self.sink_q, self.window_q = sink_q, window_q
+        self.n_real = (k_pos >= 0).sum(-1)
+        pos = k_pos[:, None, :].expand(b, hkv, -1)
+        caps = self._capacities(dense_kv)
+        self.groups = []
+        for cap in sorted(set(caps)):
+            idx = torch.tensor([h for h in range(hkv) if caps[h] == cap], device=keys.device)
+            self.groups.append(
+                {"kv": idx, "dense": cap < 0, "k": keys.index_select(1, idx), "v": values.index_select(1, idx),
+                 "pos": pos.index_select(1, idx).contiguous()}
+            )
+        self.evict()
+
+    def _capacities(self, dense_kv):
+        hkv = dense_kv.numel()
+        sink_kv, window_kv = self._kv_limits()
+        caps = []
+        for h in range(hkv):
+            caps.append(-1 if bool(dense_kv[h]) else int((sink_kv[:, h] + window_kv[:, h]).max()))
+        return caps
+
+    def _kv_limits(self):
+        b, hq = self.sink_q.shape
+        sink_kv = self.sink_q.view(b, hq // self.n_rep, self.n_rep).amax(-1)
+        window_kv = self.window_q.view(b, hq // self.n_rep, self.n_rep).amax(-1)
+        return sink_kv, window_kv
+
+    def append(self, keys, values, new_pos):
+        """Add new tokens (B, Hkv, q, D) with real positions new_pos (B, q) to every group."""
+        self.n_real = self.n_real + (new_pos >= 0).sum(-1)
+        for g in self.groups:
+            idx = g["kv"]
+            g["k"] = torch.cat([g["k"], keys.index_select(1, idx)], dim=2)
+            g["v"] = torch.cat([g["v"], values.index_select(1, idx)], dim=2)
+            p = new_pos[:, None, :].expand(-1, idx.numel(), -1)
+            g["pos"] = torch.cat([g["pos"], p], dim=2)
+
+    def attend(self, query, q_pos, scale, native_window: int | None = None):
+        """Attention of new queries (B, Hq, q, D) at real positions q_pos (B, q) over the kept slots."""
+        out = torch.empty_like(query)
+        for g in self.groups:
+            qi = (g["kv"][:, None] * self.n_rep + torch.arange(self.n_rep, device=query.device)).flatten()
+            pos = g["pos"].repeat_interleave(self.n_rep, dim=1)  # (B, Hqg, L)
+            sink = self.sink_q.index_select(1, qi)[:, :, None, None]
+            window = self.window_q.index_select(1, qi)[:, :, None, None]
+            kp = pos[:, :, None, :]
+            d = q_pos[:, None, :, None] - kp
+            valid = kp >= 0
+            ok = valid & (d >= 0) & ((kp < sink) | (d < window))
+            if native_window is not None:
+                ok = ok & (d < native_window)
+            ok = ok | (~ok.any(-1, keepdim=True) & valid)  # padding query rows: any valid key, never NaN
+            o = F.scaled_dot_product_attention(
+                query.index_select(1, qi), repeat_kv(g["k"], self.n_rep), repeat_kv(g["v"], self.n_rep),
+                attn_mask=ok, scale=scale,
+            )
+            out[:, qi] = o
+        return out
+
+    def evict(self):
+        """Drop slots no future query can see: not a sink and older than every window of the KV head."""
+        sink_kv, window_kv = self._kv_limits()
+        cur = (self.n_real - 1)[:, None, None]
+        for g in self.groups:
+            if g["dense"]:
+                continue
+            s = sink_kv.index_select(1, g["kv"])[:, :, None]
+            w = window_kv.index_select(1, g["kv"])[:, :, None]
+            pos = g["pos"]
+            keep = (pos >= 0) & ((pos < s) | (pos >= cur + 2 - w))
+            n_keep = int(keep.sum(-1).max()) if keep.numel() else 0
+            if n_keep == pos.shape[-1] and bool(keep.all()):
+                continue
+            order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :n_keep]
+            g["pos"] = torch.where(keep.gather(-1, order), pos.gather(-1, order), torch.full_like(order, -1))
+            gi = order[..., None].expand(-1, -1, -1, g["k"].shape[-1])
+            g["k"], g["v"] = g["k"].gather(2, gi), g["v"].gather(2, gi)
+
+
+class PlanCache(Cache):
+    """``generate(..., past_key_values=PlanCache(model))`` keeps per-head bounded KV for a patched model."""
+
+    def __init__(self, model):
+        from compressor.patching import install_cache_hooks, text_geometry
+
+        layers, hq, hkv = text_geometry(model.config)
+        install_cache_hooks(model)
+        super().__init__(layers=[PlanCacheLayer(hq // hkv) for _ in range(layers)])
+
+    def nbytes(self) -> int:
+        """Bytes of K/V held now."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def dense_cache_bytes(model, seq_len: int, batch: int = 1, dtype=None) -> int:
+    """Bytes a DynamicCache would hold for ``seq_len`` tokens (K and V, every layer, every KV head)."""
+    from compressor.patching import text_geometry
+
+    layers, hq, hkv = text_geometry(model.config)
+    p = next(model.parameters())
+    dt = dtype or p.dtype
+    head_dim = getattr(model.config.get_text_config(decoder=True), "head_dim", None) or (
+        model.config.get_text_config(decoder=True).hidden_size // hq
+    )
+    return 2 * layers * batch * hkv * seq_len * head_dim * torch.empty((), dtype=dt).element_size()

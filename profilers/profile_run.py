@@ -1,0 +1,362 @@
+"""`compress profile`'s driver: run the streamed Taylor influence over calibration samples and write a profile.
+
+One sample at a time (batch 1), for each length: embeddings require grad (parameters are frozen, so no parameter
+gradient is stored), forward through :data:`profilers.taylor.PROFILE_ATTN`, loss = mean CE over the sample's target
+tokens (``loss_mask``; HF shift: token t is predicted from position t - 1), backward; the hooks reduce each layer.
+
+Resumable: after every sample the float64 running sums and the progress (samples done per length, recipe hash)
+are written atomically to ``<out_stem>.partial.safetensors`` (authoritative: the progress is also in its metadata)
+and ``<out_stem>.partial.json`` (human readable). A rerun with the same recipe continues where it stopped and
+gives bit-for-bit the result of an uninterrupted run; both files are deleted once the profile is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from plans.atomic import atomic_path, write_text_atomic
+from plans.errors import CompressError
+from plans.identity import identity_from_config, text_config
+from profilers.profile_format import Profile, ProfileMeta, save_profile
+from profilers.samples import Sample
+from profilers.taylor import (
+    DEFAULT_MAX_BLOCK_ELEMS,
+    FP32_EPS,
+    PROFILE_ATTN,
+    InfluenceCollector,
+    kv_aggregate,
+    register_profile_attention,
+)
+
+PARTIAL_FORMAT = 1
+
+
+def partial_paths(out_stem: str | Path) -> tuple[Path, Path]:
+    """(``<out_stem>.partial.safetensors``, ``<out_stem>.partial.json``)."""
+    s = str(out_stem)
+    return Path(s + ".partial.safetensors"), Path(s + ".partial.json")
+
+
+def tool_version() -> str:
+    try:
+        return importlib.metadata.version("attention-compressor")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model checks and state
+
+
+def check_model_supported(model) -> str:
+    """Raise CompressError unless the model routes attention through transformers' AttentionInterface."""
+    mt = getattr(text_config(model.config), "model_type", None) or getattr(model.config, "model_type", "?")
+    can = getattr(model, "_can_set_attn_implementation", None)
+    if can is None or not can():
+        raise CompressError(
+            f"model type {mt!r} ({type(model).__name__}) does not route attention through transformers' "
+            "AttentionInterface, so it cannot be profiled (supported: Llama, Mistral, Qwen2/3, Gemma, Phi3, GPT-NeoX, ...)"
+        )
+    return mt
+
+
+@contextlib.contextmanager
+def profiling_mode(model, collector: InfluenceCollector):
+    """Switch the model to the profiling attention, eval mode and frozen parameters; restore everything after."""
+    mt = check_model_supported(model)
+    register_profile_attention()
+    orig_impl = model.config._attn_implementation
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        try:
+            model.set_attn_implementation(PROFILE_ATTN)
+        except Exception as e:  # noqa: BLE001 -- transformers raises ValueError/KeyError/... here
+            raise CompressError(f"model type {mt!r}: cannot switch to the profiling attention: {e}") from None
+        if model.config._attn_implementation != PROFILE_ATTN:
+            raise CompressError(f"model type {mt!r}: the attention implementation cannot be switched, so it cannot be profiled")
+        model.eval()
+        model.requires_grad_(False)
+        collector.attach(model)
+        yield
+    finally:
+        collector.detach()
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
+        if model.config._attn_implementation != orig_impl:
+            model.set_attn_implementation(orig_impl)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def sample_loss(model, sample: Sample, use_logits_to_keep: bool | None = None) -> torch.Tensor:
+    """Mean CE over the sample's target tokens, from ``inputs_embeds`` that require grad (batch 1, no cache).
+
+    Only the logits at the predicting positions are computed when the model takes ``logits_to_keep``."""
+    dev = model.get_input_embeddings().weight.device
+    ids = sample.input_ids.to(dev)
+    tgt = torch.nonzero(sample.loss_mask[1:].to(dev)).squeeze(-1)  # positions t - 1 that predict a target t
+    if tgt.numel() == 0:
+        raise CompressError("sample has no target tokens (loss_mask is all False after position 0)")
+    emb = model.get_input_embeddings()(ids[None]).detach().requires_grad_(True)
+    if use_logits_to_keep is None:
+        use_logits_to_keep = _accepts_logits_to_keep(model)
+    if use_logits_to_keep:
+        logits = model(inputs_embeds=emb, use_cache=False, logits_to_keep=tgt).logits[0]
+    else:
+        logits = model(inputs_embeds=emb, use_cache=False).logits[0, tgt]
+    return F.cross_entropy(logits.float(), ids[tgt + 1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# recipe and partial files
+
+
+def _weights_fingerprint(model) -> str:
+    h = hashlib.sha256()
+    params = list(model.parameters())
+    for p in params[:3] + params[-2:]:
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{tuple(p.shape)}:{flat[::step].double().sum().item():.12e}".encode())
+    return h.hexdigest()[:16]
+
+
+def recipe_hash(model, identity, samples_by_length, *, block, sink_sizes, loss_mode) -> str:
+    h = hashlib.sha256()
+    head = {
+        "identity": identity.config_hash, "model_type": identity.model_type, "block": block,
+        "sink_sizes": list(sink_sizes), "loss_mode": loss_mode, "method": "taylor",
+        "dtype": str(next(model.parameters()).dtype), "weights": _weights_fingerprint(model),
+        "lengths": {str(n): len(v) for n, v in sorted(samples_by_length.items())},
+    }
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for n in sorted(samples_by_length):
+        for s in samples_by_length[n]:
+            h.update(s.input_ids.to(torch.int64).cpu().numpy().tobytes())
+            h.update(s.loss_mask.to(torch.bool).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_partial(st: Path, js: Path, sums: dict[str, torch.Tensor], done: dict[int, int], recipe: str, info: dict) -> None:
+    meta = {"format": str(PARTIAL_FORMAT), "recipe": recipe, "done": json.dumps({str(k): v for k, v in done.items()})}
+    with atomic_path(st) as tmp:
+        save_file({k: v.contiguous() for k, v in sums.items()}, str(tmp), metadata=meta)
+    write_text_atomic(js, json.dumps({"format": PARTIAL_FORMAT, "recipe": recipe,
+                                      "done": {str(k): v for k, v in done.items()}, **info}, indent=2))
+
+
+def _load_partial(st: Path, js: Path, recipe: str) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
+    if not st.exists():
+        if js.exists():
+            raise CompressError(f"{js}: partial progress file without its tensors {st.name}; delete it to start over")
+        return {}, {}
+    try:
+        with safe_open(str(st), framework="pt") as f:
+            meta = f.metadata() or {}
+            sums = {k: f.get_tensor(k) for k in f.keys()}
+        done = {int(k): int(v) for k, v in json.loads(meta["done"]).items()}
+        saved_recipe = meta["recipe"]
+    except Exception as e:  # noqa: BLE001 -- any failure here means the file is unusable
+        raise CompressError(f"{st}: corrupt partial profile ({type(e).__name__}: {e}); delete it to start over") from None
+    if js.exists():
+        try:
+            info = json.loads(js.read_text())
+            if not isinstance(info, dict) or "recipe" not in info:
+                raise ValueError("no recipe")
+        except (ValueError, OSError) as e:
+            raise CompressError(f"{js}: corrupt partial progress file ({e}); delete it and {st.name} to start over") from None
+        if info["recipe"] != saved_recipe:
+            raise CompressError(f"{js} and {st.name} disagree (recipe); delete both to start over")
+    if saved_recipe != recipe:
+        raise CompressError(
+            f"{st}: partial profile was made with a different model, samples or settings; "
+            "delete it (or pass resume=False) to start over"
+        )
+    for n, k in done.items():
+        if k > 0 and (f"sum.dist.{n}" not in sums or f"sum.sinkdist.{n}" not in sums):
+            raise CompressError(f"{st}: corrupt partial profile (no sums for length {n})")
+    return sums, done
+
+
+# --------------------------------------------------------------------------------------------------------------
+# progress
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class TokensPerSecond(ProgressColumn):
+        def render(self, task):
+            sp = task.finished_speed or task.speed
+            return Text("-- tok/s" if sp is None else f"{sp:,.0f} tok/s", style="progress.data.speed")
+
+    return Progress(
+        TextColumn("[bold]N={task.fields[n]}"), BarColumn(), TextColumn("{task.fields[k]}/{task.fields[m]} samples"),
+        TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the driver
+
+
+def _native_window(model) -> dict:
+    c = text_config(model.config)
+    sw = getattr(c, "sliding_window", None)
+    if getattr(c, "use_sliding_window", True) is False:
+        sw = None
+    layer_types = getattr(c, "layer_types", None)
+    if layer_types is not None and sw is not None:
+        n_sliding = sum(1 for t in layer_types if "sliding" in str(t))
+        if n_sliding == 0:
+            sw = None
+    return {"sliding_window": sw, "layer_types": list(layer_types) if layer_types is not None else None}
+
+
+def run_profile(
+    model,
+    samples_by_length: dict[int, list[Sample]],
+    out_stem: str | Path,
+    *,
+    block: int = 64,
+    sink_sizes=(64,),
+    row_block: int = 256,
+    allow_extrapolation: bool = False,
+    progress: bool = True,
+    model_name: str | None = None,
+    loss_mode: str = "answer_ce",
+    resume: bool = True,
+    max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS,
+    on_sample: Callable[[int, int], None] | None = None,
+) -> Profile:
+    """Profile ``model`` on ``samples_by_length`` ({N: [Sample of length N, ...]}) and write ``out_stem``'s
+    ``.safetensors``/``.json`` (see profilers.profile_format). Returns the Profile.
+
+    ``on_sample(N, k)`` is called after sample k (1-based) of length N is saved; raising from it stops the run
+    and leaves the partial files for a later resume. ``resume=False`` discards any partial progress."""
+    block = int(block)
+    sink_sizes = tuple(int(s) for s in sink_sizes)
+    if block <= 0:
+        raise CompressError(f"block must be positive (got {block})")
+    if any(s < 0 for s in sink_sizes) or len(set(sink_sizes)) != len(sink_sizes):
+        raise CompressError(f"sink sizes must be distinct and >= 0 (got {list(sink_sizes)})")
+    if not samples_by_length:
+        raise CompressError("no calibration samples given")
+    mt = check_model_supported(model)
+    identity = identity_from_config(model.config, name=model_name)
+    lengths = sorted(int(n) for n in samples_by_length)
+    for n in lengths:
+        ss = samples_by_length[n]
+        if n <= 1:
+            raise CompressError(f"length {n}: profiling needs at least 2 tokens")
+        if not ss:
+            raise CompressError(f"length {n}: no samples")
+        for i, s in enumerate(ss):
+            if s.length != n:
+                raise CompressError(f"length {n}: sample {i} has {s.length} tokens, not {n}")
+            if not bool(s.loss_mask[1:].any()):
+                raise CompressError(f"length {n}: sample {i} has no target tokens in its loss_mask")
+        if identity.max_positions and n > identity.max_positions and not allow_extrapolation:
+            raise CompressError(
+                f"length {n} is beyond the model's max_position_embeddings ({identity.max_positions}); "
+                "pass allow_extrapolation to profile it anyway"
+            )
+    window = _native_window(model)
+    if window["sliding_window"] is not None and window["sliding_window"] < max(lengths):
+        warnings.warn(
+            f"model type {mt!r} has a native sliding window of {window['sliding_window']} tokens "
+            f"(layer types: {window['layer_types'] or 'all layers'}); the profile respects it: influence outside "
+            "the native window is zero on those layers", stacklevel=2)
+
+    recipe = recipe_hash(model, identity, {n: samples_by_length[n] for n in lengths},
+                         block=block, sink_sizes=sink_sizes, loss_mode=loss_mode)
+    st, js = partial_paths(out_stem)
+    if not resume:
+        for p in (st, js):
+            p.unlink(missing_ok=True)
+    sums, done = _load_partial(st, js, recipe)
+
+    L, H, Hkv = identity.num_layers, identity.num_heads, identity.num_kv_heads
+    coll = InfluenceCollector(L, H, block=block, sink_sizes=sink_sizes, row_block=row_block,
+                              max_block_elems=max_block_elems)
+    use_ltk = _accepts_logits_to_keep(model)
+    seconds: dict[str, float] = {}
+    prog = _progress(progress)
+    with profiling_mode(model, coll), (prog if prog is not None else contextlib.nullcontext()):
+        for n in lengths:
+            ss = samples_by_length[n]
+            k0 = done.get(n, 0)
+            if k0 > len(ss):
+                raise CompressError(f"{st}: corrupt partial profile ({k0} samples done at length {n}, only {len(ss)} given)")
+            task = None
+            if prog is not None:
+                task = prog.add_task("", total=len(ss) * n, completed=k0 * n, n=n, k=k0, m=len(ss))
+            t0 = time.perf_counter()
+            for i in range(k0, len(ss)):
+                coll.begin_sample(n)
+                with torch.enable_grad():
+                    loss = sample_loss(model, ss[i], use_ltk)
+                    if not torch.isfinite(loss):
+                        raise CompressError(f"length {n}: sample {i} has a non-finite loss ({loss.item()})")
+                    loss.backward()
+                del loss
+                d, sd = coll.end_sample()
+                kd, ks = f"sum.dist.{n}", f"sum.sinkdist.{n}"
+                sums[kd] = sums[kd] + d if kd in sums else d
+                sums[ks] = sums[ks] + sd if ks in sums else sd
+                done[n] = i + 1
+                _save_partial(st, js, sums, done, recipe, {"lengths": lengths, "samples": {str(m): len(samples_by_length[m]) for m in lengths}})
+                if task is not None:
+                    prog.update(task, advance=n, k=i + 1)
+                if on_sample is not None:
+                    on_sample(n, i + 1)
+            seconds[str(n)] = time.perf_counter() - t0
+
+    tensors: dict[str, torch.Tensor] = {}
+    for n in lengths:
+        cnt = done[n]
+        dq = sums[f"sum.dist.{n}"] / cnt
+        sq = sums[f"sum.sinkdist.{n}"] / cnt
+        tensors[f"dist.q.{n}"] = dq
+        tensors[f"sinkdist.q.{n}"] = sq
+        tensors[f"dist.kv.{n}"] = kv_aggregate(dq, Hkv, 1)
+        tensors[f"sinkdist.kv.{n}"] = kv_aggregate(sq, Hkv, 1)
+    meta = ProfileMeta(
+        tool_version=tool_version(), method="taylor", model=identity, lengths=lengths,
+        samples={n: done[n] for n in lengths}, loss_mode=loss_mode, block=block, sink_sizes=list(sink_sizes),
+        extra={
+            "influence": "|dL_ij| first-order (MoA), streamed recompute",
+            "eps": FP32_EPS, "row_block": int(row_block), "dtype": str(next(model.parameters()).dtype),
+            "native_window": window, "allow_extrapolation": bool(allow_extrapolation),
+            "seconds_this_run": seconds, "recipe": recipe,
+        },
+    )
+    profile = Profile(meta=meta, tensors=tensors)
+    save_profile(profile, out_stem)
+    for p in (st, js):
+        p.unlink(missing_ok=True)
+    return profile

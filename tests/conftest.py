@@ -1,0 +1,53 @@
+"""Tiny random models built from configs (no hub), saved as real HF folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+from transformers import (  # noqa: E402
+    GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Qwen2Config, Qwen2ForCausalLM,
+)
+
+VOCAB = 97
+
+
+def tiny_config(arch: str, **over):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  max_position_embeddings=4096, pad_token_id=0)
+    if arch == "llama":
+        cfg = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common)
+    elif arch == "mistral":
+        cfg = MistralConfig(num_attention_heads=4, num_key_value_heads=1, sliding_window=24, **common)
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(num_attention_heads=4, **common)
+    else:
+        raise ValueError(arch)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM,
+            "gpt_neox": GPTNeoXForCausalLM}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **over):
+    torch.manual_seed(seed)
+    m = _CLASSES[arch](tiny_config(arch, **over)).eval()
+    m.set_attn_implementation("sdpa")
+    return m
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
