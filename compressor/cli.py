@@ -157,6 +157,152 @@ def apply_cmd(
     console.print(f"wrote {path}  (load: `import compressor; AutoModelForCausalLM.from_pretrained('{path}')`)")
 
 
+def _progress_bar(total: int, what: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console)
+    task = prog.add_task(what, total=total)
+    return prog, (lambda: prog.advance(task))
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise CompressError(f"--lengths must be comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise CompressError(f"--lengths must be positive integers, got {text!r}")
+    return out
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise CompressError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+# -- eval ----------------------------------------------------------------------------------------------------
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    task: str = typer.Option("passkey", "--task", help="retrieval | passkey | ppl"),
+    plan: list[Path] = typer.Option([], "--plan", help="plan.json (repeatable)"),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    lengths: str = typer.Option("2048,4096", "--lengths"),
+    depths: str = typer.Option("0.1,0.5,0.9", "--depths", help="needle depths (retrieval, passkey)"),
+    samples: int = typer.Option(2, "--samples", help="samples per length x depth"),
+    corpus: str = typer.Option("austen", "--corpus", help="haystack / perplexity text: austen | wikipedia | files"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for report.json and the heatmap PNG"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Dense vs the plan(s) vs the uniform plan at the same density, on the same samples."""
+    from compressor.evaluation import count_work, evaluate, heatmap_png
+    from compressor.models import load_model
+    from plans.atomic import write_text_atomic
+    from plans.io import load_plan
+
+    plans = {p.stem: load_plan(p) for p in plan}
+    ls, ds = _lengths(lengths), _floats(depths, "--depths")
+    m, tok = load_model(model)
+    for name, p in plans.items():
+        from plans.identity import identity_from_config
+
+        p.model.check_matches(identity_from_config(m.config), f"plan {name}")
+    haystack = _heldout_corpus(corpus, seed) if task in ("passkey", "ppl") else None
+    prog, tick = _progress_bar(count_work(task, ls, ds, samples, len(plans)), f"eval {task}")
+    with prog:
+        report = evaluate(m, tok, plans, task, ls, depths=ds, samples=samples, seed=seed, haystack=haystack,
+                          progress=tick)
+    data = report.to_dict()
+    if out:
+        write_text_atomic(Path(out) / f"eval_{task}.json", json.dumps(data, indent=2, default=str) + "\n")
+        heatmap_png(report, Path(out) / f"eval_{task}.png")
+    if as_json:
+        emit_json(data)
+    else:
+        _print_eval(report)
+
+
+def _heldout_corpus(corpus: str, seed: int) -> list[str]:
+    from profilers.corpora import load_corpus, split_corpus
+
+    docs = load_corpus(corpus.split(",") if "," in corpus else corpus)
+    return list(split_corpus(docs, seed=seed).heldout)
+
+
+def _print_eval(report) -> None:
+    t = Table(title=f"compress eval — {report.task}")
+    for c in ("method", "N", "density", "accuracy" if report.task != "ppl" else "perplexity"):
+        t.add_column(c, justify="right")
+    for row in report.summary():
+        val = row.get("ppl") if report.task == "ppl" else row.get("accuracy")
+        t.add_row(row["method"], str(row["n"]), f"{row['density']:.3f}", "-" if val is None else f"{val:.3f}")
+    out_console.print(t)
+
+
+# -- bench ---------------------------------------------------------------------------------------------------
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="plan.json (default: uniform at --density)"),
+    density: float = typer.Option(0.25, "--density", help="density of the default plan when --plan is absent"),
+    lengths: str = typer.Option("4096", "--lengths"),
+    repeats: int = typer.Option(3, "--repeats"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)"),
+    whole_model: bool = typer.Option(True, "--whole-model/--no-whole-model"),
+    decode: bool = typer.Option(True, "--decode/--no-decode"),
+    kernel_table: Optional[Path] = typer.Option(None, "--kernel-table", help="also write the latency table for search"),
+    as_json: bool = typer.Option(False, "--json"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the results JSON here"),
+):
+    """Prefill/decode time and KV bytes: dense vs plan vs uniform at the same density (ratios, one run)."""
+    import torch
+
+    from compressor.bench import bench, results_as_dicts
+    from compressor.models import load_model
+    from compressor.pipeline import make_uniform_plan
+    from plans.atomic import write_text_atomic
+    from plans.io import load_plan
+
+    if threads:
+        torch.set_num_threads(threads)
+    ls = _lengths(lengths)
+    m, _ = load_model(model)
+    p = load_plan(plan) if plan else make_uniform_plan(model, density=density, length=ls[0])
+    if kernel_table:
+        from search_space.costs import measure_latency_table
+
+        table = measure_latency_table(lengths=ls, head_dim=p.model.head_dim)
+        write_text_atomic(kernel_table, table.model_dump_json(indent=2))
+        console.print(f"wrote latency table {kernel_table}")
+    prog, tick = _progress_bar(len(ls) * repeats * 3, "bench")
+    with prog:
+        res = bench(m, p, ls, repeats=repeats, whole_model=whole_model, decode=decode, progress=tick)
+    data = {"model": p.model.model_dump(), "plan": str(plan) if plan else f"uniform density {density}",
+            "threads": torch.get_num_threads(), "repeats": repeats, "results": results_as_dicts(res)}
+    if out:
+        write_text_atomic(out, json.dumps(data, indent=2) + "\n")
+    if as_json:
+        emit_json(data)
+        return
+    t = Table(title="compress bench (speedup = dense time / method time, same run)")
+    for c in ("N", "method", "density", "kv density", "attn ms", "attn ×", "model ms", "model ×", "decode ms",
+              "decode ×", "tok/s", "KV MiB", "KV frac"):
+        t.add_column(c, justify="right")
+    f = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
+    for r in res:
+        t.add_row(str(r.n), r.method, f(r.density, ".3f"), f(r.kv_density, ".3f"), f(r.attn_prefill_ms, ".0f"),
+                  f(r.ratios.get("attn_prefill_speedup"), ".2f"), f(r.model_prefill_ms, ".0f"),
+                  f(r.ratios.get("model_prefill_speedup"), ".2f"), f(r.decode_step_ms, ".1f"),
+                  f(r.ratios.get("decode_step_speedup"), ".2f"), f(r.decode_tok_s, ".1f"),
+                  f(None if r.kv_bytes is None else r.kv_bytes / 2**20, ".1f"), f(r.ratios.get("kv_bytes_fraction"), ".3f"))
+    out_console.print(t)
+
+
 def main():  # pragma: no cover
     app()
 

@@ -51,3 +51,25 @@ def tiny_model(arch: str = "llama", seed: int = 0, **over):
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama")
+
+
+def tiny_model_with_tokenizer(arch: str = "llama", seed: int = 0, **over):
+    """A tiny random model whose vocabulary matches the shipped-text BPE tokenizer (with a chat template)."""
+    from tests.test_synthetic import make_tokenizer
+
+    tok = make_tokenizer(chat=True)
+    over.setdefault("vocab_size", len(tok))
+    m = tiny_model(arch, seed=seed, **over)
+    m.config.pad_token_id = tok.pad_token_id
+    m.generation_config.pad_token_id = tok.pad_token_id
+    return m, tok
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny Llama folder with a tokenizer: the `from_pretrained` path end to end."""
+    m, tok = tiny_model_with_tokenizer("llama", max_position_embeddings=8192)
+    d = tmp_path / "tiny-llama-tok"
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -1,0 +1,160 @@
+"""`compress bench`: prefill (attention alone and whole model), decode step time and KV bytes for dense,
+the plan, and the uniform baseline at the plan's density — ratios against dense measured in the same run.
+
+Every figure is the median over repeats; methods alternate inside each repeat so that machine load hits
+all of them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from plans.schema import Plan, span_for_density, uniform_plan
+from plans.span import DENSE_SPAN
+
+
+@dataclass
+class MethodResult:
+    method: str
+    n: int
+    density: float
+    kv_density: float
+    attn_prefill_ms: float | None = None
+    model_prefill_ms: float | None = None
+    decode_step_ms: float | None = None
+    decode_tok_s: float | None = None
+    kv_bytes: int | None = None
+    ratios: dict = field(default_factory=dict)
+
+
+def _timeit(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def attention_only_ms(plan: Plan | None, n: int, dtype=torch.float32, seed: int = 0) -> callable:
+    """A closure running every layer's attention once at length n (dense SDPA when plan is None)."""
+    from kernels.dispatch import sparse_attention
+
+    ident = plan.model if plan is not None else None
+    g = torch.Generator().manual_seed(seed)
+
+    def make(hq, hkv, d):
+        q = torch.randn(1, hq, n, d, generator=g, dtype=dtype)
+        k = torch.randn(1, hkv, n, d, generator=g, dtype=dtype)
+        return q, k, torch.randn(1, hkv, n, d, generator=g, dtype=dtype)
+
+    def run_dense(layers, hq, hkv, d):
+        q, k, v = make(hq, hkv, d)
+
+        def f():
+            for _ in range(layers):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return f
+
+    if plan is None:
+        return run_dense
+    spans = [plan.spans(li, n).clamp(max=n) for li in range(ident.num_layers)]
+    sinks = [plan.sinks(li) for li in range(ident.num_layers)]
+
+    def run_plan(layers, hq, hkv, d):
+        q, k, v = make(hq, hkv, d)
+
+        def f():
+            for li in range(layers):
+                sparse_attention(q, k, v, sinks[li], spans[li], None)
+        return f
+
+    return run_plan
+
+
+def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_steps: int = 8,
+          whole_model: bool = True, attention: bool = True, decode: bool = True, progress=None) -> list[MethodResult]:
+    """Measure dense, ``plan`` and the uniform plan of the same prefill density at every length."""
+    from compressor.patching import apply, unapply
+    from kernels.kv_cache import PlanCache, dense_cache_bytes
+
+    ident = plan.model
+    results: list[MethodResult] = []
+    for n in lengths:
+        uni = uniform_plan(ident, span_for_density(plan.density(n), n), sink=_common_sink(plan), lengths=[n])
+        methods = {"dense": None, "plan": plan, "uniform": uni}
+        res = {m: MethodResult(m, n, 1.0 if p is None else p.density(n), 1.0 if p is None else p.kv_density(n))
+               for m, p in methods.items()}
+        ids = torch.randint(100, 20000, (1, n), generator=torch.Generator().manual_seed(n))
+        times: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+        for _ in range(repeats):
+            for m, p in methods.items():
+                if attention:
+                    f = attention_only_ms(p, n)(ident.num_layers, ident.num_heads, ident.num_kv_heads, ident.head_dim)
+                    times[m].setdefault("attn", []).extend(_timeit(f, 1))
+                if whole_model:
+                    _set(model, p, apply, unapply)
+                    with torch.no_grad():
+                        times[m].setdefault("model", []).extend(_timeit(lambda: model(ids, use_cache=False), 1))
+                if progress:
+                    progress()
+        if decode:
+            for m, p in methods.items():
+                _set(model, p, apply, unapply)
+                cache = PlanCache(model) if p is not None else None
+                with torch.no_grad():
+                    out = model(ids, use_cache=True, **({"cache": cache} if cache is not None else {}))
+                    cache = out.past_key_values if cache is None else cache
+                    nxt = out.logits[:, -1:].argmax(-1)
+                    step = []
+                    for _ in range(decode_steps):
+                        t = time.perf_counter()
+                        out = model(nxt, cache=cache, use_cache=True)
+                        step.append((time.perf_counter() - t) * 1000)
+                        nxt = out.logits[:, -1:].argmax(-1)
+                res[m].decode_step_ms = statistics.median(step)
+                res[m].decode_tok_s = 1000 / res[m].decode_step_ms
+                res[m].kv_bytes = cache.nbytes() if p is not None else dense_cache_bytes(model, n + decode_steps)
+        for m in methods:
+            if "attn" in times[m]:
+                res[m].attn_prefill_ms = statistics.median(times[m]["attn"])
+            if "model" in times[m]:
+                res[m].model_prefill_ms = statistics.median(times[m]["model"])
+        d = res["dense"]
+        for m in methods:
+            r = res[m]
+            for key in ("attn_prefill_ms", "model_prefill_ms", "decode_step_ms"):
+                a, b = getattr(d, key), getattr(r, key)
+                if a and b:
+                    r.ratios[key.replace("_ms", "_speedup")] = a / b
+            if d.kv_bytes and r.kv_bytes:
+                r.ratios["kv_bytes_fraction"] = r.kv_bytes / d.kv_bytes
+        results.extend(res.values())
+        _set(model, None, apply, unapply)
+    if plan is not None:
+        apply(model, plan)
+    return results
+
+
+def _set(model, plan, apply, unapply):
+    if plan is None:
+        unapply(model, "sdpa")
+    else:
+        apply(model, plan)
+
+
+def _common_sink(plan: Plan) -> int:
+    sinks = [p.sink_tokens for layer in plan.layers for p in layer.heads if p.sink_tokens]
+    return max(set(sinks), key=sinks.count) if sinks else 64
+
+
+def results_as_dicts(results: list[MethodResult]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+__all__ = ["bench", "MethodResult", "results_as_dicts", "DENSE_SPAN"]

@@ -1,0 +1,228 @@
+"""`compress eval`: retrieval (LongEval lines), passkey and perplexity for dense, the plan(s) and the uniform
+StreamingLLM plan at each plan's density, on the same samples and seed.
+
+Retrieval/passkey are scored by greedy exact match, computed teacher-forced: one forward over prompt+answer,
+and the answer counts as retrieved iff every answer token is the argmax given the tokens before it — exactly
+what greedy decoding would produce as its first tokens, at the cost of one prefill.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from plans.errors import CompressError
+from plans.schema import Plan, span_for_density, uniform_plan
+from profilers.samples import Sample
+
+TASKS = ("retrieval", "passkey", "ppl")
+
+
+@dataclass
+class Cell:
+    method: str
+    task: str
+    n: int
+    depth: float | None
+    correct: int = 0
+    total: int = 0
+    loss_sum: float = 0.0
+    tokens: int = 0
+    density: float = 1.0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.total if self.total else None
+
+    @property
+    def ppl(self) -> float | None:
+        return math.exp(self.loss_sum / self.tokens) if self.tokens else None
+
+
+@dataclass
+class EvalReport:
+    task: str
+    lengths: list[int]
+    depths: list[float]
+    methods: list[str]
+    cells: list[Cell] = field(default_factory=list)
+    seed: int = 0
+
+    def summary(self) -> list[dict]:
+        """One row per (method, length): accuracy over depths, or perplexity, plus density."""
+        rows = []
+        for m in self.methods:
+            for n in self.lengths:
+                cs = [c for c in self.cells if c.method == m and c.n == n]
+                if not cs:
+                    continue
+                row = {"method": m, "n": n, "density": cs[0].density}
+                if self.task == "ppl":
+                    loss, toks = sum(c.loss_sum for c in cs), sum(c.tokens for c in cs)
+                    row["ppl"] = math.exp(loss / toks) if toks else None
+                else:
+                    cor, tot = sum(c.correct for c in cs), sum(c.total for c in cs)
+                    row["accuracy"] = cor / tot if tot else None
+                    row["samples"] = tot
+                    row["answer_ppl"] = math.exp(sum(c.loss_sum for c in cs) / max(1, sum(c.tokens for c in cs)))
+                rows.append(row)
+        return rows
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "lengths": self.lengths, "depths": self.depths, "methods": self.methods,
+                "seed": self.seed, "summary": self.summary(),
+                "cells": [asdict(c) | {"accuracy": c.accuracy, "ppl": c.ppl} for c in self.cells]}
+
+
+def answer_score(model, sample: Sample) -> tuple[bool, float, int]:
+    """(exact match under greedy decoding, summed CE over answer tokens, answer token count), one forward."""
+    ids = sample.input_ids[None]
+    mask = sample.loss_mask
+    first = int(mask.nonzero()[0])
+    keep = ids.shape[1] - first + 1
+    with torch.no_grad():
+        logits = model(ids, logits_to_keep=keep, use_cache=False).logits[0, :-1].float()
+    target = sample.input_ids[first:]
+    ce = F.cross_entropy(logits, target, reduction="sum")
+    return bool((logits.argmax(-1) == target).all()), float(ce), int(target.numel())
+
+
+def text_loss(model, ids: torch.Tensor, chunk: int = 1024) -> tuple[float, int]:
+    """Summed next-token CE over a sequence, computing the vocabulary projection in chunks."""
+    with torch.no_grad():
+        hidden = model.base_model(ids[None], use_cache=False).last_hidden_state[0]
+        head = model.get_output_embeddings()
+        total, count = 0.0, 0
+        for s in range(0, ids.numel() - 1, chunk):
+            e = min(s + chunk, ids.numel() - 1)
+            logits = head(hidden[s:e]).float()
+            total += float(F.cross_entropy(logits, ids[s + 1 : e + 1], reduction="sum"))
+            count += e - s
+    return total, count
+
+
+def make_samples(task: str, tokenizer, lengths, depths, n_per_cell: int, seed: int, haystack: list[str]):
+    """{(n, depth): [Sample]} for retrieval/passkey; {(n, None): [Sample]} for ppl (held-out text windows)."""
+    from profilers import synthetic
+
+    out = {}
+    for n in lengths:
+        if task == "ppl":
+            text = "\n\n".join(haystack)
+            rng = synthetic.as_rng(f"{seed}-ppl-{n}")
+            samples = []
+            for _ in range(n_per_cell):
+                ids, _ = synthetic.text_window(tokenizer, text, n, rng, what="the perplexity text")
+                t = torch.tensor(ids, dtype=torch.long)
+                samples.append(Sample(input_ids=t, loss_mask=torch.ones_like(t, dtype=torch.bool).index_fill(0, torch.tensor([0]), False)))
+            out[(n, None)] = samples
+            continue
+        for d in depths:
+            rng = synthetic.as_rng(f"{seed}-{task}-{n}-{d}")
+            tasks = []
+            for _ in range(n_per_cell):
+                if task == "retrieval":
+                    tasks.append(synthetic.lines_retrieval(tokenizer, n, d, rng))
+                else:
+                    tasks.append(synthetic.passkey(tokenizer, haystack, n, d, rng))
+            out[(n, d)] = [t.to_sample() for t in tasks]
+    return out
+
+
+def method_plans(plans: dict[str, Plan], n: int, include_uniform: bool = True) -> dict[str, Plan | None]:
+    """dense, each plan, and for each plan the uniform plan with the same prefill density at length n."""
+    methods: dict[str, Plan | None] = {"dense": None}
+    for name, p in plans.items():
+        methods[name] = p
+        if include_uniform:
+            sinks = [h.sink_tokens for layer in p.layers for h in layer.heads if h.sink_tokens] or [64]
+            label = "uniform" if len(plans) == 1 else f"uniform[{name}]"
+            methods[label] = uniform_plan(p.model, span_for_density(p.density(n), n), sink=max(sinks), lengths=[n])
+    return methods
+
+
+def evaluate(model, tokenizer, plans: dict[str, Plan], task: str, lengths: list[int], *, depths=(0.1, 0.5, 0.9),
+             samples: int = 2, seed: int = 0, haystack: list[str] | None = None, include_uniform: bool = True,
+             progress=None) -> EvalReport:
+    """Evaluate dense, the plans and their uniform baselines on identical samples."""
+    from compressor.patching import apply, unapply
+
+    if task not in TASKS:
+        raise CompressError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    max_pos = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    for n in lengths:
+        if max_pos and n > max_pos:
+            raise CompressError(f"length {n} exceeds the model's max_position_embeddings ({max_pos})")
+    if task in ("passkey", "ppl") and not haystack:
+        raise CompressError(f"task {task} needs a real-text haystack (--corpus)")
+    depths = list(depths) if task != "ppl" else []
+    data = make_samples(task, tokenizer, lengths, depths or [None], samples, seed, haystack or [])
+    report = EvalReport(task=task, lengths=list(lengths), depths=depths, methods=[], seed=seed)
+    for n in lengths:
+        methods = method_plans(plans, n, include_uniform)
+        for name in methods:
+            if name not in report.methods:
+                report.methods.append(name)
+        for name, p in methods.items():
+            if p is None:
+                unapply(model, "sdpa")
+            else:
+                apply(model, p)
+            for (nn, d), ss in data.items():
+                if nn != n:
+                    continue
+                cell = Cell(name, task, n, d, density=1.0 if p is None else p.density(n))
+                for s in ss:
+                    if task == "ppl":
+                        loss, toks = text_loss(model, s.input_ids)
+                        cell.loss_sum += loss
+                        cell.tokens += toks
+                    else:
+                        ok, loss, toks = answer_score(model, s)
+                        cell.correct += int(ok)
+                        cell.total += 1
+                        cell.loss_sum += loss
+                        cell.tokens += toks
+                    if progress:
+                        progress()
+                report.cells.append(cell)
+    unapply(model, "sdpa")
+    return report
+
+
+def count_work(task, lengths, depths, samples, n_plans, include_uniform=True) -> int:
+    per_len = (1 + n_plans * (2 if include_uniform else 1)) * samples * (1 if task == "ppl" else len(depths))
+    return per_len * len(lengths)
+
+
+def heatmap_png(report: EvalReport, path) -> None:
+    """Accuracy by length x depth, one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from plans.atomic import atomic_path
+
+    if report.task == "ppl":
+        return
+    k = len(report.methods)
+    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 2.8), squeeze=False)
+    for ax, m in zip(axes[0], report.methods):
+        grid = torch.full((len(report.lengths), len(report.depths)), float("nan"))
+        for c in report.cells:
+            if c.method == m and c.accuracy is not None:
+                grid[report.lengths.index(c.n), report.depths.index(c.depth)] = c.accuracy
+        im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_title(m, fontsize=9)
+        ax.set_xticks(range(len(report.depths)), [f"{d:g}" for d in report.depths])
+        ax.set_yticks(range(len(report.lengths)), [str(n) for n in report.lengths])
+        ax.set_xlabel("depth")
+    axes[0][0].set_ylabel("length")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
