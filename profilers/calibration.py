@@ -11,7 +11,8 @@ tokens (template and BOS included). Sample ``i`` at length N comes from ``source
   over the samples of that source at that length.
 - ``"qa"``: a question after a long context from the haystack corpus, answered by the *dense* model
   greedily (``max_new_tokens=qa_max_new_tokens``); the answer tokens are the supervision. Questions are about
-  the first sentence (a long-range dependency) or the last paragraph of the text. When the answer stops early
+  the first sentence (a long-range dependency) or the last paragraph of the text; successive qa samples at a
+  length cycle through :data:`QA_QUESTIONS`. When the answer stops early
   (EOS) the context is extended by the unused tokens on the side the question does not ask about (end for
   "first ...", start for "last ..."), so the length stays N without re-running the model; ``meta["context_shift"]``
   records by how much. Without a model, ``qa`` is skipped with a warning (recorded, and rebuilt once a model
@@ -31,10 +32,9 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 
 from plans.atomic import atomic_path
@@ -188,17 +188,21 @@ def _greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int], pad_id
     return gen
 
 
-def _qa_sample(tokenizer, model, corpora_: _Corpora, n: int, rng: random.Random,
-               recipe: CalibrationRecipe) -> Sample:
-    question, side = QA_QUESTIONS[rng.randrange(len(QA_QUESTIONS))]
-    head, tail, chat = synthetic.build_frame(tokenizer, QA_INSTRUCTION, "\n\nQuestion: " + question, "",
-                                             recipe.use_chat_template)
+def _qa_sample(tokenizer, model, corpora_: _Corpora, n: int, rng: random.Random, recipe: CalibrationRecipe,
+               j: int) -> Sample:
+    # the j-th qa sample at this length takes the question after the previous one's (seed-dependent start)
+    first = random.Random(f"{recipe.seed}:{n}:qa-questions").randrange(len(QA_QUESTIONS))
+    question, side = QA_QUESTIONS[(first + j) % len(QA_QUESTIONS)]
+    chat = synthetic.resolve_chat(tokenizer, recipe.use_chat_template)
+    after = "\n\nQuestion: " + question + ("" if chat else "\nAnswer:")
+    head, tail, chat = synthetic.build_frame(tokenizer, QA_INSTRUCTION, after, "", chat)
     m = recipe.qa_max_new_tokens
     h = n - len(head) - len(tail) - m
     if h < 16:
         raise CompressError(f"calibration length {n} is too short for a qa sample: the template, question and "
                             f"{m} answer tokens take {n - h} tokens")
     window, bounds = corpora_.window(tokenizer, recipe.haystack_corpus, h + m + _QA_SLACK, rng, n)
+    b0 = 0
     if side == "start":  # start at a sentence start; any extension goes at the end
         b0 = next((b for b in bounds if 0 < b <= _QA_SLACK), 0)
         context = window[b0:b0 + h]
@@ -270,7 +274,7 @@ def build_calibration(tokenizer, recipe: CalibrationRecipe, model=None, data_dir
                 s = synthetic.lines_retrieval(tokenizer, n, depth, rng,
                                               use_chat_template=recipe.use_chat_template).to_sample()
             elif source == "qa":
-                s = _qa_sample(tokenizer, model, corpora_, n, rng, recipe)
+                s = _qa_sample(tokenizer, model, corpora_, n, rng, recipe, j)
             else:
                 s = _text_sample(tokenizer, corpora_, source, n, rng, recipe)
             s.meta["source"] = source
@@ -346,7 +350,7 @@ def load_calibration(path: str | os.PathLike) -> CalibrationSet:
         meta = json.loads(jpath.read_text())
         tensors = load_file(str(tpath))
         recipe = CalibrationRecipe.model_validate(meta["recipe"])
-    except (json.JSONDecodeError, KeyError, ValidationError, OSError, Exception) as e:
+    except Exception as e:  # unreadable JSON / safetensors / recipe: one clear error
         raise CompressError(f"could not read the calibration set in {path}: {e}") from e
     if meta.get("format_version") != CALIBRATION_FORMAT_VERSION:
         raise CompressError(f"{jpath}: format_version {meta.get('format_version')} is not "

@@ -268,8 +268,10 @@ def fetch_wikipedia(dest_dir: str | os.PathLike | None = None) -> Path:
             _copy_atomic(local.read_bytes(), out)
             return out
     with tempfile.TemporaryDirectory(prefix="gensim-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", "-d", tmp, f"gensim=={GENSIM_VERSION}"]
+        # one fixed wheel whatever this interpreter / platform is: only its test data is used, never its code
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+               "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+               "--implementation", "cp", "--abi", "cp311", "-d", tmp, f"gensim=={GENSIM_VERSION}"]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=_SUBPROCESS_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as e:

@@ -168,14 +168,21 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def resolve_chat(tokenizer, use_chat_template: bool | None) -> bool:
+    """Whether prompts go through the chat template: ``use_chat_template``, or (None) whether there is one."""
+    if use_chat_template is None:
+        return has_chat_template(tokenizer)
+    if use_chat_template and not has_chat_template(tokenizer):
+        raise CompressError("use_chat_template=True, but the tokenizer has no chat_template")
+    return bool(use_chat_template)
+
+
 def build_frame(tokenizer, before: str, after: str, answer_prefix: str = "",
                 use_chat_template: bool | None = None) -> tuple[list[int], list[int], bool]:
     """(head_ids, tail_ids, chat) around a context: one user turn ``before + <context> + after``, then the
     assistant turn opened by the chat template and prefilled with ``answer_prefix``. Plain text (with the
     tokenizer's own BOS) when there is no chat template or ``use_chat_template`` is False."""
-    chat = has_chat_template(tokenizer) if use_chat_template is None else bool(use_chat_template)
-    if chat and not has_chat_template(tokenizer):
-        raise CompressError("use_chat_template=True, but the tokenizer has no chat_template")
+    chat = resolve_chat(tokenizer, use_chat_template)
     if chat:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": before + _SENTINEL + after}],
                                                  tokenize=False, add_generation_prompt=True)

@@ -214,9 +214,8 @@ def test_split_by_document_is_deterministic_and_disjoint():
     s = split_corpus(DOCS, 0.2)
     assert s.by == "document" and len(s.heldout) == 2 and len(s.calibration) == 8
     assert not set(s.heldout) & set(s.calibration)
-    assert split_corpus(list(reversed(DOCS)), 0.2).heldout == sorted(s.heldout, key=DOCS.index)[::-1] \
-        or set(split_corpus(list(reversed(DOCS)), 0.2).heldout) == set(s.heldout)
-    assert set(split_corpus(DOCS, 0.2, seed=1).heldout) != set(s.heldout) or True
+    other = split_corpus(DOCS, 0.2, seed=1)  # another seed, another (still disjoint) split
+    assert len(other.heldout) == 2 and not set(other.heldout) & set(other.calibration)
     assert split_corpus(DOCS, 0.2) == s
 
 
