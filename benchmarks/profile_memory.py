@@ -15,12 +15,14 @@ so ``peak_rss`` is the highest resident size during the measured samples, model 
     python benchmarks/profile_memory.py --model /path/to/hf --length 8192 --samples 2
     python benchmarks/profile_memory.py --model tiny --length 1024   # smoke test on a random tiny Llama
 
-Writes benchmarks/results/profile_memory.json (``--out``) and prints a summary.
+Writes benchmarks/results/profile_memory.json (``--out``) and a markdown table next to it (.md), with the exact
+command, machine and date, and prints a summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -33,6 +35,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 1.5
+
+
+def _host(torch) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        mem = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu, "cpus": os.cpu_count(),
+            "mem_gib": mem, "platform": platform.platform()}
 
 
 def _rss() -> int:
@@ -186,20 +203,31 @@ def main(argv=None) -> int:
         "ratio_peak_extra": q["peak_extra"] / max(1, b["peak_extra"]),
         "ratio_time": q["seconds_per_sample"] / b["seconds_per_sample"],
         "goal_ratio_peak_rss": GOAL,
-        "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-                 "cpus": os.cpu_count()},
+        "command": " ".join(["python", "benchmarks/profile_memory.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": _host(torch),
     }
     out["meets_goal"] = out["ratio_peak_rss"] <= GOAL
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     gib = 2**30
+    md = [
+        f"# profile_memory ({out['date']})", "",
+        f"`{out['command']}`  ", f"model `{out['model']}`, N={args.length}, {args.dtype}, {args.samples} sample(s); "
+        f"host: {out['host']['cpu']}, {out['host']['cpus']} CPUs, {out['host']['mem_gib']} GiB, torch {out['host']['torch']}", "",
+        "| mode | peak RSS (GiB) | over loaded (GiB) | s/sample |", "|---|---|---|---|",
+        f"| sdpa fwd+bwd | {b['peak_rss'] / gib:.2f} | {b['peak_extra'] / gib:.2f} | {b['seconds_per_sample']:.1f} |",
+        f"| taylor profile | {q['peak_rss'] / gib:.2f} | {q['peak_extra'] / gib:.2f} | {q['seconds_per_sample']:.1f} |",
+        f"| ratio | {out['ratio_peak_rss']:.2f}x (goal <= {GOAL}x) | {out['ratio_peak_extra']:.2f}x | {out['ratio_time']:.2f}x |", "",
+    ]
+    Path(args.out).with_suffix(".md").write_text("\n".join(md))
     print(f"model {out['model']}  N={args.length}  dtype={args.dtype}  samples={args.samples}")
     for k, r in (("baseline fwd+bwd", b), ("profile", q)):
         print(f"  {k:17s} peak RSS {r['peak_rss'] / gib:6.2f} GiB (+{r['peak_extra'] / gib:5.2f} over loaded)  "
               f"{r['seconds_per_sample']:8.1f} s/sample")
     print(f"  ratio peak RSS {out['ratio_peak_rss']:.2f}x (goal <= {GOAL}x: {'ok' if out['meets_goal'] else 'MISSED'}), "
           f"extra {out['ratio_peak_extra']:.2f}x, time {out['ratio_time']:.2f}x")
-    print(f"  wrote {args.out}")
+    print(f"  wrote {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0
 
 

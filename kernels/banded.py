@@ -22,8 +22,10 @@ import torch.nn.functional as F
 
 SMALL_N = 128  # below this length one masked SDPA call over all heads is faster than the composition
 BQ_SMALL = 32  # query block for windows < BQ_SWITCH (the CPU flash kernel's q tile is 32 below 192 rows)
-BQ_LARGE = 256  # query block for windows >= BQ_SWITCH (fewer calls; band waste (Bq-1)/W stays small)
-BQ_SWITCH = 4096
+BQ_LARGE = 64  # query block for windows in [BQ_SWITCH, CHUNK_SWITCH)
+BQ_SWITCH = 512
+CHUNK_SWITCH = 4096  # windows >= this use the chunked decomposition (mostly unmasked big-tile calls)
+CHUNK = 256  # rows per chunk there
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _COMPUTE_DTYPE = {
@@ -145,6 +147,71 @@ def _windowed(q, k, v, out, s: int, w: int, scale: float) -> None:
         merge(o[0], lse[0], slice(nb * bq, rows), lambda t: t)
 
 
+def _edge_mask(c: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (c, c) mask: row r sees columns l >= r (the left edge of a chunk's window)."""
+    key = (-c, 0, dtype)
+    m = _band_cache.get(key)
+    if m is None:
+        m = torch.zeros(c, c, dtype=dtype).masked_fill_(torch.arange(c)[None, :] < torch.arange(c)[:, None], float("-inf"))
+        _band_cache[key] = m
+    return m
+
+
+def _merge(parts, dst) -> None:
+    """dst = softmax-weighted combination of partial results [(out, lse), ...] over disjoint key sets."""
+    m = parts[0][1]
+    for _, lse in parts[1:]:
+        m = torch.maximum(m, lse)
+    ws = [torch.exp(lse - m) for _, lse in parts]
+    den = ws[0]
+    for x in ws[1:]:
+        den = den + x
+    torch.mul(parts[0][0], (ws[0] / den).unsqueeze_(-1).to(dst.dtype), out=dst)
+    for (o, _), x in zip(parts[1:], ws[1:]):
+        dst.addcmul_(o, (x / den).unsqueeze_(-1).to(dst.dtype))
+
+
+def _chunked(q, k, v, out, s: int, w: int, scale: float) -> None:
+    """Rows [s + w, N) for a large window, in chunks of C = CHUNK rows (C < w). Per chunk starting at c0:
+    keys [c0, c0+C) causal, [c0+C-w+1, c0) unmasked, [c0-w+1, c0-w+1+C) with a (C, C) edge mask, plus the sink;
+    every call runs big tiles and only the edge is masked."""
+    hg, n, d = q.shape
+    c = CHUNK
+    span = s + w
+    rows = n - span
+    nc, tail = divmod(rows, c)
+    dst = out[:, span:]
+    if s:
+        o_s, l_s = _flash_cpu(q[None, :, span:], k[None, :, :s], v[None, :, :s], scale=scale)
+        o_s, l_s = o_s[0], l_s[0]
+
+    def run(q0: int, m: int, nb: int, sl: slice, view) -> None:
+        qv = q[:, q0 : q0 + nb * m].unflatten(1, (nb, m)).transpose(0, 1)  # (nb, hg, m, D)
+
+        def kv(start: int, length: int):
+            return (
+                t.as_strided((nb, hg, length, d), (c * t.stride(1), t.stride(0), t.stride(1), t.stride(2)),
+                             t.storage_offset() + start * t.stride(1))
+                for t in (k, v)
+            )
+
+        edge = _edge_mask(c, q.dtype)[:m]
+        parts = [
+            _flash_cpu(qv, *kv(q0, m), is_causal=True, scale=scale),
+            _flash_cpu(qv, *kv(q0 - w + 1, c), attn_mask=edge if m == c else edge.contiguous(), scale=scale),
+        ]
+        if w - c - 1 > 0:
+            parts.append(_flash_cpu(qv, *kv(q0 + c - w + 1, w - c - 1), scale=scale))
+        if s:
+            parts.append((view(o_s[:, sl]), view(l_s[:, sl])))
+        _merge(parts, view(dst[:, sl]))
+
+    if nc:
+        run(span, c, nc, slice(0, nc * c), lambda t: t.unflatten(1, (nc, c)).transpose(0, 1))
+    if tail:
+        run(span + nc * c, tail, 1, slice(nc * c, rows), lambda t: t[None])
+
+
 def _small(q, k, v, sink_eff, window, scale, n_rep) -> torch.Tensor:
     """One masked SDPA call over all heads (tiny N)."""
     n = q.shape[2]
@@ -199,8 +266,8 @@ def banded_attention(
                     qh[None, :, :span_h], kh[None, :, :span_h], vh[None, :, :span_h], is_causal=True, scale=scale
                 )[0]
                 if span_h < n:
-                    _windowed(qh, kh, vh, oh, s, w, scale)
+                    (_chunked if w >= CHUNK_SWITCH else _windowed)(qh, kh, vh, oh, s, w, scale)
     return out.to(out_dtype)
 
 
-__all__ = ["banded_attention", "check_prefill_args", "head_pattern", "SMALL_N", "BQ_SMALL", "BQ_LARGE", "BQ_SWITCH"]
+__all__ = ["banded_attention", "check_prefill_args", "head_pattern", "SMALL_N", "BQ_SMALL", "BQ_LARGE", "BQ_SWITCH", "CHUNK", "CHUNK_SWITCH"]

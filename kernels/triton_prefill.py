@@ -58,11 +58,14 @@ def kv_block_range_py(q_lo: int, n_ctx: int, s: int, w: int, block_m: int, block
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi, n_ctx, S, W, qk_scale,
+def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo0, len0, lo1, len1, lo2, count,
+            n_ctx, S, W, qk_scale,
             BLOCK_N: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """Online-softmax accumulation over key blocks [lo, hi); MASK applies the sink/window/causal/length mask."""
+    """Online-softmax accumulation over `count` key blocks: lo0 + [0, len0), then lo1 + [0, len1), then lo2 + ...;
+    MASK applies the sink/window/causal/length mask."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for blk in range(lo, hi):
+    for t in range(0, count):
+        blk = tl.where(t < len0, lo0 + t, tl.where(t < len0 + len1, lo1 + t - len0, lo2 + t - len0 - len1))
         offs_n = blk * BLOCK_N + offs_n0
         k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
@@ -132,14 +135,13 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     n_sink, ws, fl, fh, we = _kv_block_range(q_lo, n_ctx, S, W, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, 0, n_sink,
+    # masked blocks: sink [0, n_sink), left edge [ws, fl), diagonal [fh, we); then the unmasked interior [fl, fh)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                            0, n_sink, ws, fl - ws, fh, n_sink + (fl - ws) + (we - fh),
                             n_ctx, S, W, qk_scale, BLOCK_N, True, IEEE, UPCAST)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, ws, fl,
-                            n_ctx, S, W, qk_scale, BLOCK_N, True, IEEE, UPCAST)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, fl, fh,
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                            fl, fh - fl, 0, 0, 0, fh - fl,
                             n_ctx, S, W, qk_scale, BLOCK_N, False, IEEE, UPCAST)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, fh, we,
-                            n_ctx, S, W, qk_scale, BLOCK_N, True, IEEE, UPCAST)
 
     out = acc / l_i[:, None]
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]

@@ -17,7 +17,6 @@ import hashlib
 import importlib.metadata
 import inspect
 import json
-import math
 import time
 import warnings
 from pathlib import Path

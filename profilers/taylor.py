@@ -9,20 +9,24 @@ with row 0 special-cased to -A_00 G_00 (A_00 = 1 there) and ``eps`` the float32 
 The profile stores |dL_ij| (MoA's ``take_abs``) summed per (layer, head) into distance buckets
 ``b = (i - j) // block`` (``dist``) and, for each sink size S, the same restricted to keys j < S (``sinkdist``).
 
-How it is streamed (see /work/shared/reference/hf-integration.md section 4):
+How it is streamed (see /work/shared/reference/hf-integration.md section 4, "sdpa forward + recompute"):
 
 * :func:`profile_attention` is registered with ``transformers.AttentionInterface`` (and ``sdpa_mask`` with
   ``AttentionMaskInterface``, so windowed layers get their real mask) under :data:`PROFILE_ATTN`.
-  The forward is a plain ``F.scaled_dot_product_attention`` (the CPU flash kernel saves only q, k, v, out and
-  the logsumexp), and a hook is registered on its output.
-* In backward, when dO arrives for a layer, :func:`reduce_layer_influence` recomputes that layer's attention in
-  blocks of ``row_block`` query rows (only keys < the block's last row), forms A, G, D and |dL|, reduces each
-  block into per-head distance buckets with a tile trick (below) and frees it. Peak extra memory is about
-  three ``heads x row_block x N`` float32 buffers for one layer (heads are chunked under ``max_block_elems``).
+  During a profiled sample each layer runs as :class:`_ProfiledAttention`: the forward is
+  ``F.scaled_dot_product_attention`` under no_grad and only q, k, v are saved (no N x N, no logsumexp, and no
+  float32 copy of an explicit mask, which sdpa's own backward would keep per layer).
+* Its backward is the recompute: when dO arrives for a layer, :func:`reduce_layer_influence` redoes that layer's
+  attention in blocks of ``row_block`` query rows (only keys < the block's last row), forms A, G = dO V^T,
+  D and dS = A (G - D), and from the same block produces both the attention gradients (dq, dk, dv,
+  FlashAttention-style, so sdpa's backward is not run at all) and |dL|, which it reduces into per-head distance
+  buckets with a tile trick (below) before freeing the block. Peak extra memory is about two
+  ``heads x row_block x N`` work buffers for one layer (heads are chunked under ``max_block_elems``).
+  This is the "output hook" design of the reference, with the hook and sdpa's backward fused into one pass.
 * Tile trick: with tiles of ``block x block`` aligned on multiples of ``block``, an entry of tile (qi, kj) at
   offsets (a, c) has i - j = (qi - kj) * block + a - c, so it falls in bucket qi - kj if a >= c, else qi - kj - 1.
-  A tile therefore splits into its lower triangle (diagonal included) and its strict upper triangle; two sums per
-  tile and an ``index_add`` on (tiles) give exact bucket sums without any scatter over entries.
+  An in-place prefix sum along c per tile row gives both parts (value at c = a, and at c = block - 1), so bucket
+  sums need one pass over the block plus an ``index_add`` over tiles: no scatter over entries.
 
 Native sliding windows (Mistral ``sliding_window``, Qwen2 ``use_sliding_window``, Gemma3 local layers) are
 respected: HF hands such layers a boolean mask, which is used both in the forward and in the recompute, so
@@ -88,14 +92,17 @@ def tile_bucket_sums(E: torch.Tensor, row_tile0: int, block: int, nb: int, out: 
     """Add the distance-bucket sums of a row block to ``out`` [H, nb] (float64), in place.
 
     ``E`` [H, R, C] holds entries for query rows ``row_tile0*block + (0..R)`` and keys ``0..C``, with R and C
-    multiples of ``block`` and zeros wherever j > i. E is modified (its strict upper tile triangles are zeroed)."""
+    multiples of ``block`` and zeros wherever j > i. E is overwritten (by its within-tile row prefix sums).
+
+    Per tile: an in-place cumulative sum along the key offset c gives, at c = a (the tile diagonal), the sum of
+    row a's entries with c <= a (bucket qi - kj), and at c = block - 1 the whole row; the difference is the
+    strict upper triangle (bucket qi - kj - 1). One pass over E, then tile-sized reductions."""
     h, r, c = E.shape
     rt, ct = r // block, c // block
     E5 = E.view(h, rt, block, ct, block)
-    tot = E5.sum(dim=(2, 4))  # [H, rt, ct]
-    tril = torch.ones(block, block, dtype=torch.bool, device=E.device).tril_()
-    E5.mul_(tril.view(1, 1, block, 1, block))
-    low = E5.sum(dim=(2, 4))  # a >= c: bucket qi - kj
+    E5.cumsum_(4)
+    tot = E5[..., block - 1].sum(2)  # [H, rt, ct]
+    low = torch.diagonal(E5, dim1=2, dim2=4).sum(-1)  # a >= c: bucket qi - kj
     up = tot - low  # a < c: bucket qi - kj - 1
     t = (row_tile0 + torch.arange(rt, device=E.device))[:, None] - torch.arange(ct, device=E.device)[None, :]
     t = t.reshape(-1)
@@ -126,8 +133,11 @@ def reduce_layer_influence(
     mask: torch.Tensor | None = None,
     eps: float = FP32_EPS,
     max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Streamed |dL| of one layer, reduced by distance: returns dist [H, nb] and sinkdist [H, nS, nb] (float64).
+    return_grads: bool = False,
+):
+    """Streamed |dL| of one layer, reduced by distance: returns dist [H, nb] and sinkdist [H, nS, nb] (float64),
+    plus ``(dq, dk, dv)`` [H, N, D] (input dtype) when ``return_grads`` -- the attention backward, from the same
+    blocks (dS = A*(G - D): dq = dS K * scale, dk = dS^T Q * scale, dv = A^T dO), FlashAttention style.
 
     ``q, k, v, do``: [H, N, D] (k and v already repeated to the query heads; ``do`` = dL/d(attention output)).
     ``mask``: optional [1 or H, N, N] boolean (True = attend) or additive float mask, applied on top of causal.
@@ -141,7 +151,7 @@ def reduce_layer_influence(
     dist = torch.zeros(h, nb, dtype=torch.float64, device=acc_dev)
     sinkdist = torch.zeros(h, ns, nb, dtype=torch.float64, device=acc_dev)
     if n == 0:
-        return dist, sinkdist
+        return (dist, sinkdist, (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))) if return_grads else (dist, sinkdist)
     wdt = _work_dtype(q.dtype)
     npad = nb * block
     rb = max(block, math.ceil(row_block / block) * block)
@@ -150,43 +160,46 @@ def reduce_layer_influence(
         x = x.to(wdt)
         return F.pad(x, (0, 0, 0, npad - n)) if npad > n else x.contiguous()
 
-    qp, kp, vp, dop = prep(q), prep(k), prep(v), prep(do)
+    qp, kp, vp, dop = prep(q) * scaling, prep(k), prep(v), prep(do)  # softmax scale folded into (a copy of) q
     if mask is not None:
         if mask.dim() != 3 or mask.shape[-2:] != (n, n) or mask.shape[0] not in (1, h):
             raise CompressError(f"profiling: unexpected attention mask shape {tuple(mask.shape)} for {h} heads x {n}")
         if npad > n:  # padded rows/keys: allowed (bool) / no bias (float); causal still applies
             mask = F.pad(mask, (0, npad - n, 0, npad - n), value=True if mask.dtype == torch.bool else 0.0)
 
+    if return_grads:
+        dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
     hc = max(1, min(h, max_block_elems // (rb * npad)))
-    pos = torch.arange(npad, device=q.device)
+    diag_out = torch.ones(rb, rb, dtype=torch.bool, device=q.device).triu_(1)  # j > i inside the diagonal square
     for r0 in range(0, npad, rb):
         r1 = min(npad, r0 + rb)
-        causal_out = pos[r0:r1, None] < pos[None, :r1]  # j > i: not attended
+        nr = r1 - r0
         mrows = None if mask is None else mask[:, r0:r1, :r1]
         for h0 in range(0, h, hc):
             h1 = min(h, h0 + hc)
-            S = torch.matmul(qp[h0:h1, r0:r1], kp[h0:h1, :r1].transpose(-1, -2)).mul_(scaling)
+            S = torch.matmul(qp[h0:h1, r0:r1], kp[h0:h1, :r1].transpose(-1, -2))
             if mrows is not None:
                 mr = mrows if mrows.shape[0] == 1 else mrows[h0:h1]
                 if mr.dtype == torch.bool:
                     S.masked_fill_(~mr, float("-inf"))
                 else:
                     S.add_(mr.to(wdt))
-            S.masked_fill_(causal_out, float("-inf"))
-            # A = softmax(S), in place
-            S.sub_(S.amax(-1, keepdim=True)).exp_()
-            S.div_(S.sum(-1, keepdim=True))
-            A = S
-            E = torch.matmul(dop[h0:h1, r0:r1], vp[h0:h1, :r1].transpose(-1, -2))  # G = dO V^T
+            S[:, :, r0:r1].masked_fill_(diag_out[:nr, :nr], float("-inf"))  # keys < r0 are all causal
+            A = torch.softmax(S, dim=-1)
+            E = torch.matmul(dop[h0:h1, r0:r1], vp[h0:h1, :r1].transpose(-1, -2), out=S)  # G = dO V^T
+            del S
             E.mul_(A)  # A*G
             row0 = E[:, 0, :].clone() if r0 == 0 else None
-            Dsum = E.sum(-1, keepdim=True)
-            E.addcmul_(A, Dsum, value=-1.0)  # A*G - A*D
-            A.neg_().add_(1.0 + eps)  # 1 - A + eps
-            E.div_(A).abs_()
-            del A, S
+            Dsum = E.sum(-1, keepdim=True)  # D_i = sum_k A_ik G_ik
+            E.addcmul_(A, Dsum, value=-1.0)  # A*G - A*D = dS (softmax backward)
+            if return_grads:
+                dv[h0:h1, :r1].add_(torch.matmul(A.transpose(-1, -2), dop[h0:h1, r0:r1]))
+                dq[h0:h1, r0:r1].add_(torch.matmul(E, kp[h0:h1, :r1]), alpha=scaling)
+                dk[h0:h1, :r1].add_(torch.matmul(E.transpose(-1, -2), qp[h0:h1, r0:r1]))  # qp carries the scale
+            E.div_(A.sub_(1.0 + eps)).abs_()  # |(A*G - A*D) / (1 - A + eps)|
+            del A
             if row0 is not None:
-                E[:, 0, :] = row0.abs_()
+                E[:, 0, :] = row0.abs_()  # row 0: |A*G| (MoA)
             for si, s in enumerate(sink_sizes):
                 sp = min(r1, math.ceil(s / block) * block)
                 if sp <= 0:
@@ -198,6 +211,8 @@ def reduce_layer_influence(
                 del Es
             tile_bucket_sums(E, r0 // block, block, nb, dist[h0:h1])
             del E
+    if return_grads:
+        return dist, sinkdist, (dq[:, :n].to(q.dtype), dk[:, :n].to(k.dtype), dv[:, :n].to(v.dtype))
     return dist, sinkdist
 
 
@@ -216,7 +231,7 @@ def kv_aggregate(t: torch.Tensor, num_kv_heads: int, head_dim: int = 1) -> torch
 
 
 class InfluenceCollector:
-    """Per-sample accumulator that the registered attention function feeds from its backward hooks.
+    """Per-sample accumulator that the registered attention function feeds from its backward.
 
     Attach it to a model with :meth:`attach` (sets an attribute on every attention module), run
     :meth:`begin_sample`, forward + backward with ``attn_implementation == PROFILE_ATTN``, then :meth:`end_sample`
@@ -231,6 +246,7 @@ class InfluenceCollector:
         self._modules: list[torch.nn.Module] = []
         self.dist = self.sinkdist = None
         self.calls: dict[int, int] = {}
+        self.forward_calls: dict[int, int] = {}
 
     # attach / detach ---------------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> int:
@@ -253,7 +269,7 @@ class InfluenceCollector:
         nb = math.ceil(self.n / self.block)
         self.dist = torch.zeros(self.num_layers, self.num_heads, nb, dtype=torch.float64)
         self.sinkdist = torch.zeros(self.num_layers, self.num_heads, len(self.sink_sizes), nb, dtype=torch.float64)
-        self.forward_calls: dict[int, int] = {}
+        self.forward_calls = {}
         self.calls = {}
 
     def end_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,7 +289,8 @@ class InfluenceCollector:
         self.n = None
         return out
 
-    def on_forward(self, module, query, k, v, mask, scaling) -> torch.Tensor | None:
+    def check_forward(self, module, query, key, mask) -> int | None:
+        """Validate one attention call of the open sample; returns its layer index (None when no sample is open)."""
         if self.n is None:
             return None
         layer = getattr(module, "layer_idx", None)
@@ -283,43 +300,61 @@ class InfluenceCollector:
         b, h, nq, _ = query.shape
         if b != 1:
             raise CompressError(f"profiling runs one sample at a time (got batch {b})")
-        if nq != k.shape[2] or nq != self.n:
-            raise CompressError(f"profiling: layer {layer} got {nq} queries x {k.shape[2]} keys, expected {self.n} x {self.n} (no cache)")
+        if nq != key.shape[2] or nq != self.n:
+            raise CompressError(f"profiling: layer {layer} got {nq} queries x {key.shape[2]} keys, expected {self.n} x {self.n} (no cache)")
         if h != self.num_heads:
             raise CompressError(f"profiling: layer {layer} has {h} query heads, expected {self.num_heads}")
         self.forward_calls[layer] = self.forward_calls.get(layer, 0) + 1
-        m = None
-        if mask is not None:
-            m = mask[0] if mask.dim() == 4 else mask
-            m = m.detach()
-        saved = [query.detach()[0], k.detach()[0], v.detach()[0], m]
+        return layer
 
-        def hook(grad):
-            if not saved:
-                return None
-            q_, k_, v_, m_ = saved
-            saved.clear()
-            d, sd = reduce_layer_influence(
-                q_, k_, v_, grad.detach()[0], scaling, block=self.block, sink_sizes=self.sink_sizes,
-                row_block=self.row_block, mask=m_, eps=self.eps, max_block_elems=self.max_block_elems,
+    def reduce(self, layer: int, q, k, v, do, scaling, mask, return_grads: bool):
+        """Run the blockwise recompute for one layer ([H, N, D] inputs) and add it to the sample's sums."""
+        res = reduce_layer_influence(
+            q, k, v, do, scaling, block=self.block, sink_sizes=self.sink_sizes, row_block=self.row_block,
+            mask=mask, eps=self.eps, max_block_elems=self.max_block_elems, return_grads=return_grads,
+        )
+        self.dist[layer] += res[0].cpu()
+        self.sinkdist[layer] += res[1].cpu()
+        self.calls[layer] = self.calls.get(layer, 0) + 1
+        return res[2] if return_grads else None
+
+
+class _ProfiledAttention(torch.autograd.Function):
+    """Causal (optionally masked) attention whose backward is the blockwise recompute: it yields dq, dk, dv and,
+    from the same blocks, the layer's influence. Only q, k, v are saved (sdpa's backward would also keep an
+    explicit mask as a float32 N x N copy per layer, which windowed layers would otherwise pay)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scaling, collector, layer):
+        with torch.no_grad():
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, scale=scaling, is_causal=mask is None and query.shape[2] > 1
             )
-            self.dist[layer] += d.cpu()
-            self.sinkdist[layer] += sd.cpu()
-            self.calls[layer] = self.calls.get(layer, 0) + 1
-            return None
+        ctx.save_for_backward(query, key, value)
+        ctx.mask, ctx.scaling, ctx.collector, ctx.layer = mask, scaling, collector, layer
+        return out
 
-        return hook
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        m = ctx.mask
+        if m is not None:
+            m = m[0] if m.dim() == 4 else m
+        dq, dk, dv = ctx.collector.reduce(ctx.layer, q[0], k[0], v[0], do[0], ctx.scaling, m, True)
+        ctx.mask = ctx.collector = None
+        return dq[None], dk[None], dv[None], None, None, None, None
 
 
 def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function: sdpa forward; when a collector is attached to ``module`` and a sample is
-    open, a hook on the output reduces this layer's influence during backward. Without a collector it is plain sdpa."""
+    """AttentionInterface function: sdpa. When a collector is attached to ``module``, a sample is open and grad is
+    needed, the attention runs as :class:`_ProfiledAttention`, whose backward reduces this layer's influence.
+    Without a collector it is plain sdpa."""
     if kwargs.get("softcap") is not None:
         raise CompressError("profiling: attention logit soft-capping (e.g. Gemma2) is not supported by the sdpa-based profiler")
     if kwargs.get("s_aux") is not None:
         raise CompressError("profiling: attention sinks (s_aux, e.g. gpt-oss) are not supported by the profiler")
     n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:
+    if n_rep > 1:  # same head order as HF repeat_kv: query head h uses kv head h // n_rep
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
     if scaling is None:
@@ -328,17 +363,18 @@ def profile_attention(module, query, key, value, attention_mask, scaling=None, d
     if mask is not None and mask.dim() == 4 and mask.shape[-1] != key.shape[-2]:
         mask = mask[..., : key.shape[-2]]
     p = dropout if module.training else 0.0
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=p, scale=scaling,
-        is_causal=mask is None and query.shape[2] > 1,
-    )
     coll = getattr(module, COLLECTOR_ATTR, None)
-    if coll is not None and out.requires_grad:
+    wants_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    layer = coll.check_forward(module, query, key, mask) if coll is not None and wants_grad else None
+    if layer is not None:
         if p:
             raise CompressError("profiling needs the model in eval mode (attention dropout is active)")
-        hook = coll.on_forward(module, query, key, value, mask, float(scaling))
-        if hook is not None:
-            out.register_hook(hook)
+        out = _ProfiledAttention.apply(query, key, value, mask, float(scaling), coll, layer)
+    else:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=p, scale=scaling,
+            is_causal=mask is None and query.shape[2] > 1,
+        )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -198,6 +198,7 @@ def solve_milp(
     mip_rel_gap: float = 1e-4,
     linking: str = "aggregated",
     relax_lower: bool = True,
+    presolve: bool = False,
 ) -> MilpResult:
     """Optimal candidate per head under every budget, with at most K distinct candidates per layer.
 
@@ -293,7 +294,7 @@ def solve_milp(
         c, A, lo, hi, integ, ub = build(with_lower)
         res = milp(
             c, integrality=integ, bounds=Bounds(np.zeros(len(c)), ub), constraints=LinearConstraint(A, lo, hi),
-            options={"time_limit": max(limit, 0.1), "mip_rel_gap": mip_rel_gap, "presolve": True, "disp": False},
+            options={"time_limit": max(limit, 0.1), "mip_rel_gap": mip_rel_gap, "presolve": presolve, "disp": False},
         )
         return res, len(c), A.shape[0]
 
