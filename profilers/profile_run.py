@@ -2,7 +2,8 @@
 
 One sample at a time (batch 1), for each length: embeddings require grad (parameters are frozen, so no parameter
 gradient is stored), forward through :data:`profilers.taylor.PROFILE_ATTN`, loss = mean CE over the sample's target
-tokens (``loss_mask``; HF shift: token t is predicted from position t - 1), backward; the hooks reduce each layer.
+tokens (``loss_mask``; HF shift: token t is predicted from position t - 1), backward; each layer's attention
+backward (profilers.taylor) recomputes its attention blockwise and adds the layer's influence to the sums.
 
 Resumable: after every sample the float64 running sums and the progress (samples done per length, recipe hash)
 are written atomically to ``<out_stem>.partial.safetensors`` (authoritative: the progress is also in its metadata)
@@ -205,6 +206,7 @@ def _load_partial(st: Path, js: Path, recipe: str) -> tuple[dict[str, torch.Tens
 def _progress(enabled: bool):
     if not enabled:
         return None
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.text import Text
 
@@ -216,6 +218,7 @@ def _progress(enabled: bool):
     return Progress(
         TextColumn("[bold]N={task.fields[n]}"), BarColumn(), TextColumn("{task.fields[k]}/{task.fields[m]} samples"),
         TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout stays clean for --json output
     )
 
 
