@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from compressor.progress import progress_bar as _progress_bar
 from plans.errors import CompressError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,15 +158,6 @@ def apply_cmd(
     console.print(f"wrote {path}  (load: `import compressor; AutoModelForCausalLM.from_pretrained('{path}')`)")
 
 
-def _progress_bar(total: int, what: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    prog = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console)
-    task = prog.add_task(what, total=total)
-    return prog, (lambda: prog.advance(task))
-
-
 def _lengths(text: str) -> list[int]:
     try:
         out = [int(x) for x in text.replace(" ", "").split(",") if x]
@@ -181,6 +173,200 @@ def _floats(text: str, what: str) -> list[float]:
         return [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise CompressError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+# -- data and profile ---------------------------------------------------------------------------------------
+data_app = typer.Typer(no_args_is_help=True, help="Build and inspect calibration sets.")
+app.add_typer(data_app, name="data")
+
+
+def _recipe(model_name: str, lengths: str, samples: int, sources: str, seed: int):
+    from profilers.calibration import CalibrationRecipe
+
+    try:
+        return CalibrationRecipe(sources=[x for x in sources.split(",") if x], lengths=_lengths(lengths),
+                                 samples_per_length=samples, seed=seed, model=model_name)
+    except ValueError as e:
+        raise CompressError(f"bad calibration recipe: {e}") from None
+
+
+@data_app.command("build")
+@user_errors
+def data_build(
+    out: Optional[Path] = typer.Option(None, "--out", help="cache folder (default: $COMPRESS_HOME/calibration)"),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    lengths: str = typer.Option("1024,2048,4096", "--lengths"),
+    samples: int = typer.Option(4, "--samples", help="samples per length"),
+    sources: str = typer.Option("austen,passkey,lines,qa", "--sources",
+                                help="corpora (austen, wikipedia, .txt/.jsonl paths) and tasks (passkey, lines, qa)"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Build (or load from cache) a calibration set; 'qa' lets the dense model answer."""
+    from compressor.models import compress_home, load_model
+    from profilers.calibration import calibration_dir, get_or_build_calibration
+
+    m, tok = load_model(model)
+    recipe = _recipe(str(model or "default"), lengths, samples, sources, seed)
+    cache = out or compress_home() / "calibration"
+    data = get_or_build_calibration(cache, tok, recipe, model=m if "qa" in recipe.sources else None)
+    console.print(f"calibration set in {calibration_dir(cache, tok, recipe)}: "
+                  + ", ".join(f"{n}: {len(v)} samples" for n, v in sorted(data.items())))
+
+
+@data_app.command("show")
+@user_errors
+def data_show(path: Path = typer.Argument(..., help="a calibration folder"), as_json: bool = typer.Option(False, "--json")):
+    """Samples per length and source, with their loss-token counts."""
+    from profilers.calibration import load_calibration
+
+    cs = load_calibration(path)
+    rows = []
+    for n, ss in sorted(cs.samples.items()):
+        for i, smp in enumerate(ss):
+            rows.append({"n": n, "i": i, "source": smp.meta.get("source", smp.meta.get("task", "?")),
+                         "loss_tokens": int(smp.loss_mask.sum()), "answer": (smp.answer or "")[:40]})
+    if as_json:
+        emit_json({"recipe": cs.recipe.model_dump(), "samples": rows})
+        return
+    t = Table(title=f"{path} (seed {cs.recipe.seed})")
+    for c in ("N", "#", "source", "loss tokens", "answer"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(str(r["n"]), str(r["i"]), str(r["source"]), str(r["loss_tokens"]), r["answer"])
+    out_console.print(t)
+
+
+@app.command("profile")
+@user_errors
+def profile_cmd(
+    out: Path = typer.Option(Path("profile"), "--out", help="output stem: STEM.safetensors + STEM.json"),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    lengths: str = typer.Option("1024,2048,4096", "--lengths"),
+    samples: int = typer.Option(4, "--samples", help="calibration samples per length"),
+    sources: str = typer.Option("austen,passkey,lines,qa", "--sources"),
+    seed: int = typer.Option(0, "--seed"),
+    block: int = typer.Option(64, "--block", help="distance bucket size (tokens)"),
+    sinks: str = typer.Option("64", "--sinks", help="sink sizes the search may use"),
+    allow_extrapolation: bool = typer.Option(False, "--allow-extrapolation"),
+    resume: bool = typer.Option(True, "--resume/--no-resume"),
+    method: str = typer.Option("taylor", "--method", help="taylor (MoA gradients)"),
+):
+    """Per-head attention influence from gradients (one backward per sample, never an N x N matrix)."""
+    from compressor.models import compress_home, load_model
+    from profilers.calibration import get_or_build_calibration
+    from profilers.profile_run import run_profile
+
+    if method != "taylor":
+        raise CompressError(f"unknown profiling method {method!r} (available: taylor)")
+    m, tok = load_model(model)
+    recipe = _recipe(str(model or "default"), lengths, samples, sources, seed)
+    data = get_or_build_calibration(compress_home() / "calibration", tok, recipe,
+                                    model=m if "qa" in recipe.sources else None)
+    prof = run_profile(m, data, out, block=block, sink_sizes=[int(x) for x in _floats(sinks, "--sinks")],
+                       allow_extrapolation=allow_extrapolation, resume=resume, model_name=str(model or "default"))
+    console.print(f"wrote {out}.safetensors / {out}.json: lengths {prof.meta.lengths}, samples {prof.meta.samples}")
+
+
+@app.command("search")
+@user_errors
+def search_cmd(
+    profile: Path = typer.Option(Path("profile"), "--profile", help="profile stem (or its .json/.safetensors)"),
+    budget: list[str] = typer.Option(..., "--budget",
+                                     help="0.5 | density@8192=0.25 | kv_density@4096=0.3 | latency@4096<=120ms (repeatable)"),
+    out: Path = typer.Option(Path("search"), "--out", help="folder for plan.json, pareto.csv, PNGs, optuna.db"),
+    model: Optional[str] = typer.Option(None, "--model", help="check the profile against this model; with --trials, "
+                                                            "trials measure validation loss and latency on it"),
+    granularity: str = typer.Option("kv_head", "--granularity", help="kv_head | query_head"),
+    k: int = typer.Option(2, "--k", help="max distinct configs per layer"),
+    solver: str = typer.Option("milp", "--solver", help="milp (HiGHS) | greedy"),
+    time_limit: float = typer.Option(60.0, "--time-limit", help="MILP time limit, seconds"),
+    trials: int = typer.Option(0, "--trials", help="Optuna trials (0: one MILP solve)"),
+    validate_length: int = typer.Option(0, "--validate-length", help="with --model and --trials: held-out length"),
+    val_samples: int = typer.Option(1, "--val-samples"),
+    latency_table: Optional[Path] = typer.Option(None, "--latency-table", help="from `compress bench --kernel-table`"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL (default: sqlite in --out)"),
+    study_name: Optional[str] = typer.Option(None, "--study-name"),
+    resume: bool = typer.Option(False, "--resume", help="continue the study in --storage"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """An exact per-head plan under the budgets (HiGHS MILP), optionally inside an Optuna study."""
+    from plans.identity import identity_from_config
+    from profilers.profile_format import load_profile
+    from search_space.search import search
+
+    prof = load_profile(profile)
+    ident, evaluate = None, None
+    if model is not None:
+        from compressor.models import load_model
+
+        m, tok = load_model(model)
+        ident = identity_from_config(m.config)
+        prof.meta.model.check_matches(ident, f"profile {profile}")
+        if trials and validate_length:
+            from compressor.run import validation_evaluator
+            from profilers.calibration import CalibrationRecipe, get_or_build_calibration
+            from compressor.models import compress_home
+
+            rec = CalibrationRecipe(sources=["austen", "passkey"], lengths=[validate_length],
+                                    samples_per_length=val_samples, seed=seed + 1, model=str(model))
+            val = get_or_build_calibration(compress_home() / "calibration", tok, rec)[validate_length]
+            evaluate = validation_evaluator(m, val)
+    res = search(prof, budget, granularity=granularity, K=k, solver=solver, time_limit=time_limit, out_dir=out,
+                 trials=trials, evaluate=evaluate, seed=seed, storage=storage, study_name=study_name, resume=resume,
+                 latency_table=latency_table, model=ident)
+    p = res.plan
+    info = {"plan": str(out / "plan.json"), "status": res.solver.status, "objective": res.solver.objective,
+            "mip_gap": getattr(res.solver, "mip_gap", None), "density": p.predicted.density,
+            "kv_density": p.predicted.kv_density, "loss": p.predicted.loss, "files": {k2: str(v) for k2, v in res.files.items()}}
+    if as_json:
+        emit_json(info)
+        return
+    t = Table(title=f"compress search → {out / 'plan.json'} ({res.solver.status})")
+    for c in ("N", "density", "kv density", "predicted loss"):
+        t.add_column(c, justify="right")
+    for n in sorted(p.predicted.density):
+        t.add_row(str(n), f"{p.predicted.density[n]:.3f}", f"{p.predicted.kv_density.get(n, float('nan')):.3f}",
+                  f"{p.predicted.loss.get(n, float('nan')):.4g}")
+    out_console.print(t)
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    out: Path = typer.Option(Path("runs/default"), "--out"),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    profile_lengths: str = typer.Option("1024,2048", "--profile-lengths"),
+    validate_length: int = typer.Option(3072, "--validate-length"),
+    eval_lengths: str = typer.Option("2048,4096", "--eval-lengths"),
+    budget: list[str] = typer.Option(["0.5", "0.25"], "--budget", help="one search per budget"),
+    samples: int = typer.Option(2, "--samples", help="calibration samples per profiled length"),
+    trials: int = typer.Option(4, "--trials", help="Optuna trials per budget"),
+    eval_tasks: str = typer.Option("passkey,ppl", "--eval-tasks"),
+    eval_depths: str = typer.Option("0.25,0.75", "--eval-depths"),
+    eval_samples: int = typer.Option(1, "--eval-samples"),
+    sources: str = typer.Option("austen,passkey,qa", "--sources"),
+    sinks: str = typer.Option("64", "--sinks", help="sink sizes to profile and search"),
+    block: int = typer.Option(64, "--block", help="profile distance bucket / span granularity"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """The whole pipeline on the default model: profile -> search -> apply -> eval (stages resume)."""
+    from compressor.run import RunConfig, run
+
+    cfg = RunConfig(model=model, out=str(out), profile_lengths=_lengths(profile_lengths), validate_length=validate_length,
+                    eval_lengths=_lengths(eval_lengths), budgets=list(budget), samples=samples, trials=trials,
+                    eval_tasks=[t for t in eval_tasks.split(",") if t], eval_depths=_floats(eval_depths, "--eval-depths"),
+                    eval_samples=eval_samples, sources=[x for x in sources.split(",") if x], seed=seed,
+                    sinks=[int(x) for x in _floats(sinks, "--sinks")], block=block)
+    summary = run(cfg)
+    if as_json:
+        emit_json(summary)
+        return
+    from compressor.run import report_markdown
+
+    out_console.print(report_markdown(summary))
+    console.print(f"everything is in {out}/ (report.json, report.md, plans/, model/, eval_*.png)")
 
 
 # -- eval ----------------------------------------------------------------------------------------------------

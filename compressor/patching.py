@@ -131,7 +131,9 @@ def compress_attention(module, query, key, value, attention_mask, scaling=None, 
     n = _input_length(module, kwargs, valid, nq, nk)
     sink_eff, window = rt.sink_window(n, query.device)
     out = None
-    if nq == nk and bool(valid.all()) and bool((n == n[0]).all()) and (native is None or native >= nk):
+    differentiable = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if (nq == nk and not differentiable and bool(valid.all()) and bool((n == n[0]).all())
+            and (native is None or native >= nk)):
         out = _fast_prefill(query, key, value, sink_eff[0], window[0], scaling)
     if out is None:
         span = torch.where(window >= DENSE_SPAN, DENSE_SPAN, sink_eff + window)

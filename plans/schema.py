@@ -31,11 +31,16 @@ def tool_version() -> str:
         return "0+unknown"
 
 
+Operator = Literal["softmax", "relu_softmax"]
+OPERATOR_HELP = "softmax (standard) or relu_softmax (relu(s)/sum relu(s), MPCViT) over the same key set"
+
+
 class DensePattern(BaseModel):
     """Full causal attention."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["dense"] = "dense"
+    operator: Operator = Field("softmax", description=OPERATOR_HELP)
 
     def span(self, n: int) -> int:
         return n
@@ -50,6 +55,7 @@ class SinkWindowPattern(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["sink_window"] = "sink_window"
+    operator: Operator = Field("softmax", description=OPERATOR_HELP)
     sink: int = Field(64, ge=0, description="sink tokens (inside the span)")
     alpha: float = Field(description="additive span term, tokens (may be negative, as in MoA)")
     beta: float = Field(0.0, ge=0.0, le=1.0, description="span grows by beta tokens per input token")
@@ -76,7 +82,24 @@ class SinkWindowPattern(BaseModel):
         return self.sink
 
 
-HeadPattern = Annotated[Union[DensePattern, SinkWindowPattern], Field(discriminator="kind")]
+class LinearPattern(BaseModel):
+    """MPCViT's scaling attention, causal: ``o_i = sum_{j<=i} (q_i.k_j * scale) v_j / (i + 1)``.
+
+    It reassociates as ``q_i (sum_j k_j^T v_j) / (i+1)``: O(N D^2) prefill, a D x D state per head to decode.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["linear"] = "linear"
+
+    def span(self, n: int) -> int:
+        return n
+
+    @property
+    def sink_tokens(self) -> int:
+        return 0
+
+
+HeadPattern = Annotated[Union[DensePattern, SinkWindowPattern, LinearPattern], Field(discriminator="kind")]
 
 
 class LayerPlan(BaseModel):
@@ -155,7 +178,7 @@ class Plan(BaseModel):
         out = []
         for h in range(self.model.num_heads):
             p = self.pattern(layer, h)
-            out.append(DENSE_SPAN if isinstance(p, DensePattern) else p.span(nr))
+            out.append(DENSE_SPAN if isinstance(p, (DensePattern, LinearPattern)) else p.span(nr))
         return torch.tensor(out, dtype=torch.int64)
 
     def sinks(self, layer: int) -> torch.Tensor:
@@ -163,7 +186,15 @@ class Plan(BaseModel):
         return torch.tensor([self.pattern(layer, h).sink_tokens for h in range(self.model.num_heads)], dtype=torch.int64)
 
     def is_dense(self) -> bool:
-        return all(isinstance(p, DensePattern) for layer in self.layers for p in layer.heads)
+        return all(isinstance(p, DensePattern) and p.operator == "softmax" for layer in self.layers for p in layer.heads)
+
+    def operators(self, layer: int) -> list[str]:
+        """Per query head: "softmax", "relu_softmax" or "linear"."""
+        out = []
+        for h in range(self.model.num_heads):
+            p = self.pattern(layer, h)
+            out.append("linear" if isinstance(p, LinearPattern) else p.operator)
+        return out
 
     # -- densities (averaged over query heads; GQA groups share) -----------------------------------------
     def density(self, n: int) -> float:
@@ -183,9 +214,12 @@ class Plan(BaseModel):
 
     def describe_span(self, layer: int, head: int, n: int) -> str:
         p = self.layers[layer].heads[head]
+        if isinstance(p, LinearPattern):
+            return "linear"
+        tag = "" if p.operator == "softmax" else " relu"
         if isinstance(p, DensePattern):
-            return "dense"
-        return f"{p.span(n + self.length_offset)}"
+            return "dense" + tag
+        return f"{p.span(n + self.length_offset)}" + tag
 
 
 def uniform_plan(identity: ModelIdentity, span: int, sink: int = 64, granularity="kv_head", lengths=()) -> Plan:

@@ -1,0 +1,217 @@
+"""`compress run`: profile -> search -> apply -> eval on one model, everything under one output folder.
+
+Each stage writes its outputs plus ``<stage>.done.json`` holding a fingerprint of its inputs (the run
+settings that matter to it and the fingerprints of the stages before it). A rerun skips a stage whose
+marker matches, so an interrupted run resumes (the profiler also resumes inside a stage, per sample).
+
+Layout of ``OUT``::
+
+    calibration/            cached calibration + validation samples (safetensors + recipe JSON)
+    profile.safetensors     per-head influence (profile.json: metadata)
+    search_<budget>/        plan.json, pareto.csv, spans.png, pareto.png, optuna.db
+    plans/<budget>.json     the chosen plan per budget
+    model/                  the patched model folder for the first budget
+    eval_<task>.json/.png   dense vs plans vs uniform
+    report.json, report.md  the summary
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from plans.atomic import write_text_atomic
+from plans.errors import CompressError
+from plans.io import load_plan, save_plan
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None
+    out: str = "runs/default"
+    profile_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    validate_length: int = 3072
+    eval_lengths: list[int] = field(default_factory=lambda: [2048, 4096])
+    budgets: list[str] = field(default_factory=lambda: ["0.5", "0.25"])
+    sources: list[str] = field(default_factory=lambda: ["austen", "passkey", "qa"])
+    samples: int = 2
+    val_samples: int = 1
+    trials: int = 4
+    K: int = 2
+    sinks: list[int] = field(default_factory=lambda: [64])
+    block: int = 64
+    eval_tasks: list[str] = field(default_factory=lambda: ["passkey", "ppl"])
+    eval_depths: list[float] = field(default_factory=lambda: [0.25, 0.75])
+    eval_samples: int = 1
+    corpus: str = "austen"
+    seed: int = 0
+    time_limit: float = 30.0
+
+
+def _fp(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _budget_tag(b: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in b).strip("_") or "budget"
+
+
+class _Stage:
+    def __init__(self, out: Path, name: str, fingerprint: str):
+        self.marker = out / f"{name}.done.json"
+        self.name, self.fp = name, fingerprint
+
+    def done(self) -> bool:
+        try:
+            return json.loads(self.marker.read_text()).get("fingerprint") == self.fp
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def finish(self, **info) -> None:
+        write_text_atomic(self.marker, json.dumps({"fingerprint": self.fp, **info}, indent=2, default=str))
+
+
+def validation_evaluator(model, samples):
+    """Trial measurement for the Optuna study: answer-token CE on held-out samples at an unseen length with
+    the plan applied, and the median forward wall time (ms) on this device."""
+    from compressor.evaluation import answer_score
+    from compressor.patching import apply
+
+    def evaluate(plan) -> dict:
+        apply(model, plan)
+        losses, times = [], []
+        for s in samples:
+            t = time.perf_counter()
+            _, loss, n = answer_score(model, s)
+            times.append((time.perf_counter() - t) * 1000)
+            losses.append(loss / max(n, 1))
+        return {"loss": float(sum(losses) / len(losses)), "latency_ms": float(statistics.median(times))}
+
+    return evaluate
+
+
+def run(cfg: RunConfig) -> dict:
+    """The whole pipeline; returns the summary that is also written to report.json."""
+    from compressor.evaluation import evaluate, heatmap_png
+    from compressor.models import load_model
+    from compressor.pipeline import apply_to_folder
+    from profilers.calibration import CalibrationRecipe, get_or_build_calibration
+    from profilers.corpora import load_corpus, split_corpus
+    from profilers.profile_format import load_profile
+    from profilers.profile_run import run_profile
+    from search_space.search import search
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    model, tok = load_model(cfg.model)
+    model_name = str(cfg.model or "default")
+    if cfg.validate_length <= max(cfg.profile_lengths):
+        raise CompressError(
+            f"--validate-length {cfg.validate_length} must exceed every profiled length {cfg.profile_lengths}")
+
+    # 1. calibration + profile
+    recipe = CalibrationRecipe(sources=cfg.sources, lengths=cfg.profile_lengths, samples_per_length=cfg.samples,
+                               seed=cfg.seed, model=model_name)
+    val_recipe = CalibrationRecipe(sources=cfg.sources, lengths=[cfg.validate_length],
+                                   samples_per_length=cfg.val_samples, seed=cfg.seed + 1, model=model_name)
+    stage = _Stage(out, "profile", _fp(model_name, recipe.recipe_hash(), cfg.sinks, cfg.block))
+    if not stage.done():
+        t = time.time()
+        cal = get_or_build_calibration(out / "calibration", tok, recipe, model=model if "qa" in cfg.sources else None)
+        run_profile(model, cal, out / "profile", block=cfg.block, sink_sizes=cfg.sinks, model_name=model_name)
+        stage.finish(seconds=time.time() - t)
+        timings["profile"] = time.time() - t
+    else:
+        console.print("profile: up to date, skipped")
+    profile_fp = stage.fp
+
+    # 2. search, one study per budget
+    val = None
+    plans = {}
+    for b in cfg.budgets:
+        tag = _budget_tag(b)
+        st = _Stage(out, f"search_{tag}", _fp(profile_fp, b, cfg.trials, cfg.K, cfg.validate_length, val_recipe.recipe_hash(),
+                                              cfg.seed))
+        plan_path = out / "plans" / f"{tag}.json"
+        if not st.done() or not plan_path.exists():
+            t = time.time()
+            if val is None:
+                val = get_or_build_calibration(out / "calibration", tok, val_recipe,
+                                               model=model if "qa" in cfg.sources else None)[cfg.validate_length]
+            res = search(load_profile(out / "profile"), [b], K=cfg.K, out_dir=out / f"search_{tag}", trials=cfg.trials,
+                         evaluate=validation_evaluator(model, val), seed=cfg.seed, resume=True,
+                         time_limit=cfg.time_limit, lengths=None)
+            save_plan(res.plan, plan_path)
+            st.finish(seconds=time.time() - t, plan=str(plan_path))
+            timings[f"search_{tag}"] = time.time() - t
+        else:
+            console.print(f"search {b}: up to date, skipped")
+        plans[tag] = load_plan(plan_path)
+    from compressor.patching import unapply
+
+    unapply(model, "sdpa")
+
+    # 3. apply the first budget's plan into a model folder
+    first = _budget_tag(cfg.budgets[0])
+    st = _Stage(out, "apply", _fp(model_name, plans[first].model_dump_json()))
+    if not st.done() or not (out / "model" / "config.json").exists():
+        t = time.time()
+        apply_to_folder(out / "plans" / f"{first}.json", cfg.model, out / "model")
+        st.finish(seconds=time.time() - t)
+        timings["apply"] = time.time() - t
+
+    # 4. eval
+    haystack = list(split_corpus(load_corpus(cfg.corpus)).heldout)
+    reports = {}
+    for task in cfg.eval_tasks:
+        st = _Stage(out, f"eval_{task}", _fp(model_name, {k: p.model_dump_json() for k, p in plans.items()},
+                                              cfg.eval_lengths, cfg.eval_depths, cfg.eval_samples, cfg.seed, cfg.corpus))
+        path = out / f"eval_{task}.json"
+        if not st.done() or not path.exists():
+            t = time.time()
+            from compressor.evaluation import count_work
+            from compressor.progress import progress_bar
+
+            prog, tick = progress_bar(count_work(task, cfg.eval_lengths, cfg.eval_depths, cfg.eval_samples, len(plans)),
+                                       f"eval {task}")
+            with prog:
+                rep = evaluate(model, tok, plans, task, cfg.eval_lengths, depths=cfg.eval_depths,
+                               samples=cfg.eval_samples, seed=cfg.seed, haystack=haystack, progress=tick)
+            write_text_atomic(path, json.dumps(rep.to_dict(), indent=2, default=str))
+            heatmap_png(rep, out / f"eval_{task}.png")
+            st.finish(seconds=time.time() - t)
+            timings[f"eval_{task}"] = time.time() - t
+        reports[task] = json.loads(path.read_text())
+
+    summary = {"config": asdict(cfg), "seconds": time.time() - t0, "stage_seconds": timings,
+               "plans": {k: {"density": {n: p.density(n) for n in cfg.eval_lengths},
+                             "kv_density": {n: p.kv_density(n) for n in cfg.eval_lengths},
+                             "predicted": p.predicted.model_dump()} for k, p in plans.items()},
+               "eval": {task: r["summary"] for task, r in reports.items()}}
+    write_text_atomic(out / "report.json", json.dumps(summary, indent=2, default=str))
+    write_text_atomic(out / "report.md", report_markdown(summary))
+    return summary
+
+
+def report_markdown(summary: dict) -> str:
+    lines = ["# compress run report", "", f"total {summary['seconds']:.0f} s", ""]
+    for task, rows in summary["eval"].items():
+        key = "ppl" if task == "ppl" else "accuracy"
+        lines += [f"## {task}", "", f"| method | N | density | {key} |", "|---|---|---|---|"]
+        for r in rows:
+            v = r.get(key)
+            lines.append(f"| {r['method']} | {r['n']} | {r['density']:.3f} | {'-' if v is None else f'{v:.3f}'} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
