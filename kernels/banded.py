@@ -3,14 +3,18 @@
 For one head with ``sink_eff = S`` and ``window = W`` (``span = S + W``, semantics in ``plans/span.py``):
 
 1. rows ``[0, span)`` see every earlier key: one causal SDPA call on that prefix;
-2. rows ``[span, N)`` in query blocks of ``Bq`` rows: one call over a zero-copy ``as_strided`` view that gives
-   each block its ``W + Bq - 1`` window keys, with one shared ``(Bq, W + Bq - 1)`` band mask;
-3. one unmasked call over the ``S`` sink keys for the same rows, merged with the window part through the
-   log-sum-exp: ``out = lerp(o_win, o_sink, sigmoid(lse_sink - lse_win))``.
+2. rows ``[span, N)``, windows below ``CHUNK_SWITCH``: query blocks of ``Bq`` rows, one call over a zero-copy
+   ``as_strided`` view giving each block its ``W + Bq - 1`` window keys with one shared band mask, plus one
+   unmasked call over the ``S`` sink keys, merged through the log-sum-exp:
+   ``out = lerp(o_win, o_sink, sigmoid(lse_sink - lse_win))``;
+3. rows ``[span, N)``, larger windows: chunks of ``CHUNK`` rows split into a causal diagonal, an unmasked
+   middle, a small masked edge and the sink (big tiles, almost no masking), merged the same way.
 
 Heads with the same ``(S, W)`` are processed together (as head views when their indices form arithmetic
 progressions, so GQA never materialises repeated K/V). Heads with ``span >= N`` use causal SDPA; tiny inputs
-(``N < SMALL_N``) use one masked SDPA call. Everything is exact; bf16/fp16 are computed in fp32.
+(``N < SMALL_N``) use one masked SDPA call. Everything is exact, near-full heads included (for span/N above
+~0.75 the composition runs at about dense speed; there is no inexact dense shortcut). bf16/fp16 are computed
+in fp32 (no faster on the CPU, and exact merges).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ BQ_LARGE = 64  # query block for windows in [BQ_SWITCH, CHUNK_SWITCH)
 BQ_SWITCH = 512
 CHUNK_SWITCH = 4096  # windows >= this use the chunked decomposition (mostly unmasked big-tile calls)
 CHUNK = 256  # rows per chunk there
+SLICE_ROWS = 32768  # windowed path: query rows x heads per slice of work (keeps partial results in cache)
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _COMPUTE_DTYPE = {
@@ -34,7 +39,7 @@ _COMPUTE_DTYPE = {
     torch.bfloat16: torch.float32,
     torch.float16: torch.float32,
 }
-_band_cache: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+_band_cache: dict[tuple, torch.Tensor] = {}
 
 
 def check_prefill_args(q, k, v, sink, span) -> tuple[int, int, int, int, int]:
@@ -51,6 +56,8 @@ def check_prefill_args(q, k, v, sink, span) -> tuple[int, int, int, int, int]:
         raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch, length or head_dim")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if q.dtype not in _COMPUTE_DTYPE or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype among {list(_COMPUTE_DTYPE)}; got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, t in (("sink", sink), ("span", span)):
@@ -111,45 +118,49 @@ def _heads(x: torch.Tensor, start: int, step: int, count: int) -> torch.Tensor:
 
 
 def _windowed(q, k, v, out, s: int, w: int, scale: float) -> None:
-    """Rows [s + w, N) of one (S, W) head run; q/k/v/out are (hg, N, D) views (k/v may repeat a head)."""
+    """Rows [s + w, N) of one (S, W) head run; q/k/v/out are (hg, N, D) views (k/v may repeat a head).
+
+    Query blocks are processed in slices of about SLICE_ROWS rows x heads, so the window part, the sink part
+    and their merge stay in cache.
+    """
     hg, n, d = q.shape
     span = s + w
     rows = n - span
     bq = BQ_SMALL if w < BQ_SWITCH else BQ_LARGE
     nb, tail = divmod(rows, bq)
     band = _band(bq, w, q.dtype)
-    dst = out[:, span:]
-    if s:  # sink part for every row at once
-        o_s, l_s = _flash_cpu(q[None, :, span:], k[None, :, :s], v[None, :, :s], scale=scale)
-        o_s, l_s = o_s[0], l_s[0]
+    step = max(1, SLICE_ROWS // (bq * hg))
 
-    def merge(o_w, l_w, sl, view):
-        if s:
-            wgt = torch.sigmoid_(view(l_s[:, sl]) - l_w).unsqueeze_(-1).to(o_w.dtype)
-            torch.lerp(o_w, view(o_s[:, sl]), wgt, out=view(dst[:, sl]))
-        else:
-            view(dst[:, sl]).copy_(o_w)
-
-    if nb:  # all full query blocks in one call over overlapping window views
-        qb = q[:, span : span + nb * bq].unflatten(1, (nb, bq)).transpose(0, 1)  # (nb, hg, bq, D)
-        shape = (nb, hg, w + bq - 1, d)
+    def part(r0: int, nblk: int, m: int, mask) -> None:
+        """Rows [span + r0, span + r0 + nblk * m) as nblk blocks of m rows."""
+        q0 = span + r0
+        qb = q[:, q0 : q0 + nblk * m].unflatten(1, (nblk, m)).transpose(0, 1)  # (nblk, hg, m, D)
+        shape = (nblk, hg, w + m - 1, d)
         kb, vb = (
-            t.as_strided(shape, (bq * t.stride(1), t.stride(0), t.stride(1), t.stride(2)),
-                         t.storage_offset() + (span - w + 1) * t.stride(1))
+            t.as_strided(shape, (m * t.stride(1), t.stride(0), t.stride(1), t.stride(2)),
+                         t.storage_offset() + (q0 - w + 1) * t.stride(1))
             for t in (k, v)
         )
-        o, lse = _flash_cpu(qb, kb, vb, attn_mask=band, scale=scale)
-        merge(o, lse, slice(0, nb * bq), lambda t: t.unflatten(1, (nb, bq)).transpose(0, 1))
+        o, lse = _flash_cpu(qb, kb, vb, attn_mask=mask, scale=scale)
+        dst = out[:, q0 : q0 + nblk * m].unflatten(1, (nblk, m)).transpose(0, 1)
+        if not s:
+            dst.copy_(o)
+            return
+        o_s, l_s = _flash_cpu(q[None, :, q0 : q0 + nblk * m], k[None, :, :s], v[None, :, :s], scale=scale)
+        o_s = o_s[0].unflatten(1, (nblk, m)).transpose(0, 1)
+        l_s = l_s[0].unflatten(1, (nblk, m)).transpose(0, 1)
+        wgt = torch.sigmoid_(l_s - lse).unsqueeze_(-1).to(o.dtype)
+        torch.lerp(o, o_s, wgt, out=dst)
+
+    for b0 in range(0, nb, step):
+        part(b0 * bq, min(step, nb - b0), bq, band)
     if tail:
-        t0 = span + nb * bq
-        mask = band[:tail, : w + tail - 1].contiguous()
-        o, lse = _flash_cpu(q[None, :, t0:], k[None, :, t0 - w + 1 :], v[None, :, t0 - w + 1 :], attn_mask=mask, scale=scale)
-        merge(o[0], lse[0], slice(nb * bq, rows), lambda t: t)
+        part(nb * bq, 1, tail, band[:tail, : w + tail - 1].contiguous())
 
 
 def _edge_mask(c: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive (c, c) mask: row r sees columns l >= r (the left edge of a chunk's window)."""
-    key = (-c, 0, dtype)
+    key = ("edge", c, dtype)
     m = _band_cache.get(key)
     if m is None:
         m = torch.zeros(c, c, dtype=dtype).masked_fill_(torch.arange(c)[None, :] < torch.arange(c)[:, None], float("-inf"))
@@ -270,4 +281,4 @@ def banded_attention(
     return out.to(out_dtype)
 
 
-__all__ = ["banded_attention", "check_prefill_args", "head_pattern", "SMALL_N", "BQ_SMALL", "BQ_LARGE", "BQ_SWITCH", "CHUNK", "CHUNK_SWITCH"]
+__all__ = ["banded_attention", "check_prefill_args", "head_pattern"]

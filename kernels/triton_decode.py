@@ -18,6 +18,8 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# (BLOCK_N, num_warps, num_stages) per head_dim: spill-free for bf16 on sm_90 (AOT-checked in the tests)
+DECODE_CONFIGS = {64: (64, 4, 2), 128: (64, 8, 2), 256: (32, 8, 2)}
 
 
 def check_decode_args(q, k_cache, v_cache, kv_len) -> tuple[int, int, int, int, int]:
@@ -37,6 +39,8 @@ def check_decode_args(q, k_cache, v_cache, kv_len) -> tuple[int, int, int, int, 
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     if kv_len.shape != (b, hkv) or kv_len.dtype.is_floating_point or kv_len.dtype == torch.bool:
         raise ValueError(f"kv_len must be an integer tensor of shape ({b}, {hkv}); got {kv_len.dtype} {tuple(kv_len.shape)}")
+    if k_cache.device != q.device or v_cache.device != q.device:
+        raise ValueError(f"q and caches must be on one device; got {q.device}, {k_cache.device}, {v_cache.device}")
     if q.dtype not in _DTYPES + (torch.float64,) or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"q and caches must share one floating dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     return b, hq, hkv, lmax, d
@@ -67,6 +71,13 @@ def decode_reference(
     return torch.matmul(p, v).reshape(b, hq, d).to(q.dtype)
 
 
+# Kernels call only Triton builtins: tl.max/tl.sum/tl.zeros/tl.cdiv are @jit functions that stay in compiled
+# mode when triton was imported before TRITON_INTERPRET=1 was set (e.g. by transformers), which breaks the
+# interpreter. Reductions use tl.reduce with the standard combine functions (the interpreter's numpy fast path).
+_MAX = tl.standard._elementwise_max
+_SUM = tl.standard._sum_combine
+
+
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, KV_LEN, MID_O, MID_L,
@@ -80,7 +91,8 @@ def _decode_split_kernel(
     off_b = pid_bh // n_kv_heads
     off_kv = pid_bh % n_kv_heads
     kv_len = tl.load(KV_LEN + pid_bh)
-    chunk = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = (kv_len + NUM_SPLITS - 1) // NUM_SPLITS
+    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, kv_len)
 
@@ -96,8 +108,8 @@ def _decode_split_kernel(
     v_base = V + off_b * stride_vb + off_kv * stride_vh
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    l_i = tl.full([BLOCK_H], 0.0, tl.float32)
+    acc = tl.full([BLOCK_H, HEAD_DIM], 0.0, tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + offs_n0
         valid = offs_n < hi
@@ -111,10 +123,10 @@ def _decode_split_kernel(
         else:
             qk = tl.dot(q, k)
         qk = tl.where(valid[None, :], qk * qk_scale, -1.0e6)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
         if IEEE:
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         else:
@@ -140,11 +152,11 @@ def _decode_merge_kernel(MID_O, MID_L, O, stride_ob, stride_oh, n_heads,
     ok = offs_s < NUM_SPLITS
     lse = tl.load(MID_L + pid * NUM_SPLITS + offs_s, mask=ok, other=float("-inf"))
     part = tl.load(MID_O + (pid * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-    m = tl.max(lse, 0)
+    m = tl.reduce(lse, 0, _MAX)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse - m)
-    total = tl.sum(w, 0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    total = tl.reduce(w, 0, _SUM)
+    out = tl.reduce(part * w[:, None], 0, _SUM) / tl.where(total > 0, total, 1.0)
     tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
@@ -163,8 +175,8 @@ def sparse_decode(
     scale: float | None = None,
     *,
     num_splits: int | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
+    block_n: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Split-K flash-decoding: q (B, Hq, D), caches (B, Hkv, Lmax, D), kv_len (B, Hkv) -> (B, Hq, D)."""
     b, hq, hkv, lmax, d = check_decode_args(q, k_cache, v_cache, kv_len)
@@ -172,6 +184,8 @@ def sparse_decode(
         raise ValueError(f"sparse_decode supports fp16/bf16/fp32, got {q.dtype}")
     if d < 16 or d > 256 or d & (d - 1):
         raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
+    cfg_n, cfg_w, cfg_s = DECODE_CONFIGS.get(d, (64, 4, 2))
+    block_n, num_warps = block_n or cfg_n, num_warps or cfg_w
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if not INTERPRET and not q.is_cuda:
@@ -196,7 +210,7 @@ def sparse_decode(
         hkv, group, float(scale) * 1.4426950408889634,
         HEAD_DIM=d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=splits,
         IEEE=q.dtype == torch.float32, UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=cfg_s,
     )
     _decode_merge_kernel[(b * hq,)](
         mid_o, mid_l, out, out.stride(0), out.stride(1), hq,
@@ -205,4 +219,4 @@ def sparse_decode(
     return out
 
 
-__all__ = ["sparse_decode", "decode_reference", "check_decode_args", "default_num_splits"]
+__all__ = ["sparse_decode", "decode_reference", "check_decode_args", "default_num_splits", "DECODE_CONFIGS"]

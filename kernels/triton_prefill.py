@@ -24,23 +24,31 @@ from kernels.banded import check_prefill_args, head_pattern
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# spill-free sm_90 configurations (AOT-checked with cuobjdump, see tests/test_kernels_triton.py)
+# Autotune list: (BLOCK_M, BLOCK_N, num_warps, num_stages) per head_dim. bf16 on sm_90 compiles with STACK == 0
+# (no register spills; checked with cuobjdump by tests/test_kernels_triton.py).
 CONFIGS = {
-    64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2)],
-    128: [(128, 64, 8, 3), (64, 32, 4, 2)],
-    256: [(64, 32, 4, 2), (64, 32, 8, 1)],
+    64: [(128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 4, 3)],
+    128: [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2)],
+    256: [(64, 16, 8, 2), (32, 32, 4, 2)],
 }
 DEFAULT_BLOCKS = (64, 32)  # (BLOCK_M, BLOCK_N) used under the interpreter and for head dims without configs
+
+
+# Kernels call only Triton builtins: tl.max/tl.sum/tl.zeros/tl.cdiv are @jit functions that stay in compiled
+# mode when triton was imported before TRITON_INTERPRET=1 was set (e.g. by transformers), which breaks the
+# interpreter. Reductions use tl.reduce with the standard combine functions (the interpreter's numpy fast path).
+_MAX = tl.standard._elementwise_max
+_SUM = tl.standard._sum_combine
 
 
 @triton.jit
 def _kv_block_range(q_lo, n_ctx, S, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key-block ranges for query rows [q_lo, q_lo + BLOCK_M): (n_sink, ws, fl, fh, we), see module doc."""
     q_hi = tl.minimum(q_lo + BLOCK_M, n_ctx)
-    we = tl.cdiv(q_hi, BLOCK_N)
-    n_sink = tl.minimum(tl.cdiv(S, BLOCK_N), we)
+    we = (q_hi + BLOCK_N - 1) // BLOCK_N
+    n_sink = tl.minimum((S + BLOCK_N - 1) // BLOCK_N, we)
     ws = tl.minimum(tl.maximum(tl.maximum(q_lo - W + 1, 0) // BLOCK_N, n_sink), we)
-    fl = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(q_lo + BLOCK_M - W, 0), BLOCK_N), ws), we)
+    fl = tl.minimum(tl.maximum((tl.maximum(q_lo + BLOCK_M - W, 0) + BLOCK_N - 1) // BLOCK_N, ws), we)
     fh = tl.minimum(tl.maximum((q_lo + 1) // BLOCK_N, fl), we)
     return n_sink, ws, fl, fh, we
 
@@ -84,10 +92,10 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs
             d = offs_m[:, None] - offs_n[None, :]
             ok = (d >= 0) & ((offs_n[None, :] < S) | (d < W)) & (offs_n[None, :] < n_ctx)
             qk = tl.where(ok, qk, -1.0e6)  # finite: a row with no valid key in a block gives no NaN
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
         acc = acc * alpha[:, None]
         if MASK:
             v = tl.load(v_ptrs, mask=offs_n[:, None] < n_ctx, other=0.0)
@@ -131,8 +139,8 @@ def _prefill_kernel(
     v_base = V + off_b * stride_vb + off_kv * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
 
     n_sink, ws, fl, fh, we = _kv_block_range(q_lo, n_ctx, S, W, BLOCK_M, BLOCK_N)
     # masked blocks: sink [0, n_sink), left edge [ws, fl), diagonal [fh, we); then the unmasked interior [fl, fh)

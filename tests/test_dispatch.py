@@ -1,0 +1,84 @@
+"""kernels.dispatch: backend choice from COMPRESS_ATTENTION and the device, and same results everywhere."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # the forced-Triton cases run in the interpreter on CPU
+
+from kernels import dispatch  # noqa: E402
+
+for _name in ("kernels.triton_prefill", "kernels.triton_decode"):  # imported before the variable was set: redo
+    _mod = sys.modules.get(_name)
+    if _mod is not None and not CUDA and not _mod.INTERPRET:
+        importlib.reload(_mod)
+from kernels.reference import reference_attention  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _prefill_inputs(n=150):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, n, 16, generator=g)
+    k = torch.randn(1, 2, n, 16, generator=g)
+    v = torch.randn(1, 2, n, 16, generator=g)
+    return q, k, v, torch.tensor([4, 0, 2, 64]), torch.tensor([20, 40, 1000, 70])
+
+
+def _decode_inputs():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 16, generator=g)
+    k = torch.randn(2, 2, 50, 16, generator=g)
+    v = torch.randn(2, 2, 50, 16, generator=g)
+    return q, k, v, torch.tensor([[50, 3], [1, 20]])
+
+
+def test_backend_choice(monkeypatch):
+    q = torch.zeros(1, 1, 1, 16)
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    assert dispatch.backend(q) == "banded"
+    if CUDA:
+        assert dispatch.backend(q.cuda()) == "triton"
+    for value, want in (("", "banded"), ("auto", "banded"), ("Reference", "reference"), ("banded", "banded"),
+                        ("triton", "triton")):
+        monkeypatch.setenv(dispatch.ENV, value)
+        assert dispatch.backend(q) == want
+    monkeypatch.setenv(dispatch.ENV, "flash")
+    with pytest.raises(ValueError, match="COMPRESS_ATTENTION"):
+        dispatch.backend(q)
+
+
+@pytest.mark.parametrize("choice", ["", "reference", "banded", "triton"])
+def test_sparse_attention_backends_agree(monkeypatch, choice):
+    q, k, v, sink, span = _prefill_inputs()
+    monkeypatch.setenv(dispatch.ENV, choice)
+    dev = "cuda" if choice == "triton" and CUDA else "cpu"
+    out = dispatch.sparse_attention(*(t.to(dev) for t in (q, k, v, sink, span))).cpu()
+    ref = reference_attention(q.double(), k.double(), v.double(), sink, span)
+    assert out.shape == q.shape and (out.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("choice", ["", "reference", "banded", "triton"])
+def test_decode_attention_backends_agree(monkeypatch, choice):
+    q, k, v, kv_len = _decode_inputs()
+    monkeypatch.setenv(dispatch.ENV, choice)
+    dev = "cuda" if choice == "triton" and CUDA else "cpu"
+    out = dispatch.decode_attention(*(t.to(dev) for t in (q, k, v, kv_len))).cpu()
+    from kernels.triton_decode import decode_reference
+
+    ref = decode_reference(q.double(), k.double(), v.double(), kv_len)
+    assert out.shape == q.shape and (out.double() - ref).abs().max() < 1e-5
+
+
+def test_reference_backend_validates(monkeypatch):
+    q, k, v, sink, span = _prefill_inputs()
+    monkeypatch.setenv(dispatch.ENV, "reference")
+    with pytest.raises(ValueError):
+        dispatch.sparse_attention(q, k, v, sink[:2], span[:2])

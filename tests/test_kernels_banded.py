@@ -1,0 +1,126 @@
+"""kernels.banded.banded_attention equals the reference on every code path (small shapes, fp32/bf16)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import kernels.banded as kb
+from kernels.banded import banded_attention
+from kernels.reference import reference_attention
+
+torch.set_num_threads(1)
+
+
+def _inputs(b, hq, hkv, n, d, dtype, seed=0, layout="bhnd"):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "bnhd":  # HF-style: (B, N, H, D) transposed to (B, H, N, D), non-contiguous
+        q = torch.randn(b, n, hq, d, generator=g, dtype=torch.float64).transpose(1, 2)
+        k = torch.randn(b, n, hkv, d, generator=g, dtype=torch.float64).transpose(1, 2)
+        v = torch.randn(b, n, hkv, d, generator=g, dtype=torch.float64).transpose(1, 2)
+    else:
+        q = torch.randn(b, hq, n, d, generator=g, dtype=torch.float64)
+        k = torch.randn(b, hkv, n, d, generator=g, dtype=torch.float64)
+        v = torch.randn(b, hkv, n, d, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _check(b, hq, hkv, n, d, sink, span, dtype=torch.float32, seed=0, layout="bhnd", scale=None):
+    q, k, v = _inputs(b, hq, hkv, n, d, dtype, seed, layout)
+    sink_t, span_t = torch.tensor(sink, dtype=torch.int64), torch.tensor(span, dtype=torch.int64)
+    out = banded_attention(q, k, v, sink_t, span_t, scale)
+    ref = reference_attention(q.double(), k.double(), v.double(), sink_t, span_t, scale)
+    assert out.dtype == dtype and out.shape == (b, hq, n, d)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    err = (out.double() - ref).abs().max().item()
+    assert err < tol, f"max abs error {err} (n={n}, sink={sink}, span={span}, {dtype})"
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Shrink the block/chunk constants so small N exercises every path (windowed, chunked, tails)."""
+    monkeypatch.setattr(kb, "SMALL_N", 0)
+    monkeypatch.setattr(kb, "BQ_SMALL", 8)
+    monkeypatch.setattr(kb, "BQ_LARGE", 16)
+    monkeypatch.setattr(kb, "BQ_SWITCH", 24)
+    monkeypatch.setattr(kb, "CHUNK", 16)
+    monkeypatch.setattr(kb, "CHUNK_SWITCH", 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_constants_mixed_heads(dtype):
+    # GQA 8/2, odd length, dense head, sink 0, sink > span, spans not multiples of any block, both Bq sizes
+    n = 1337
+    sink = [64, 0, 64, 200, 3, 64, 64, 1]
+    span = [64 + 32, 100, 64 + 600, 50, 5000, 1, 64 + 1100, 2]
+    _check(1, 8, 2, n, 32, sink, span, dtype)
+
+
+def test_chunked_path_default_constants():
+    # windows >= CHUNK_SWITCH (4096): chunked decomposition with a partial last chunk, plus a full head
+    n = 4096 + 64 + 300
+    _check(1, 2, 1, n, 8, [64, 7], [64 + 4096, 4100])
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_paths_small_blocks(small_blocks, dtype, layout):
+    sink = [4, 0, 16, 50, 2, 4, 4, 0]
+    span = [20, 9, 16 + 45, 30, 1000, 20, 20 + 24, 70]  # windows 16, 9, 45 (chunked), 1, full, 16, 24, 70
+    _check(2, 8, 4, 203, 16, sink, span, dtype, layout=layout)
+
+
+def test_tiny_sequences(small_blocks):
+    for n in (1, 2, 3, 7):
+        _check(1, 2, 1, n, 8, [1, 0], [2, 1])
+
+
+@pytest.mark.parametrize("n", [1, 5, 17, 127])
+def test_small_n_masked_path(n):
+    # N < SMALL_N: one masked SDPA call (N smaller than any block)
+    _check(2, 4, 2, n, 16, [2, 0, 64, 1], [3, 1, 10, 1000])
+
+
+def test_scale_and_mqa(small_blocks):
+    _check(1, 6, 1, 150, 16, [3, 3, 0, 0, 9, 9], [12, 30, 12, 60, 10, 150], scale=0.3)
+
+
+def test_random_configs(small_blocks):
+    rng = random.Random(1)
+    for seed in range(25):
+        hkv = rng.choice([1, 2, 3])
+        hq = hkv * rng.choice([1, 2, 3])
+        n = rng.randint(1, 160)
+        sink = [rng.choice([0, 1, 3, 8, 40]) for _ in range(hq)]
+        span = [rng.choice([1, 2, 9, 17, 33, 50, 64, 100, 400]) for _ in range(hq)]
+        _check(rng.choice([1, 2]), hq, hkv, n, 8, sink, span, seed=seed)
+
+
+def test_float64_and_fp16_inputs(small_blocks):
+    q, k, v = _inputs(1, 2, 2, 90, 8, torch.float64)
+    s, sp = torch.tensor([3, 0]), torch.tensor([20, 50])
+    ref = reference_attention(q, k, v, s, sp)
+    assert (banded_attention(q, k, v, s, sp) - ref).abs().max() < 1e-12
+    out16 = banded_attention(q.half(), k.half(), v.half(), s, sp)
+    assert out16.dtype == torch.float16 and (out16.double() - ref).abs().max() < 1e-2
+
+
+def test_bad_inputs():
+    q, k, v = _inputs(1, 4, 2, 16, 8, torch.float32)
+    s = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="multiple"):
+        banded_attention(q, k[:, :1].expand(1, 3, 16, 8), v[:, :1].expand(1, 3, 16, 8), s, s + 4)
+    with pytest.raises(ValueError, match="4-D"):
+        banded_attention(q[0], k, v, s, s)
+    with pytest.raises(ValueError, match="shape"):
+        banded_attention(q, k, v, s[:3], s[:3])
+    with pytest.raises(ValueError, match="integer"):
+        banded_attention(q, k, v, s.float(), s)
+    with pytest.raises(ValueError, match="dtype"):
+        banded_attention(q, k.double(), v, s, s)
+    with pytest.raises(ValueError, match="match"):
+        banded_attention(q, k[:, :, :8], v[:, :, :8], s, s)
+    with pytest.raises(ValueError, match="differ"):
+        banded_attention(q, k, v[..., :4], s, s)
