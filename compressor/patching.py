@@ -67,6 +67,10 @@ class _LayerRuntime:
         self.plan, self.layer = plan, layer
         self.sinks = plan.sinks(layer)
         self.dense_q = torch.tensor([isinstance(plan.pattern(layer, h), DensePattern) for h in range(plan.model.num_heads)])
+        self.operators = plan.operators(layer)
+        self.relu_heads = [h for h, op in enumerate(self.operators) if op == "relu_softmax"]
+        self.linear_heads = [h for h, op in enumerate(self.operators) if op == "linear"]
+        self.keep_all_q = self.dense_q | torch.tensor([op == "linear" for op in self.operators])
         self._spans: dict[int, torch.Tensor] = {}
 
     def spans(self, n: int) -> torch.Tensor:
@@ -120,7 +124,7 @@ def compress_attention(module, query, key, value, attention_mask, scaling=None, 
         valid_new = _validity(attention_mask, b, cache_layer.cum, query.device)[:, -nq:]
         new_pos = torch.where(valid_new, cache_layer.n_real[:, None] + valid_new.long().cumsum(-1) - 1, -1)
         cache_layer.append(key, value, new_pos)
-        out = cache_layer.attend(query, new_pos, scaling, native)
+        out = cache_layer.attend(query, new_pos, scaling, native, relu_heads=rt.relu_heads, linear_heads=rt.linear_heads)
         cache_layer.evict()
         return out.transpose(1, 2).contiguous(), None
 
@@ -135,14 +139,34 @@ def compress_attention(module, query, key, value, attention_mask, scaling=None, 
     if (nq == nk and not differentiable and bool(valid.all()) and bool((n == n[0]).all())
             and (native is None or native >= nk)):
         out = _fast_prefill(query, key, value, sink_eff[0], window[0], scaling)
+    span = torch.where(window >= DENSE_SPAN, DENSE_SPAN, sink_eff + window)
     if out is None:
-        span = torch.where(window >= DENSE_SPAN, DENSE_SPAN, sink_eff + window)
         out = reference_attention(query, key, value, sink_eff, span, scaling, q_pos=q_pos, k_pos=k_pos, k_valid=valid,
                                   native_window=native)
+    if rt.relu_heads or rt.linear_heads:
+        out = _other_operators(rt, out, query, key, value, scaling, q_pos, k_pos, valid, sink_eff, span, native)
     if cache_layer is not None:  # prefill into our bounded cache
-        dense_kv = rt.dense_q.view(-1, hq // key.shape[1]).any(-1)
+        dense_kv = rt.keep_all_q.view(-1, hq // key.shape[1]).any(-1)
         cache_layer.store(key, value, k_pos, sink_eff, window, dense_kv)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _other_operators(rt, out, query, key, value, scaling, q_pos, k_pos, valid, sink_eff, span, native):
+    """Overwrite the heads whose operator is not softmax: relu-softmax (same key set) and linear attention."""
+    from kernels.operators import head_subset, linear_attention, relu_softmax_attention
+    from kernels.reference import pattern_mask
+
+    out = out.clone()
+    if rt.linear_heads:
+        h = rt.linear_heads
+        qs, ks, vs = head_subset(query, key, value, h)
+        out[:, h] = linear_attention(qs, ks, vs, scaling, k_valid=valid).to(out.dtype)
+    if rt.relu_heads:
+        h = rt.relu_heads
+        qs, ks, vs = head_subset(query, key, value, h)
+        mask = pattern_mask(q_pos, k_pos, valid, sink_eff[:, h], span[:, h], native)
+        out[:, h] = relu_softmax_attention(qs, ks, vs, mask, scaling).to(out.dtype)
+    return out
 
 
 def _validity(attention_mask, b, nk, device) -> torch.Tensor:

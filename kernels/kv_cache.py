@@ -129,9 +129,16 @@ class PlanCacheLayer(CacheLayerMixin):
             p = new_pos[:, None, :].expand(-1, idx.numel(), -1)
             g["pos"] = torch.cat([g["pos"], p], dim=2)
 
-    def attend(self, query, q_pos, scale, native_window: int | None = None):
-        """Attention of new queries (B, Hq, q, D) at real positions q_pos (B, q) over the kept slots."""
+    def attend(self, query, q_pos, scale, native_window: int | None = None, relu_heads=(), linear_heads=()):
+        """Attention of new queries (B, Hq, q, D) at real positions q_pos (B, q) over the kept slots.
+
+        ``relu_heads`` use relu-softmax over the same slots; ``linear_heads`` (their KV heads keep every token)
+        use causal linear attention over all kept slots.
+        """
+        from kernels.operators import linear_attention, relu_softmax_attention
+
         out = torch.empty_like(query)
+        relu_heads, linear_heads = set(relu_heads), set(linear_heads)
         for g in self.groups:
             qi = (g["kv"][:, None] * self.n_rep + torch.arange(self.n_rep, device=query.device)).flatten()
             pos = g["pos"].repeat_interleave(self.n_rep, dim=1)  # (B, Hqg, L)
@@ -144,10 +151,14 @@ class PlanCacheLayer(CacheLayerMixin):
             if native_window is not None:
                 ok = ok & (d < native_window)
             ok = ok | (~ok.any(-1, keepdim=True) & valid)  # padding query rows: any valid key, never NaN
-            o = F.scaled_dot_product_attention(
-                query.index_select(1, qi), repeat_kv(g["k"], self.n_rep), repeat_kv(g["v"], self.n_rep),
-                attn_mask=ok, scale=scale,
-            )
+            qg, kg, vg = query.index_select(1, qi), repeat_kv(g["k"], self.n_rep), repeat_kv(g["v"], self.n_rep)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=ok, scale=scale)
+            for r, h in enumerate(qi.tolist()):
+                if h in relu_heads:
+                    o[:, r] = relu_softmax_attention(qg[:, r : r + 1], kg[:, r : r + 1], vg[:, r : r + 1], ok[:, r : r + 1], scale)[:, 0]
+                elif h in linear_heads:  # a keep-all group: slots are in token order, queries are the last ones
+                    o[:, r] = linear_attention(qg[:, r : r + 1], kg[:, r : r + 1], vg[:, r : r + 1], scale,
+                                               k_valid=pos[:, r] >= 0)[:, 0]
             out[:, qi] = o
         return out
 

@@ -177,3 +177,24 @@ def test_native_sliding_window_is_intersected():
     no_native = model(ids).logits
     assert (got - no_native).abs().max() > 1e-4  # the native window still acts
 
+
+
+def test_mixed_operator_plan_applies_and_generates():
+    from plans.schema import LinearPattern
+
+    model = tiny_model("llama")
+    ident = identity_from_config(model.config)
+    plan = Plan(model=ident, granularity="kv_head", layers=[
+        LayerPlan(heads=[LinearPattern(), SinkWindowPattern(sink=2, alpha=8, beta=0.0, operator="relu_softmax")]),
+        LayerPlan(heads=[DensePattern(operator="relu_softmax"), SinkWindowPattern(sink=2, alpha=10, beta=0.125)]),
+    ])
+    compressor.apply(model, plan)
+    ids = torch.randint(1, 90, (1, 29))
+    dense = tiny_model("llama")(ids).logits
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.isfinite(got).all() and (got - dense).abs().max() > 1e-3
+    want = _recompute_greedy(model, ids, 8)
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         cache=PlanCache(model), pad_token_id=0)
+    assert torch.equal(gen, want)
