@@ -249,19 +249,31 @@ def profile_cmd(
     sinks: str = typer.Option("64", "--sinks", help="sink sizes the search may use"),
     allow_extrapolation: bool = typer.Option(False, "--allow-extrapolation"),
     resume: bool = typer.Option(True, "--resume/--no-resume"),
-    method: str = typer.Option("taylor", "--method", help="taylor (MoA gradients)"),
+    method: str = typer.Option("taylor", "--method", help="taylor (MoA gradients) | gates (learned per-head gates)"),
+    pair: str = typer.Option("full_vs_window", "--pair",
+                             help="gates: full_vs_window | softmax_vs_relu | softmax_vs_linear"),
+    gate_steps: int = typer.Option(100, "--gate-steps", help="gates: optimisation steps"),
+    gate_window: int = typer.Option(256, "--gate-window", help="gates: span of the cheap sink+window operator"),
 ):
     """Per-head attention influence from gradients (one backward per sample, never an N x N matrix)."""
     from compressor.models import compress_home, load_model
     from profilers.calibration import get_or_build_calibration
     from profilers.profile_run import run_profile
 
-    if method != "taylor":
-        raise CompressError(f"unknown profiling method {method!r} (available: taylor)")
+    if method not in ("taylor", "gates"):
+        raise CompressError(f"unknown profiling method {method!r} (available: taylor, gates)")
     m, tok = load_model(model)
     recipe = _recipe(str(model or "default"), lengths, samples, sources, seed)
     data = get_or_build_calibration(compress_home() / "calibration", tok, recipe,
                                     model=m if "qa" in recipe.sources else None)
+    if method == "gates":
+        from profilers.gates import run_gates
+
+        sink = int(_floats(sinks, "--sinks")[0])
+        prof = run_gates(m, data, out, pair=pair, window=(sink, gate_window), steps=gate_steps, seed=seed,
+                         block=block, model_name=str(model or "default"))
+        console.print(f"wrote gates profile {out}.safetensors / {out}.json ({pair})")
+        return
     prof = run_profile(m, data, out, block=block, sink_sizes=[int(x) for x in _floats(sinks, "--sinks")],
                        allow_extrapolation=allow_extrapolation, resume=resume, model_name=str(model or "default"))
     console.print(f"wrote {out}.safetensors / {out}.json: lengths {prof.meta.lengths}, samples {prof.meta.samples}")
@@ -367,6 +379,36 @@ def run_cmd(
 
     out_console.print(report_markdown(summary))
     console.print(f"everything is in {out}/ (report.json, report.md, plans/, model/, eval_*.png)")
+
+
+@app.command("distill")
+@user_errors
+def distill_cmd(
+    plan: Path = typer.Argument(..., help="plan.json"),
+    out: Path = typer.Option(..., "--out", help="folder for checkpoints and the distilled patched model"),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    steps: int = typer.Option(100, "--steps"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    lengths: str = typer.Option("1024", "--lengths"),
+    samples: int = typer.Option(8, "--samples"),
+    sources: str = typer.Option("austen,passkey", "--sources"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(True, "--resume/--no-resume"),
+):
+    """Optional KD fine-tuning of the non-attention weights for a plan with cheap operators (resumable)."""
+    from compressor.distill import distill
+    from compressor.models import compress_home, load_model
+    from compressor.pipeline import save_patched
+    from plans.io import load_plan
+    from profilers.calibration import get_or_build_calibration
+
+    p = load_plan(plan)
+    m, tok = load_model(model)
+    recipe = _recipe(str(model or "default"), lengths, samples, sources, seed)
+    data = get_or_build_calibration(compress_home() / "calibration", tok, recipe)
+    losses = distill(m, p, data, steps=steps, lr=lr, out_dir=out / "checkpoint", resume=resume, seed=seed)
+    save_patched(m, tok, p, out / "model")
+    console.print(f"distilled {len(losses)} steps (loss {losses[0]:.4g} -> {losses[-1]:.4g}); model in {out / 'model'}")
 
 
 # -- eval ----------------------------------------------------------------------------------------------------

@@ -53,10 +53,15 @@ def apply_to_folder(plan_path: str | Path, model: str | None, out: str | Path, *
     plan = load_plan(plan_path)
     m, tok = load_model(model, trust_remote_code=trust_remote_code)
     apply(m, plan)
+    return save_patched(m, tok, plan, out)
+
+
+def save_patched(model, tokenizer, plan: Plan, out: str | Path) -> Path:
+    """Write a patched model folder atomically: weights, tokenizer, plan.json, and a config selecting ``compress``."""
     out = Path(out)
     with atomic_path(out) as tmp:
-        m.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         save_plan(plan, tmp / "plan.json")
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())

@@ -35,3 +35,29 @@ def test_compress_run_smoke_and_resume(tiny_model_dir, tmp_path, monkeypatch):
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 0, r2.output
     assert json.loads(r2.stdout[r2.stdout.index("{"):])["stage_seconds"] == {}
+
+
+def test_cli_profile_search_and_gates_distill(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_HOME", str(tmp_path / "home"))
+    common = ["--model", str(tiny_model_dir), "--lengths", "256", "--samples", "1", "--sources", f"{DATA},passkey",
+              "--sinks", "8", "--block", "16"]
+    r = runner.invoke(app, ["profile", "--out", str(tmp_path / "prof"), *common])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["search", "--profile", str(tmp_path / "prof"), "--budget", "0.5", "--out",
+                            str(tmp_path / "s"), "--model", str(tiny_model_dir), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout[r.stdout.index("{"):])
+    assert info["status"] == "optimal" and info["density"]["256"] <= 0.5 + 1e-6
+    r = runner.invoke(app, ["search", "--profile", str(tmp_path / "prof"), "--budget", "0.01", "--out", str(tmp_path / "s2")])
+    assert r.exit_code == 2 and "infeasible" in r.output
+    r = runner.invoke(app, ["search", "--profile", str(tmp_path / "prof"), "--budget", "half", "--out", str(tmp_path / "s3")])
+    assert r.exit_code == 2
+    # gates: a profile of learned per-head gates, same file format
+    r = runner.invoke(app, ["profile", "--method", "gates", "--gate-steps", "3", "--gate-window", "32",
+                            "--out", str(tmp_path / "gates"), *common])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["distill", str(tmp_path / "s" / "plan.json"), "--model", str(tiny_model_dir), "--out",
+                            str(tmp_path / "d"), "--steps", "2", "--lengths", "256", "--samples", "1", "--sources",
+                            f"{DATA},passkey"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "d" / "model" / "plan.json").exists()
