@@ -171,14 +171,23 @@ def candidate_grid(
     *,
     block: int = 64,
     sinks: Sequence[int] = (64,),
-    grid: Literal["auto", "moa", "block"] = "auto",
+    grid: Literal["auto", "moa", "block"] | Sequence[Candidate] = "auto",
     min_candidates: int = 16,
 ) -> list[Candidate]:
-    """The grid ``search`` uses: MoA's when it is rich enough (``auto``, long profiles), else a block grid.
+    """The grid ``search`` uses: MoA's when it is rich enough (``auto``, long profiles), else a block grid;
+    or ``grid`` itself when it is a list of candidates (kept iff valid at every length with one of ``sinks``).
 
     Candidates with identical spans at every target length are merged (the first, MoA-ordered, stays).
     """
     lengths = sorted(set([*profile_lengths, *extra_lengths]))
+    if not isinstance(grid, str):  # a custom list of candidates: filter it like the built-in grids
+        cands = [c for c in grid if c.kind == "dense" or (c.sink in sinks and _valid(c, lengths))]
+        if DENSE not in cands:
+            cands = [DENSE] + cands
+        cands = dedupe_by_spans(cands, lengths)
+        if len(cands) <= 1:
+            raise CompressError(f"none of the given candidates fits lengths {lengths} with sinks {list(sinks)}")
+        return cands
     if grid not in ("auto", "moa", "block"):
         raise CompressError(f"unknown grid {grid!r}: use auto, moa or block")
     cands: list[Candidate] = []

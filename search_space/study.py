@@ -1,0 +1,302 @@
+"""The Optuna study around the MILP: it chooses what the MILP can't, the MILP makes the exact assignment.
+
+Each trial picks
+- ``granularity`` (kv_head / query_head; kv_head only for MHA models),
+- ``K`` (distinct candidates per layer) from ``Ks``,
+- ``sink`` among the profiled sink sizes,
+- a scale in ``[scale_min, 1]`` for every (budget, length): the split of the user's budget across lengths
+  (never below what the cheapest candidates reach, so every trial is feasible),
+- a weight in ``[0.1, 1]`` per profiled length for the MILP objective (when there are several),
+
+solves the MILP, and scores the plan with ``evaluate(plan) -> {"loss": float, "latency_ms": float}`` (the lead
+wires measured validation loss at an unseen longer length and measured latency). Without ``evaluate``: the
+predicted loss fraction averaged over profiled lengths, and the table latency at the latency budget's length
+(else the longest target length; without a table, the prefill density there as a relative latency, dense = 1).
+
+Two objectives (loss, latency), both minimised; a latency budget is an Optuna constraint (``latency - budget
+<= 0``). Storage: ``sqlite:///<out_dir>/optuna.db`` by default, any RDB URL via ``storage``; ``resume=True``
+continues a stored study. Writes ``pareto.csv`` (Pareto-optimal feasible trials), ``trials.csv`` (all),
+``plan.json`` (lowest loss among feasible Pareto trials), ``pareto.png`` and ``spans.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from plans.atomic import write_text_atomic
+from plans.errors import CompressError
+from plans.identity import ModelIdentity
+from plans.io import plan_from_dict
+from plans.schema import Budget, Plan
+from profilers.profile_format import Profile
+from search_space.budgets import expand_budgets, parse_budgets
+from search_space.milp import MilpResult, non_dominated
+
+
+def _native_constraints() -> bool:
+    try:
+        import optuna
+
+        return hasattr(optuna.trial.Trial, "set_constraint")
+    except ImportError:
+        return False
+
+
+_NATIVE_CONSTRAINTS = _native_constraints()
+
+
+@dataclass
+class StudyResult:
+    study: object  # optuna.Study
+    plan: Plan
+    chosen_trial: int
+    solver: MilpResult
+    problem: object  # SearchProblem of the chosen trial's (granularity, sink)
+    rows: list = field(default_factory=list)  # one dict per completed trial
+    files: dict = field(default_factory=dict)
+
+
+def default_storage(out_dir: str | Path) -> str:
+    return f"sqlite:///{Path(out_dir).resolve() / 'optuna.db'}"
+
+
+def _latency_budget(budgets: Sequence[Budget]) -> Budget | None:
+    """The latency budget the study's constraint uses: the one at the longest length (or the every-length one)."""
+    lat = [b for b in budgets if b.kind == "latency_ms"]
+    if not lat:
+        return None
+    return sorted(lat, key=lambda b: (b.length is not None, b.length or 0))[-1]
+
+
+def run_study(
+    profile: Profile | str | Path,
+    budgets,
+    *,
+    trials: int,
+    evaluate: Callable[[Plan], dict] | None = None,
+    seed: int = 0,
+    storage: str | None = None,
+    study_name: str | None = None,
+    resume: bool = False,
+    out_dir: str | Path | None = None,
+    sinks: Sequence[int] | None = None,
+    lengths: Sequence[int] | None = None,
+    latency_table=None,
+    time_limit: float = 60.0,
+    model: ModelIdentity | None = None,
+    grid: "str | Sequence[Candidate]" = "auto",
+    lower_fraction: float = 0.9,
+    solver: str = "milp",
+    Ks: Sequence[int] = (1, 2, 3, 4),
+    granularities: Sequence[str] | None = None,
+    scale_min: float = 0.5,
+    sampler: str = "tpe",
+) -> StudyResult:
+    import optuna
+
+    from search_space.plots import pareto_plot, span_heatmap
+    from search_space.search import _as_profile, build_problem, solve_problem, write_outputs
+    from search_space.costs import LatencyTable
+
+    profile = _as_profile(profile)
+    user_budgets = parse_budgets(budgets)
+    if not user_budgets:
+        raise CompressError("no budget given; e.g. --budget 0.5 or --budget density@4096=0.25")
+    if model is not None:
+        profile.meta.model.check_matches(model, "profile")
+    if isinstance(latency_table, (str, Path)):
+        latency_table = LatencyTable.load(latency_table)
+    ident = profile.meta.model
+    grans = list(granularities) if granularities else (["kv_head", "query_head"] if ident.group_size > 1 else ["kv_head"])
+    sink_choices = list(sinks) if sinks else list(profile.meta.sink_sizes)
+    if trials < 1:
+        raise CompressError(f"trials must be >= 1, got {trials}")
+
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if storage is None and out is not None:
+        storage = default_storage(out)
+    study_name = study_name or "compress-search"
+    if storage is not None and not resume:
+        try:
+            names = optuna.study.get_all_study_names(storage)
+        except Exception as e:  # unreachable database, bad URL
+            raise CompressError(f"optuna storage {storage!r} cannot be opened: {e}") from None
+        if study_name in names:
+            raise CompressError(
+                f"study {study_name!r} already exists in {storage}; pass resume=True (--resume) to continue it, "
+                "or choose another study name / output folder"
+            )
+
+    cache: dict = {}
+
+    def problem_for(gran: str, sink: int):
+        key = (gran, sink)
+        if key not in cache:
+            cache[key] = build_problem(profile, user_budgets, granularity=gran, sinks=[sink], lengths=lengths,
+                                       latency_table=latency_table, grid=grid, model=model)
+        return cache[key]
+
+    base = problem_for(grans[0], sink_choices[0])
+    pairs = [(b.kind, n) for b, n in expand_budgets(user_budgets, base.lengths)]
+    lat_b = _latency_budget(user_budgets)
+    lat_budget = None if lat_b is None else lat_b.value
+    n_max = max(base.lengths)
+    n_lat = lat_b.length if (lat_b is not None and lat_b.length) else n_max  # predicted latency is read here
+
+    # a budget may not be scaled below what the cheapest candidates reach (with every sink choice)
+    scale_lo = {}
+    for k, n in pairs:
+        need = 0.0
+        for sk in sink_choices:
+            for r in problem_for(grans[0], sk).rows(None, 0.0):
+                if r.kind == k and r.length == n:
+                    need = max(need, r.min_total() / r.upper)
+        scale_lo[(k, n)] = min(1.0, max(scale_min, need * 1.001))
+
+    def objective(trial):
+        gran = trial.suggest_categorical("granularity", grans)
+        K = trial.suggest_categorical("K", list(Ks))
+        sink = trial.suggest_categorical("sink", sink_choices)
+        scale = {(k, n): trial.suggest_float(f"scale:{k}@{n}", scale_lo[(k, n)], 1.0) for k, n in pairs}
+        weights = None
+        if len(base.profiled) > 1:
+            weights = {n: trial.suggest_float(f"weight@{n}", 0.1, 1.0) for n in base.profiled}
+        prob = problem_for(gran, sink)
+        try:
+            res = solve_problem(prob, K=K, solver=solver, time_limit=time_limit, objective_weights=weights,
+                                budget_scale=scale, lower_fraction=lower_fraction)
+        except CompressError as e:
+            trial.set_user_attr("error", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        plan = prob.plan(res.assignment, res, budgets=user_budgets)
+        plan.predicted.solver["budget_scale"] = {f"{k}@{n}": round(v, 6) for (k, n), v in scale.items()}
+        if weights:
+            plan.predicted.solver["objective_weights"] = {str(n): round(w, 6) for n, w in weights.items()}
+        if evaluate is not None:
+            m = evaluate(plan)
+            if not isinstance(m, dict) or "loss" not in m or "latency_ms" not in m:
+                raise CompressError(f"evaluate(plan) must return a dict with loss and latency_ms, got {m!r}")
+            loss, latency = float(m["loss"]), float(m["latency_ms"])
+            plan.predicted.validation = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+        else:
+            fr = [prob.loss_fraction(res.assignment, n) for n in prob.profiled]
+            loss = float(np.mean(fr))
+            latency = float(prob.latency_ms(res.assignment, n_lat)) if prob.latency_table else float(plan.density(n_lat))
+        constraint = [latency - lat_budget] if lat_budget is not None else [0.0]
+        trial.set_user_attr("constraint", constraint)
+        if lat_budget is not None and _NATIVE_CONSTRAINTS:
+            trial.set_constraint("latency", constraint[0])
+        trial.set_user_attr("plan", plan.model_dump_json())
+        trial.set_user_attr("assignment", [int(a) for a in res.assignment])
+        trial.set_user_attr("solver", res.summary())
+        trial.set_user_attr("density", {str(n): v for n, v in plan.predicted.density.items()})
+        trial.set_user_attr("kv_density", {str(n): v for n, v in plan.predicted.kv_density.items()})
+        return loss, latency
+
+    def constraints_func(ft):
+        return ft.user_attrs.get("constraint", [0.0])
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prior = 0
+    if resume and storage is not None:
+        try:
+            prior = len(optuna.load_study(study_name=study_name, storage=storage).trials)
+        except KeyError:
+            prior = 0
+    s = seed + prior  # a resumed study must not replay the first session's random draws
+    # Optuna >= 5 takes constraints from trial.set_constraint; older versions through the sampler's constraints_func
+    cf = constraints_func if (lat_budget is not None and not _NATIVE_CONSTRAINTS) else None
+    if sampler == "tpe":
+        smp = optuna.samplers.TPESampler(seed=s, constraints_func=cf)
+    elif sampler in ("nsga2", "nsgaii"):
+        smp = optuna.samplers.NSGAIISampler(seed=s, constraints_func=cf)
+    else:
+        raise CompressError(f"unknown sampler {sampler!r}: use tpe or nsga2")
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, directions=["minimize", "minimize"], sampler=smp,
+        load_if_exists=resume,
+    )
+    stored = study.user_attrs.get("budgets")
+    mine = [b.model_dump() for b in user_budgets]
+    if stored is not None and stored != mine:
+        raise CompressError(f"study {study_name!r} was run with budgets {stored}, not {mine}; use another study name")
+    study.set_user_attr("budgets", mine)
+    study.set_user_attr("model", ident.model_dump())
+    study.optimize(objective, n_trials=trials, catch=())
+
+    # ---- collect, choose, write
+    rows = []
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.COMPLETE or t.values is None:
+            continue
+        c = t.user_attrs.get("constraint", [0.0])
+        rows.append({
+            "trial": t.number, "loss": t.values[0], "latency": t.values[1],
+            "feasible": all(v <= 0 for v in c),
+            "density": t.user_attrs.get("density", {}), "kv_density": t.user_attrs.get("kv_density", {}),
+            "K": t.params.get("K"), "sink": t.params.get("sink"), "granularity": t.params.get("granularity"),
+            "solver_status": t.user_attrs.get("solver", {}).get("status"),
+        })
+    feas = [r for r in rows if r["feasible"]]
+    if not feas:
+        raise CompressError(
+            f"no trial produced a feasible plan ({len(rows)} completed of {len(study.trials)}); "
+            "raise the budgets or run more trials"
+        )
+    keep = non_dominated([[r["loss"], r["latency"]] for r in feas])
+    pareto = [feas[i] for i in keep]
+    for r in rows:
+        r["pareto"] = any(r is p for p in pareto)
+    chosen = min(pareto, key=lambda r: (r["loss"], r["latency"]))
+    for r in rows:
+        r["chosen"] = r is chosen
+    ft = study.trials[chosen["trial"]]
+    plan = plan_from_dict(json.loads(ft.user_attrs["plan"]), f"trial {ft.number}")
+    summ = ft.user_attrs.get("solver", {})
+    solver_res = MilpResult(
+        assignment=np.array(ft.user_attrs["assignment"], dtype=np.int64), status=summ.get("status", "?"),
+        objective=summ.get("objective", math.nan), mip_gap=summ.get("mip_gap"), time_s=summ.get("time_s", 0.0),
+        solver=summ.get("name", "highs-milp"),
+    )
+    prob = problem_for(chosen["granularity"], chosen["sink"])
+    files: dict = {}
+    if out is not None:
+        lengths_all = sorted({int(n) for r in rows for n in r["density"]})
+        files["pareto_csv"] = write_text_atomic(out / "pareto.csv", _csv(pareto, lengths_all))
+        files["trials_csv"] = write_text_atomic(out / "trials.csv", _csv(rows, lengths_all))
+        files.update(write_outputs(plan, out))
+        lat_label = "latency (ms)" if (evaluate is not None or latency_table is not None) else f"prefill density at N={n_lat} (relative latency)"
+        files["pareto_png"] = pareto_plot(
+            [r["loss"] for r in rows], [r["latency"] for r in rows], [i for i, r in enumerate(rows) if r["pareto"]],
+            out / "pareto.png", chosen=rows.index(chosen), feasible=[r["feasible"] for r in rows], xlabel=lat_label,
+            ylabel="validation loss" if evaluate is not None else "predicted loss fraction",
+        )
+        if storage and storage.startswith("sqlite:///"):
+            files["optuna_db"] = Path(storage[len("sqlite:///"):])
+    return StudyResult(study=study, plan=plan, chosen_trial=chosen["trial"], solver=solver_res, problem=prob,
+                       rows=rows, files=files)
+
+
+def _csv(rows: list[dict], lengths: list[int]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial", "loss", "latency", *[f"density@{n}" for n in lengths], *[f"kv_density@{n}" for n in lengths],
+                "K", "sink", "granularity", "feasible", "pareto", "chosen", "solver_status"])
+    for r in sorted(rows, key=lambda r: (r["loss"], r["latency"])):
+        w.writerow([
+            r["trial"], f"{r['loss']:.6g}", f"{r['latency']:.6g}",
+            *[r["density"].get(str(n), "") for n in lengths], *[r["kv_density"].get(str(n), "") for n in lengths],
+            r["K"], r["sink"], r["granularity"], int(r["feasible"]), int(r.get("pareto", False)),
+            int(r.get("chosen", False)), r.get("solver_status") or "",
+        ])
+    return buf.getvalue()
