@@ -299,6 +299,7 @@ def search_cmd(
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL (default: sqlite in --out)"),
     study_name: Optional[str] = typer.Option(None, "--study-name"),
     resume: bool = typer.Option(False, "--resume", help="continue the study in --storage"),
+    normalize: str = typer.Option("layer", "--normalize", help="layer (MoA --normalize_by_layer) | none"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -326,7 +327,7 @@ def search_cmd(
             evaluate = validation_evaluator(m, val)
     res = search(prof, budget, granularity=granularity, K=k, solver=solver, time_limit=time_limit, out_dir=out,
                  trials=trials, evaluate=evaluate, seed=seed, storage=storage, study_name=study_name, resume=resume,
-                 latency_table=latency_table, model=ident)
+                 latency_table=latency_table, model=ident, normalize=normalize)
     p = res.plan
     info = {"plan": str(out / "plan.json"), "status": res.solver.status, "objective": res.solver.objective,
             "mip_gap": getattr(res.solver, "mip_gap", None), "density": p.predicted.density,

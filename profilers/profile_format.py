@@ -74,6 +74,27 @@ class Profile(BaseModel):
         return masked_loss(d, sd, window, self.meta.block)
 
 
+def normalize_profile(profile: Profile, by: Literal["none", "layer"] = "layer") -> Profile:
+    """Rescale each (length, layer)'s influence to sum to 1 (MoA's ``--normalize_by_layer``).
+
+    First-order influence is small in late layers, so an unnormalised objective cuts all of them to the
+    narrowest span at once; per-layer normalisation makes the search spread the budget within each layer.
+    """
+    if by == "none":
+        return profile
+    if by != "layer":
+        raise CompressError(f"unknown normalisation {by!r} (none, layer)")
+    out = {}
+    for key, t in profile.tensors.items():
+        if key.startswith(("dist.", "sinkdist.")):
+            _, per, n = key.split(".")
+            total = profile.tensors[f"dist.{per}.{n}"].sum(dim=(1, 2)).clamp(min=1e-30)
+            out[key] = t / total.reshape((-1,) + (1,) * (t.ndim - 1))
+        else:
+            out[key] = t
+    return Profile(meta=profile.meta, tensors=out)
+
+
 def masked_loss(dist: torch.Tensor, sinkdist: torch.Tensor, window: int, block: int) -> torch.Tensor:
     """Influence at distances >= window outside the sink: sum over buckets, linear inside the boundary bucket."""
     outside = dist - sinkdist  # [..., nb]

@@ -264,15 +264,20 @@ def search(
     resume: bool = False,
     model: ModelIdentity | None = None,
     grid: "str | Sequence[Candidate]" = "auto",
+    normalize: str = "layer",
     lower_fraction: float = 0.9,
     objective_weights: dict | None = None,
 ) -> SearchResult:
     """Search a plan for ``profile`` under ``budgets`` (strings like ``"density@4096=0.5"``, Budget objects, a number).
 
+    ``normalize="layer"`` rescales each layer's influence to sum 1 before solving (see
+    :func:`profilers.profile_format.normalize_profile`); ``"none"`` uses the raw first-order influence.
     With ``trials > 0`` runs the Optuna study (see :func:`search_space.study.run_study`) and returns its chosen
     plan. With ``out_dir`` writes ``plan.json`` and ``spans.png`` there (plus the study's files).
     """
-    profile = _as_profile(profile)
+    from profilers.profile_format import normalize_profile
+
+    profile = normalize_profile(_as_profile(profile), normalize)
     if trials and trials > 0:
         from search_space.study import run_study
 

@@ -59,3 +59,20 @@ def test_dedupe_and_grid_errors():
     assert dedupe_by_spans([a, b], [256, 512]) == [a]
     with pytest.raises(CompressError, match="no sink\\+window candidate"):
         candidate_grid([64], block=64, sinks=(64,))
+
+
+def test_layer_normalisation_rescales_each_layer_to_one():
+    import torch
+
+    from plans.identity import ModelIdentity
+    from profilers.profile_format import Profile, ProfileMeta, normalize_profile
+
+    ident = ModelIdentity(model_type="llama", num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
+    d = torch.tensor([[[1.0, 3.0], [2.0, 2.0]], [[0.1, 0.1], [0.2, 0.0]]], dtype=torch.float64)
+    t = {"dist.q.128": d, "sinkdist.q.128": d[:, :, None] / 2, "dist.kv.128": d.sum(1, keepdim=True),
+         "sinkdist.kv.128": d.sum(1, keepdim=True)[:, :, None] / 2}
+    p = Profile(meta=ProfileMeta(tool_version="t", model=ident, lengths=[128], block=64), tensors=t)
+    n = normalize_profile(p)
+    assert torch.allclose(n.dist(128, "q").sum((1, 2)), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(n.sinkdist(128, "q")[1, 0, 0], torch.tensor([0.125, 0.125], dtype=torch.float64))
+    assert normalize_profile(p, "none") is p
