@@ -171,6 +171,13 @@ def evaluate_assignment(
     return losses, costs, obj
 
 
+def _distinct_candidates(loss: Mapping[int, np.ndarray], rows: Sequence[CostRow]) -> np.ndarray:
+    """Indices of the first of every set of candidates whose loss and cost columns agree for every head."""
+    M = np.vstack([np.asarray(l, dtype=np.float64) for l in loss.values()] + [r.cost for r in rows])
+    _, first = np.unique(M.T, axis=0, return_index=True)
+    return np.sort(first).astype(np.int64)
+
+
 def is_feasible(assignment, rows: Sequence[CostRow], layer_of_head=None, K=None, lower=True, tol=1e-7) -> bool:
     for r in rows:
         t = r.total(assignment)
@@ -235,6 +242,23 @@ def solve_milp(
     )
     if K is not None and K < 1:
         raise CompressError(f"K must be >= 1, got {K}")
+    # candidates with the same loss and cost for every head are interchangeable: solve over one of each (fewer
+    # variables, and no symmetric copies of every solution for the branch and bound), then map back
+    keep = _distinct_candidates(loss, rows)
+    if len(keep) < C:
+        sub = solve_milp(
+            {n: l[:, keep] for n, l in loss.items()},
+            [CostRow(**{**r.__dict__, "cost": r.cost[:, keep]}) for r in rows], None,
+            lower_fraction=lower_fraction, layer_of_head=layer_of_head, K=K,
+            time_limit=time_limit - (time.perf_counter() - t0), objective_weights=objective_weights,
+            loss_bounds=loss_bounds, mip_rel_gap=mip_rel_gap, linking=linking, relax_lower=relax_lower,
+            presolve=presolve, method=method,
+        )
+        sub.assignment = keep[sub.assignment]
+        sub.time_s = time.perf_counter() - t0
+        if sub.message.startswith("{"):
+            sub.message = json.dumps({**json.loads(sub.message), "distinct_candidates": int(len(keep))})
+        return sub
 
     if use_k and K == 1:
         return _solve_k1(loss, rows, layer_of_head, time_limit=time_limit, objective_weights=objective_weights,
@@ -751,8 +775,120 @@ def _solve_colgen(
                 _, Ts, V, caps = lay._values(S_final[lay.heads], g_final, T2[None, :])
                 add_column(li, lay._assign(0, Ts, V, caps))
 
+    # the reduced-cost filtered extended master (exact) needs additive rows and enumerated K-subsets
+    can_extend = certified and not grp_idx and all(lay.subsets is not None for lay in L) and np.isfinite(lp_val)
+    ext_info: dict = {}
+
+    def extended_master(ub: float, limit: float):
+        """The integer problem restricted to the plans that beat ``cut = ub * (1 - 0.9 * mip_rel_gap)``, exactly.
+
+        With the final duals, any assignment costs at least ``LB + sum_l excess_l`` where a layer's excess is its
+        column's reduced cost above the layer's best; a plan better than ``cut`` has every excess <= ``cut - LB``.
+        For a K-subset T the excess is T's best reduced cost plus, per head, the cost of not taking its best
+        candidate in T, so only subsets and head choices within that slack are kept: one binary per (layer,
+        subset) and one per (head, subset, candidate) left free, plus the row ``objective <= cut``. The kept
+        model holds every plan better than ``cut``, so ``min(cut, its dual bound)`` is a valid lower bound of the
+        whole problem; an infeasible model proves that ``ub`` is within 0.9 x the tolerance of the optimum.
+        Returns (assignment or None, its value, lower bound) or None when the model would be too large.
+        """
+        tl0 = time.perf_counter()
+        vals_T, ex_T, minrc = [], [], []
+        for li, lay in enumerate(L):
+            v, *_ = lay._values(S_final[lay.heads], None, lay.subsets)
+            vals_T.append(v)
+            minrc.append(float(v.min()) - pi[li])
+        lb_f = lp_val + float(np.minimum(minrc, 0.0).sum())
+        cut = ub - 0.9 * mip_rel_gap * abs(ub)
+        delta = cut - lb_f
+        if not delta > 0:
+            return None, ub, cut
+        tol = 1e-9 * max(1.0, abs(ub))
+        add_rows = [(i, rows[i].cost / ups[i]) for i in range(R)]
+        # variables: u[l, T] then free x[h, T, c]; columns of the budget rows and of the objective
+        c_obj, a_cols, kind = [], [], []  # kind: ("u", li, T, fixed choice per head) | ("x", li, T, h, c)
+        eq_rows = []  # (u index, [x indices]) one per (head, subset) with a choice left
+        conv = [[] for _ in L]
+        for li, lay in enumerate(L):
+            Sl = S_final[lay.heads]
+            keep = np.flatnonzero(vals_T[li] - pi[li] - min(minrc[li], 0.0) <= delta + tol)
+            for b in keep:
+                T = lay.subsets[b]
+                slack = delta + tol - (vals_T[li][b] - pi[li] - min(minrc[li], 0.0))
+                ST = Sl[:, T]
+                dl = ST - ST.min(1, keepdims=True)
+                allowed = dl <= slack
+                fixed = np.where(allowed.sum(1) == 1, T[ST.argmin(1)], -1)
+                hs_fixed = np.flatnonzero(fixed >= 0)
+                gh = lay.heads[hs_fixed]
+                ui = len(c_obj)
+                conv[li].append(ui)
+                c_obj.append(float(obj[gh, fixed[hs_fixed]].sum()))
+                a_cols.append(np.array([m[gh, fixed[hs_fixed]].sum() for _, m in add_rows]))
+                kind.append(("u", li, T, fixed))
+                for h in np.flatnonzero(fixed < 0):
+                    xs = []
+                    for j in np.flatnonzero(allowed[h]):
+                        g = lay.heads[h]
+                        xs.append(len(c_obj))
+                        c_obj.append(float(obj[g, T[j]]))
+                        a_cols.append(np.array([m[g, T[j]] for _, m in add_rows]))
+                        kind.append(("x", li, T, h, int(T[j])))
+                    eq_rows.append((ui, xs))
+                if len(c_obj) > 300000:
+                    return None
+        n = len(c_obj)
+        Acost = np.array(a_cols).T  # [R, n]
+        ri, ci, vv = [], [], []
+        for k, (ui, xs) in enumerate(eq_rows):  # sum_c x[h, T, c] - u[l, T] = 0
+            ri += [k] * (len(xs) + 1); ci += xs + [ui]; vv += [1.0] * len(xs) + [-1.0]
+        E = sparse.csr_matrix((vv, (ri, ci)), shape=(len(eq_rows), n))
+        Cv = sparse.csr_matrix(
+            (np.ones(sum(map(len, conv))), (np.concatenate([[li] * len(u) for li, u in enumerate(conv)]).astype(int),
+                                            np.concatenate(conv).astype(int))), shape=(nL, n))
+        A = sparse.vstack([sparse.csr_matrix(Acost), E, Cv, sparse.csr_matrix(np.array(c_obj)[None, :])], format="csr")
+        lo = np.concatenate([np.where(has_low, lows, -np.inf), np.zeros(len(eq_rows)), np.ones(nL), [-np.inf]])
+        hi = np.concatenate([np.ones(R), np.zeros(len(eq_rows)), np.ones(nL), [cut]])
+        r = milp(np.array(c_obj), integrality=np.ones(n), bounds=Bounds(0, 1), constraints=LinearConstraint(A, lo, hi),
+                 options={"time_limit": max(limit, 0.5), "mip_rel_gap": 0.9 * mip_rel_gap, "disp": False})
+        ext_info.update({"ext_vars": n, "ext_rows": int(A.shape[0]), "ext_status": int(r.status),
+                         "ext_time_s": round(time.perf_counter() - tl0, 3)})
+        dual = getattr(r, "mip_dual_bound", None)
+        bound = min(cut, float(dual)) if dual is not None and np.isfinite(dual) else lb_f
+        if r.status == 2:  # nothing beats cut
+            bound = cut
+        if r.x is None:
+            return None, ub, max(bound, lb_f)
+        x = np.round(r.x).astype(bool)
+        a = np.full(H, -1, dtype=np.int64)
+        for k in np.flatnonzero(x):
+            kd = kind[k]
+            if kd[0] == "u":
+                lay = L[kd[1]]
+                hs = np.flatnonzero(kd[3] >= 0)
+                a[lay.heads[hs]] = kd[3][hs]
+            else:
+                a[L[kd[1]].heads[kd[3]]] = kd[4]
+        if (a < 0).any():
+            return None, ub, max(bound, lb_f)
+        tot = np.array([m[np.arange(H), a].sum() for _, m in add_rows])
+        if (tot > 1 + 1e-7).any() or (tot < np.where(has_low, lows, -np.inf) - 1e-7).any():
+            return None, ub, max(bound, lb_f)
+        return a, float(obj[np.arange(H), a].sum()), max(bound, lb_f)
+
     best = None  # (value, assignment, master result)
     rounds = 0
+    ext_ub = np.inf  # incumbent value at the last extended-master attempt
+
+    def try_extended(limit: float):
+        """One extended-master attempt from the incumbent: (new incumbent or None, new lower bound, done?)."""
+        out = extended_master(best[0], limit)
+        ext_info["ext_calls"] = ext_info.get("ext_calls", 0) + 1
+        if out is None:
+            return None, lb, True
+        a_x, v_x, b_x = out
+        better = (v_x, a_x, best[2]) if a_x is not None and v_x < best[0] - 1e-12 else None
+        return better, max(lb, b_x), ext_info.get("ext_status") in (0, 2)
+
     while True:
         left = time_limit - (time.perf_counter() - t0)
         rm = master_milp(min(left, max(2.0, 0.5 * left)))
@@ -769,6 +905,14 @@ def _solve_colgen(
         gap = (best[0] - lb) / max(abs(best[0]), 1e-12) if np.isfinite(lb) else None
         if complete or (gap is not None and gap <= mip_rel_gap) or rounds >= 8:
             break
+        left = time_limit - (time.perf_counter() - t0)
+        if can_extend and best[0] < ext_ub - 1e-12 and left > 1.0:
+            # a short try per new incumbent (the model shrinks as the incumbent improves), the rest at the end
+            ext_ub = best[0]
+            better, lb, done = try_extended(max(1.0, 0.15 * left))
+            best = better or best
+            if done or (best[0] - lb) / max(abs(best[0]), 1e-12) <= mip_rel_gap:
+                break
         if time.perf_counter() - t0 > 0.7 * time_limit:
             break
         n_before = len(cols_obj)
@@ -778,9 +922,14 @@ def _solve_colgen(
         if len(cols_obj) == n_before and (rm.status != 0 or tighter == master_gap):
             break
         master_gap = tighter  # the master stopped at its own tolerance: ask it for more next round
+    if best is not None and can_extend and ext_info.get("ext_status") not in (0, 2):
+        left = time_limit - (time.perf_counter() - t0)
+        if (best[0] - lb) / max(abs(best[0]), 1e-12) > mip_rel_gap and left > 1.0:
+            better, lb, _ = try_extended(0.9 * left)  # the remaining time on the gap
+            best = better or best
     info = {"method": "colgen", "columns": len(cols_obj), "cg_iterations": iters, "cg_time_s": round(cg_time, 3),
             "master_rounds": rounds, "lp_bound": lp_val, "lagrangian_bound": lb if np.isfinite(lb) else None,
-            "bound_certified": bool(certified), "complete_master": complete}
+            "bound_certified": bool(certified), "complete_master": complete, **ext_info}
     if best is None:
         return None, ("infeasible" if rm.status == 2 else "time_limit"), None, lb, info
     val, assignment, rm = best
