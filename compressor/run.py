@@ -205,13 +205,22 @@ def run(cfg: RunConfig) -> dict:
     return summary
 
 
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def report_markdown(summary: dict) -> str:
     lines = ["# compress run report", "", f"total {summary['seconds']:.0f} s", ""]
     for task, rows in summary["eval"].items():
-        key = "ppl" if task == "ppl" else "accuracy"
-        lines += [f"## {task}", "", f"| method | N | density | {key} |", "|---|---|---|---|"]
-        for r in rows:
-            v = r.get(key)
-            lines.append(f"| {r['method']} | {r['n']} | {r['density']:.3f} | {'-' if v is None else f'{v:.3f}'} |")
+        if task == "ppl":
+            lines += [f"## {task}", "", "| method | N | density | perplexity |", "|---|---|---|---|"]
+            for r in rows:
+                lines.append(f"| {r['method']} | {r['n']} | {r['density']:.3f} | {_fmt(r.get('ppl'))} |")
+        else:
+            lines += [f"## {task}", "", "| method | N | density | accuracy | samples | answer-token perplexity |",
+                      "|---|---|---|---|---|---|"]
+            for r in rows:
+                lines.append(f"| {r['method']} | {r['n']} | {r['density']:.3f} | {_fmt(r.get('accuracy'))} | "
+                             f"{r.get('samples', '-')} | {_fmt(r.get('answer_ppl'))} |")
         lines.append("")
     return "\n".join(lines) + "\n"
