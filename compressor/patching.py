@@ -134,11 +134,10 @@ def compress_attention(module, query, key, value, attention_mask, scaling=None, 
     q_pos = k_pos[:, nk - nq :]
     n = _input_length(module, kwargs, valid, nq, nk)
     sink_eff, window = rt.sink_window(n, query.device)
-    out = None
     differentiable = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    if (nq == nk and not differentiable and bool(valid.all()) and bool((n == n[0]).all())
-            and (native is None or native >= nk)):
-        out = _fast_prefill(query, key, value, sink_eff[0], window[0], scaling)
+    out = None
+    if nq == nk and not differentiable and (native is None or native >= nk):
+        out = _fast_prefill(query, key, value, sink_eff, window, scaling, valid, n)
     span = torch.where(window >= DENSE_SPAN, DENSE_SPAN, sink_eff + window)
     if out is None:
         out = reference_attention(query, key, value, sink_eff, span, scaling, q_pos=q_pos, k_pos=k_pos, k_valid=valid,
@@ -194,17 +193,20 @@ def _input_length(module, kwargs, valid, nq, nk) -> torch.Tensor:
     return n0 if n0 is not None and n0.shape[0] == b else n
 
 
-def _fast_prefill(q, k, v, sink_eff, window, scale):
-    mode = os.environ.get("COMPRESS_ATTENTION", "auto")
-    if mode == "reference":
+def _fast_prefill(q, k, v, sink_eff, window, scale, valid, n_real):
+    """The kernel path for a prefill (no cache before it): whole batch, or sample by sample when left-padded."""
+    if os.environ.get("COMPRESS_ATTENTION", "auto") == "reference":
         return None
-    try:
-        from kernels.dispatch import sparse_attention
-    except ImportError:
-        return None
+    from kernels.dispatch import sparse_attention, sparse_attention_left_padded
+
     n = q.shape[2]
     span = torch.where(window >= DENSE_SPAN, n, sink_eff + window).clamp(max=n)
-    return sparse_attention(q, k, v, sink_eff, span, scale)
+    if bool(valid.all()) and bool((n_real == n_real[0]).all()):
+        return sparse_attention(q, k, v, sink_eff[0], span[0], scale)
+    try:
+        return sparse_attention_left_padded(q, k, v, sink_eff, span, valid, scale)
+    except ValueError:  # not left padding (e.g. right padding): the masked reference handles it
+        return None
 
 
 # -- our cache reaches the function through a forward pre-hook -------------------------------------------------

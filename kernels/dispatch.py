@@ -52,6 +52,26 @@ def sparse_attention(
     return banded_attention(q, k, v, sink, span, scale)
 
 
+def sparse_attention_left_padded(q, k, v, sink, span, k_valid, scale=None) -> torch.Tensor:
+    """A left-padded batch: each sample's real tokens (a suffix, ``k_valid`` (B, N)) go through
+    :func:`sparse_attention` with that sample's own ``sink``/``span`` (B, Hq); pad query rows are zero.
+
+    Positions are counted among real tokens, as in the reference (``reference_attention`` with positions).
+    """
+    b, _, n, _ = q.shape
+    n_real = k_valid.sum(-1)
+    if not bool((k_valid == (torch.arange(n, device=q.device)[None] >= (n - n_real)[:, None])).all()):
+        raise ValueError("sparse_attention_left_padded needs left padding (real tokens form a suffix)")
+    out = q.new_zeros(q.shape)
+    for i in range(b):
+        p = n - int(n_real[i])
+        if p == n:
+            continue
+        out[i : i + 1, :, p:] = sparse_attention(q[i : i + 1, :, p:], k[i : i + 1, :, p:], v[i : i + 1, :, p:],
+                                                 sink[i], span[i], scale)
+    return out
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

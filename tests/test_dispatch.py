@@ -82,3 +82,22 @@ def test_reference_backend_validates(monkeypatch):
     monkeypatch.setenv(dispatch.ENV, "reference")
     with pytest.raises(ValueError):
         dispatch.sparse_attention(q, k, v, sink[:2], span[:2])
+
+
+def test_left_padded_batch_equals_reference_on_real_rows():
+    import torch
+
+    from kernels.dispatch import sparse_attention_left_padded
+    from kernels.reference import reference_attention
+
+    torch.manual_seed(0)
+    b, hq, hkv, n, d = 3, 4, 2, 77, 16
+    q, k, v = torch.randn(b, hq, n, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    n_real = torch.tensor([77, 50, 9])
+    valid = torch.arange(n)[None] >= (n - n_real)[:, None]
+    pos = torch.where(valid, valid.long().cumsum(-1) - 1, -1)
+    sink = torch.tensor([[4, 0, 2, 70]] * b)
+    span = torch.stack([torch.tensor([20, 33, 5, 100]).clamp(max=int(m)) for m in n_real])
+    got = sparse_attention_left_padded(q, k, v, sink, span, valid, None)
+    ref = reference_attention(q, k, v, sink, span, None, q_pos=pos, k_pos=pos, k_valid=valid)
+    assert (got - ref)[valid[:, None, :, None].expand_as(got)].abs().max() < 1e-5
