@@ -90,7 +90,8 @@ def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_ste
         methods = {"dense": None, "plan": plan, "uniform": uni}
         res = {m: MethodResult(m, n, 1.0 if p is None else p.density(n), 1.0 if p is None else p.kv_density(n))
                for m, p in methods.items()}
-        ids = torch.randint(100, 20000, (1, n), generator=torch.Generator().manual_seed(n))
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = torch.randint(min(100, vocab // 2), vocab, (1, n), generator=torch.Generator().manual_seed(n))
         times: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
         for _ in range(repeats):
             for m, p in methods.items():

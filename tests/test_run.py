@@ -61,3 +61,19 @@ def test_cli_profile_search_and_gates_distill(tiny_model_dir, tmp_path, monkeypa
                             f"{DATA},passkey"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "d" / "model" / "plan.json").exists()
+
+
+def test_cli_bench_json_and_kernel_table(tiny_model_dir, tmp_path):
+    table = tmp_path / "table.json"
+    r = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--density", "0.3", "--lengths", "192",
+                            "--repeats", "1", "--kernel-table", str(table), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout[r.stdout.index("{"):])
+    by = {x["method"]: x for x in data["results"]}
+    assert set(by) == {"dense", "plan", "uniform"}
+    assert by["plan"]["ratios"]["kv_bytes_fraction"] < 0.6  # bounded cache after the prompt
+    assert by["dense"]["decode_step_ms"] > 0 and by["plan"]["attn_prefill_ms"] > 0
+    from search_space.costs import LatencyTable
+
+    t = LatencyTable.load(table)
+    assert t.ms(192, 64) > 0
