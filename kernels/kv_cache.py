@@ -20,6 +20,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kernels.reference import repeat_kv
 
 
+EVICT_SLACK = 32  # decode steps between compactions of a bounded group
+
+
 class PlanCacheLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
@@ -100,10 +103,10 @@ class PlanCacheLayer(CacheLayerMixin):
         for cap in sorted(set(caps)):
             idx = torch.tensor([h for h in range(hkv) if caps[h] == cap], device=keys.device)
             self.groups.append(
-                {"kv": idx, "dense": cap < 0, "k": keys.index_select(1, idx), "v": values.index_select(1, idx),
-                 "pos": pos.index_select(1, idx).contiguous()}
+                {"kv": idx, "dense": cap < 0, "cap": cap, "k": keys.index_select(1, idx),
+                 "v": values.index_select(1, idx), "pos": pos.index_select(1, idx).contiguous()}
             )
-        self.evict()
+        self.evict(force=True)
 
     def _capacities(self, dense_kv):
         hkv = dense_kv.numel()
@@ -162,12 +165,15 @@ class PlanCacheLayer(CacheLayerMixin):
             out[:, qi] = o
         return out
 
-    def evict(self):
-        """Drop slots no future query can see: not a sink and older than every window of the KV head."""
+    def evict(self, force: bool = False):
+        """Drop slots no future query can see: not a sink and older than every window of the KV head.
+
+        While decoding, a group is compacted only once it holds ``EVICT_SLACK`` slots beyond its capacity, so the
+        gather runs every EVICT_SLACK steps instead of every step (the mask already hides stale slots)."""
         sink_kv, window_kv = self._kv_limits()
         cur = (self.n_real - 1)[:, None, None]
         for g in self.groups:
-            if g["dense"]:
+            if g["dense"] or (not force and g["pos"].shape[-1] < g["cap"] + EVICT_SLACK):
                 continue
             s = sink_kv.index_select(1, g["kv"])[:, :, None]
             w = window_kv.index_select(1, g["kv"])[:, :, None]

@@ -137,14 +137,17 @@ def _recompute_greedy(model, ids, steps, am=None):
     return ids
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
-def test_generate_with_bounded_cache_equals_recompute(arch):
+@pytest.mark.parametrize("arch,slack", [("llama", 0), ("llama", 32), ("qwen2", 3), ("gpt_neox", 0)])
+def test_generate_with_bounded_cache_equals_recompute(arch, slack, monkeypatch):
+    import kernels.kv_cache
+
+    monkeypatch.setattr(kernels.kv_cache, "EVICT_SLACK", slack)  # compaction every step ... every 32 steps
     model = tiny_model(arch)
     compressor.apply(model, mixed_plan(model, seed=3))
     ids = torch.randint(1, 90, (1, 33))
-    want = _recompute_greedy(model, ids, 12)
+    want = _recompute_greedy(model, ids, 40)
     cache = PlanCache(model)
-    got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+    got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
                          cache=cache, pad_token_id=0)
     assert torch.equal(got, want)
     assert cache.nbytes() < dense_cache_bytes(model, got.shape[1] - 1)
