@@ -137,7 +137,6 @@ def main() -> None:
         t_sparse = bench(lambda: sparse_prefill(q, k, v, sink, spans))
         t_full = bench(lambda: sparse_prefill(q, k, v, sink, full))
         flops = 4 * n * n / 2 * d * HQ
-        del kr, vr
         return {
             "N": n, "D": d, "target": target, "density": round(density, 4), "ideal": round(1 / density, 2),
             "sdpa_flash_ms": round(t_dense, 3), "sparse_ms": round(t_sparse, 3), "triton_full_ms": round(t_full, 3),
@@ -168,7 +167,6 @@ def main() -> None:
         t_full = bench(lambda: sparse_decode(q, kc, vc, full_len))
         t_comp = bench(lambda: sparse_decode(q, kcc, vcc, comp_len))
         kv_frac = sum(min(s, n) for s in kv_span) / (HKV * n)
-        del kr, vr
         return {
             "N": n, "D": d, "B": b, "target": target, "kv_fraction": round(kv_frac, 4),
             "sdpa_full_ms": round(t_sdpa, 4), "triton_full_ms": round(t_full, 4), "triton_compressed_ms": round(t_comp, 4),

@@ -21,17 +21,13 @@ from transformers.masking_utils import AttentionMaskInterface
 from kernels.kv_cache import PlanCache, PlanCacheLayer
 from kernels.reference import reference_attention
 from plans.errors import CompressError
-from plans.identity import identity_from_config, text_config
+from plans.identity import identity_from_config
 from plans.io import plan_from_dict
 from plans.schema import DensePattern, Plan
 from plans.span import DENSE_SPAN
+from profilers.profile_run import check_model_supported
 
 ATTN_NAME = "compress"
-# model types verified to route through AttentionInterface (tests cover Llama, Qwen2, Mistral, GPT-NeoX)
-SUPPORTED_MODEL_TYPES = {
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2", "opt",
-    "smollm3", "olmo", "olmo2", "granite", "starcoder2", "cohere",
-}
 
 
 def text_geometry(config) -> tuple[int, int, int]:
@@ -249,18 +245,9 @@ def install_cache_hooks(model) -> None:
 
 
 # -- apply ---------------------------------------------------------------------------------------------------
-def check_supported(model) -> None:
-    mt = text_config(model.config).model_type
-    if mt not in SUPPORTED_MODEL_TYPES or not type(model)._can_set_attn_implementation():
-        raise CompressError(
-            f"model_type {mt!r} does not route attention through transformers' AttentionInterface; "
-            f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
-
-
 def apply(model, plan: Plan):
     """Patch ``model`` in place to run ``plan``; returns the model."""
-    check_supported(model)
+    check_model_supported(model, "patched")
     ident = identity_from_config(model.config)
     plan.model.check_matches(ident, "the plan")
     model.config.compress_plan = plan.model_dump(mode="json")

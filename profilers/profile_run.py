@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import inspect
 import json
 import time
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from plans.atomic import atomic_path, write_text_atomic
 from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
+from plans.schema import tool_version
 from profilers.profile_format import Profile, ProfileMeta, save_profile
 from profilers.samples import Sample
 from profilers.taylor import (
@@ -51,25 +51,22 @@ def partial_paths(out_stem: str | Path) -> tuple[Path, Path]:
     return Path(s + ".partial.safetensors"), Path(s + ".partial.json")
 
 
-def tool_version() -> str:
-    try:
-        return importlib.metadata.version("attention-compressor")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 # --------------------------------------------------------------------------------------------------------------
 # model checks and state
 
 
-def check_model_supported(model) -> str:
-    """Raise CompressError unless the model routes attention through transformers' AttentionInterface."""
+def check_model_supported(model, purpose: str = "profiled") -> str:
+    """Raise CompressError unless the model routes attention through transformers' AttentionInterface
+    (the library's own test, ``_can_set_attn_implementation``); returns the model type."""
     mt = getattr(text_config(model.config), "model_type", None) or getattr(model.config, "model_type", "?")
     can = getattr(model, "_can_set_attn_implementation", None)
     if can is None or not can():
         raise CompressError(
             f"model type {mt!r} ({type(model).__name__}) does not route attention through transformers' "
-            "AttentionInterface, so it cannot be profiled (supported: Llama, Mistral, Qwen2/3, Gemma, Phi3, GPT-NeoX, ...)"
+            f"AttentionInterface, so it cannot be {purpose} (supported: Llama, Mistral, Qwen2/3, Gemma, Phi3, GPT-NeoX, "
+            "GPT-2, OPT, ...)"
         )
     return mt
 

@@ -792,7 +792,7 @@ def _solve_colgen(
         Returns (assignment or None, its value, lower bound) or None when the model would be too large.
         """
         tl0 = time.perf_counter()
-        vals_T, ex_T, minrc = [], [], []
+        vals_T, minrc = [], []
         for li, lay in enumerate(L):
             v, *_ = lay._values(S_final[lay.heads], None, lay.subsets)
             vals_T.append(v)

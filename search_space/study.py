@@ -38,6 +38,7 @@ from plans.io import plan_from_dict
 from plans.schema import Budget, Plan
 from profilers.profile_format import Profile
 from search_space.budgets import expand_budgets, parse_budgets
+from search_space.candidates import Candidate
 from search_space.milp import MilpResult, non_dominated
 
 
@@ -102,7 +103,7 @@ def run_study(
 ) -> StudyResult:
     import optuna
 
-    from search_space.plots import pareto_plot, span_heatmap
+    from search_space.plots import pareto_plot
     from search_space.search import _as_profile, build_problem, solve_problem, write_outputs
     from search_space.costs import LatencyTable
 

@@ -139,3 +139,12 @@ def test_cli_apply_round_trip_and_bad_inputs(model_dir, tmp_path):
     assert r.exit_code == 2 and "layers" in r.output and not out.exists()
     r = runner.invoke(app, ["apply", str(plan), "--model", str(tmp_path / "nope"), "--out", str(out)])
     assert r.exit_code == 2 and "not found" in r.output and not out.exists()
+
+
+def test_model_outside_attention_interface_is_refused():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    m = FalconForCausalLM(FalconConfig(vocab_size=50, hidden_size=32, num_attention_heads=4, num_hidden_layers=1))
+    plan = uniform_plan(identity_from_config(m.config), 8)
+    with pytest.raises(CompressError, match="falcon"):
+        compressor.apply(m, plan)

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from plans.errors import CompressError
 from plans.span import decode_density, prefill_density
