@@ -141,8 +141,10 @@ def compress_attention(module, query, key, value, attention_mask, scaling=None, 
     if rt.relu_heads or rt.linear_heads:
         out = _other_operators(rt, out, query, key, value, scaling, q_pos, k_pos, valid, sink_eff, span, native)
     if cache_layer is not None:  # prefill into our bounded cache
-        dense_kv = rt.keep_all_q.view(-1, hq // key.shape[1]).any(-1)
-        cache_layer.store(key, value, k_pos, sink_eff, window, dense_kv)
+        n_rep = hq // key.shape[1]
+        dense_kv = rt.keep_all_q.view(-1, n_rep).any(-1)
+        linear_kv = torch.tensor([op == "linear" for op in rt.operators]).view(-1, n_rep).all(-1)
+        cache_layer.store(key, value, k_pos, sink_eff, window, dense_kv, linear_kv)
     return out.transpose(1, 2).contiguous(), None
 
 

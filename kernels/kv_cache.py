@@ -62,10 +62,15 @@ class PlanCacheLayer(CacheLayerMixin):
         return bool(self.groups)
 
     def nbytes(self) -> int:
-        return sum(g["k"].nbytes + g["v"].nbytes for g in self.groups)
+        return sum(g["state"].nbytes() if "state" in g else g["k"].nbytes + g["v"].nbytes for g in self.groups)
 
     def _index_batch(self, fn):
+        from kernels.operators import LinearState
+
         for g in self.groups:
+            if "state" in g:
+                g["state"] = LinearState(fn(g["state"].S), fn(g["state"].count))
+                continue
             for key in ("k", "v", "pos"):
                 g[key] = fn(g[key])
         for name in ("n_real", "sink_q", "window_q"):
@@ -89,18 +94,27 @@ class PlanCacheLayer(CacheLayerMixin):
         raise NotImplementedError("a bounded per-head cache cannot be cropped (evicted tokens are gone)")
 
     # -- policy hooks used by the attention function ---------------------------------------------------
-    def store(self, keys, values, k_pos, sink_q, window_q, dense_kv: torch.Tensor):
+    def store(self, keys, values, k_pos, sink_q, window_q, dense_kv: torch.Tensor, linear_kv: torch.Tensor | None = None):
         """Keep the prefill's keys/values: (B, Hkv, N, D), real positions k_pos (B, N) (-1 = pad).
 
-        sink_q/window_q (B, Hq) per query head; dense_kv (Hkv,) bool marks KV heads that never evict.
+        sink_q/window_q (B, Hq) per query head; dense_kv (Hkv,) bool marks KV heads that never evict;
+        linear_kv (Hkv,) bool marks KV heads whose query heads are all linear: they keep only a D x D state.
         """
+        from kernels.operators import LinearState
+
         b, hkv = keys.shape[:2]
         self.sink_q, self.window_q = sink_q, window_q
         self.n_real = (k_pos >= 0).sum(-1)
         pos = k_pos[:, None, :].expand(b, hkv, -1)
         caps = self._capacities(dense_kv)
         self.groups = []
-        for cap in sorted(set(caps)):
+        if linear_kv is not None and bool(linear_kv.any()):
+            idx = linear_kv.nonzero().flatten().to(keys.device)
+            self.groups.append({"kv": idx, "dense": True, "linear": True,
+                                "state": LinearState.from_prefill(keys.index_select(1, idx), values.index_select(1, idx),
+                                                                  k_pos >= 0)})
+            caps = [None if bool(linear_kv[h]) else c for h, c in enumerate(caps)]
+        for cap in sorted({c for c in caps if c is not None}):
             idx = torch.tensor([h for h in range(hkv) if caps[h] == cap], device=keys.device)
             self.groups.append(
                 {"kv": idx, "dense": cap < 0, "cap": cap, "k": keys.index_select(1, idx),
@@ -127,6 +141,9 @@ class PlanCacheLayer(CacheLayerMixin):
         self.n_real = self.n_real + (new_pos >= 0).sum(-1)
         for g in self.groups:
             idx = g["kv"]
+            if "state" in g:  # consumed by attend()
+                g["new"] = (keys.index_select(1, idx), values.index_select(1, idx), new_pos >= 0)
+                continue
             g["k"] = torch.cat([g["k"], keys.index_select(1, idx)], dim=2)
             g["v"] = torch.cat([g["v"], values.index_select(1, idx)], dim=2)
             p = new_pos[:, None, :].expand(-1, idx.numel(), -1)
@@ -138,12 +155,18 @@ class PlanCacheLayer(CacheLayerMixin):
         ``relu_heads`` use relu-softmax over the same slots; ``linear_heads`` (their KV heads keep every token)
         use causal linear attention over all kept slots.
         """
-        from kernels.operators import linear_attention, relu_softmax_attention
+        from kernels.operators import linear_attention, linear_decode_step, relu_softmax_attention
 
         out = torch.empty_like(query)
         relu_heads, linear_heads = set(relu_heads), set(linear_heads)
         for g in self.groups:
             qi = (g["kv"][:, None] * self.n_rep + torch.arange(self.n_rep, device=query.device)).flatten()
+            if "state" in g:
+                k_new, v_new, valid_new = g.pop("new")
+                o, g["state"] = linear_decode_step(g["state"], query.index_select(1, qi), k_new, v_new, scale,
+                                                   k_valid=valid_new)
+                out[:, qi] = o.to(out.dtype)
+                continue
             pos = g["pos"].repeat_interleave(self.n_rep, dim=1)  # (B, Hqg, L)
             sink = self.sink_q.index_select(1, qi)[:, :, None, None]
             window = self.window_q.index_select(1, qi)[:, :, None, None]

@@ -200,6 +200,10 @@ def test_mixed_operator_plan_applies_and_generates():
         got = model(ids).logits
     assert torch.isfinite(got).all() and (got - dense).abs().max() > 1e-3
     want = _recompute_greedy(model, ids, 8)
+    cache = PlanCache(model)
     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                         cache=PlanCache(model), pad_token_id=0)
+                         cache=cache, pad_token_id=0)
     assert torch.equal(gen, want)
+    # the all-linear KV head of layer 0 holds a D x D state, not its tokens
+    linear_group = [g for g in cache.layers[0].groups if "state" in g]
+    assert len(linear_group) == 1 and linear_group[0]["state"].S.shape[-2:] == (16, 16)
