@@ -505,7 +505,10 @@ def bench_cmd(
     if kernel_table:
         from search_space.costs import measure_latency_table
 
+        from search_space.operators import measure_operator_costs
+
         table = measure_latency_table(lengths=ls, head_dim=p.model.head_dim)
+        table.operators = measure_operator_costs(lengths=ls, head_dim=p.model.head_dim)
         write_text_atomic(kernel_table, table.model_dump_json(indent=2))
         console.print(f"wrote latency table {kernel_table}")
     prog, tick = _progress_bar(len(ls) * repeats * 3, "bench")

@@ -64,6 +64,9 @@ class LatencyTable(BaseModel):
     head_dim: int
     kernel: str = "unknown"
     entries: dict[int, dict[int, float]]
+    operators: dict[str, dict[int, float]] = Field(
+        default_factory=dict, description="ms of one query head per operator (softmax, sink_window, relu_softmax, "
+                                          "linear) per N, from search_space.operators.measure_operator_costs")
     meta: dict = Field(default_factory=dict)
 
     @field_validator("entries")

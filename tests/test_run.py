@@ -77,3 +77,5 @@ def test_cli_bench_json_and_kernel_table(tiny_model_dir, tmp_path):
 
     t = LatencyTable.load(table)
     assert t.ms(192, 64) > 0
+    assert set(t.operators) >= {"softmax", "sink_window", "relu_softmax", "linear"}  # cost entries per operator
+    assert all(t.operators[op][192] > 0 for op in t.operators)
