@@ -353,7 +353,7 @@ def run_cmd(
     validate_length: int = typer.Option(3072, "--validate-length"),
     eval_lengths: str = typer.Option("2048,4096", "--eval-lengths"),
     budget: list[str] = typer.Option(["0.5", "0.25"], "--budget", help="one search per budget"),
-    samples: int = typer.Option(2, "--samples", help="calibration samples per profiled length"),
+    samples: int = typer.Option(3, "--samples", help="calibration samples per profiled length"),
     trials: int = typer.Option(4, "--trials", help="Optuna trials per budget"),
     eval_tasks: str = typer.Option("passkey,ppl", "--eval-tasks"),
     eval_depths: str = typer.Option("0.25,0.75", "--eval-depths"),

@@ -43,7 +43,7 @@ class RunConfig:
     eval_lengths: list[int] = field(default_factory=lambda: [2048, 4096])
     budgets: list[str] = field(default_factory=lambda: ["0.5", "0.25"])
     sources: list[str] = field(default_factory=lambda: ["austen", "passkey", "qa"])
-    samples: int = 2
+    samples: int = 3  # austen, passkey, qa: one of each source
     val_samples: int = 1
     trials: int = 4
     K: int = 2
