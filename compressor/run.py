@@ -43,14 +43,14 @@ class RunConfig:
     eval_lengths: list[int] = field(default_factory=lambda: [2048, 4096])
     budgets: list[str] = field(default_factory=lambda: ["0.5", "0.25"])
     sources: list[str] = field(default_factory=lambda: ["austen", "passkey", "qa"])
-    samples: int = 3  # austen, passkey, qa: one of each source
+    samples: int = 6  # austen, passkey, qa cycled: two of each source
     val_samples: int = 1
     trials: int = 4
     K: int = 2
     sinks: list[int] = field(default_factory=lambda: [64])
     block: int = 64
     eval_tasks: list[str] = field(default_factory=lambda: ["passkey", "ppl"])
-    eval_depths: list[float] = field(default_factory=lambda: [0.25, 0.75])
+    eval_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     eval_samples: int = 1
     corpus: str = "austen"
     seed: int = 0
