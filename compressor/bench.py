@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from plans.schema import Plan, span_for_density, uniform_plan
-from plans.span import DENSE_SPAN
+from plans.schema import Plan
 
 
 @dataclass
@@ -83,11 +82,12 @@ def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_ste
     from compressor.patching import apply, unapply
     from kernels.kv_cache import PlanCache, dense_cache_bytes
 
+    from compressor.evaluation import method_plans
+
     ident = plan.model
     results: list[MethodResult] = []
     for n in lengths:
-        uni = uniform_plan(ident, span_for_density(plan.density(n), n), sink=_common_sink(plan), lengths=[n])
-        methods = {"dense": None, "plan": plan, "uniform": uni}
+        methods = method_plans({"plan": plan}, n)  # dense, the plan, uniform at the plan's density
         res = {m: MethodResult(m, n, 1.0 if p is None else p.density(n), 1.0 if p is None else p.kv_density(n))
                for m, p in methods.items()}
         vocab = model.get_input_embeddings().num_embeddings
@@ -149,13 +149,8 @@ def _set(model, plan, apply, unapply):
         apply(model, plan)
 
 
-def _common_sink(plan: Plan) -> int:
-    sinks = [p.sink_tokens for layer in plan.layers for p in layer.heads if p.sink_tokens]
-    return max(set(sinks), key=sinks.count) if sinks else 64
-
-
 def results_as_dicts(results: list[MethodResult]) -> list[dict]:
     return [asdict(r) for r in results]
 
 
-__all__ = ["bench", "MethodResult", "results_as_dicts", "DENSE_SPAN"]
+__all__ = ["bench", "MethodResult", "results_as_dicts"]

@@ -24,7 +24,7 @@ from plans.errors import CompressError
 from plans.identity import identity_from_config
 from plans.io import plan_from_dict
 from plans.schema import DensePattern, Plan
-from plans.span import DENSE_SPAN
+from plans.span import DENSE_SPAN, split_span_tensor
 from profilers.profile_run import check_model_supported
 
 ATTN_NAME = "compress"
@@ -78,9 +78,7 @@ class _LayerRuntime:
         """(sink_eff, window) as (B, Hq) for per-sample input lengths n (B,)."""
         spans = torch.stack([self.spans(int(x)) for x in n.tolist()]).to(device)
         spans = torch.minimum(spans, n.to(device)[:, None].clamp(min=1))
-        sinks = self.sinks.to(device).expand_as(spans)
-        sink_eff = torch.minimum(sinks, spans - 1).clamp(min=0)
-        window = spans - sink_eff
+        sink_eff, window = split_span_tensor(self.sinks.to(device).expand_as(spans), spans)
         dense = self.dense_q.to(device).expand_as(spans)
         return torch.where(dense, 0, sink_eff), torch.where(dense, DENSE_SPAN, window)
 

@@ -24,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from plans.span import split_span_tensor
+
 SMALL_N = 128  # below this length one masked SDPA call over all heads is faster than the composition
 BQ_SMALL = 32  # query block for windows < BQ_SWITCH (the CPU flash kernel's q tile is 32 below 192 rows)
 BQ_LARGE = 64  # query block for windows in [BQ_SWITCH, CHUNK_SWITCH)
@@ -68,9 +70,8 @@ def check_prefill_args(q, k, v, sink, span) -> tuple[int, int, int, int, int]:
 
 def head_pattern(sink: torch.Tensor, span: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head (sink_eff, window) as int64 tensors; full heads (span >= n) become (0, n)."""
-    span = span.to(torch.int64).clamp(min=1)
-    sink_eff = torch.minimum(sink.to(torch.int64), span - 1).clamp(min=0)
-    window = span - sink_eff
+    span = span.to(torch.int64)
+    sink_eff, window = split_span_tensor(sink.to(torch.int64), span)
     full = span >= n
     return torch.where(full, 0, sink_eff), torch.where(full, max(n, 1), window)
 

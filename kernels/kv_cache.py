@@ -228,12 +228,8 @@ class PlanCache(Cache):
 
 def dense_cache_bytes(model, seq_len: int, batch: int = 1, dtype=None) -> int:
     """Bytes a DynamicCache would hold for ``seq_len`` tokens (K and V, every layer, every KV head)."""
-    from compressor.patching import text_geometry
+    from plans.identity import identity_from_config
 
-    layers, hq, hkv = text_geometry(model.config)
-    p = next(model.parameters())
-    dt = dtype or p.dtype
-    head_dim = getattr(model.config.get_text_config(decoder=True), "head_dim", None) or (
-        model.config.get_text_config(decoder=True).hidden_size // hq
-    )
-    return 2 * layers * batch * hkv * seq_len * head_dim * torch.empty((), dtype=dt).element_size()
+    ident = identity_from_config(model.config)
+    dt = dtype or next(model.parameters()).dtype
+    return 2 * ident.num_layers * batch * ident.num_kv_heads * seq_len * ident.head_dim * torch.empty((), dtype=dt).element_size()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from plans.span import visibility_mask
+from plans.span import split_span_tensor, visibility_mask
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -35,9 +35,8 @@ def pattern_mask(
     b = q_pos.shape[0]
     sink = sink.expand(b, -1) if sink.ndim == 1 else sink
     span = span.expand(b, -1) if span.ndim == 1 else span
-    span = span.clamp(min=1)
-    sink_eff = torch.minimum(sink, span - 1).clamp(min=0)[:, :, None, None]
-    window = span[:, :, None, None] - sink_eff
+    sink_eff, window = split_span_tensor(sink, span)
+    sink_eff, window = sink_eff[:, :, None, None], window[:, :, None, None]
     d = q_pos[:, None, :, None] - k_pos[:, None, None, :]
     kp = k_pos[:, None, None, :]
     ok = (d >= 0) & k_valid[:, None, None, :] & ((kp < sink_eff) | (d < window))

@@ -55,6 +55,13 @@ def split_span(span: int, sink: int) -> tuple[int, int]:
     return sink_eff, span - sink_eff
 
 
+def split_span_tensor(sink: torch.Tensor, span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_span` on integer tensors of any (broadcastable) shape."""
+    span = span.clamp(min=1)
+    sink_eff = torch.minimum(sink, span - 1).clamp(min=0)
+    return sink_eff, span - sink_eff
+
+
 def visible(i, j, sink: int, span: int):
     """Whether query i sees key j (works on ints and broadcasting tensors)."""
     sink_eff, window = split_span(span, sink)
@@ -85,7 +92,6 @@ def visibility_mask(n_q: int, n_k: int, sink: torch.Tensor, span: torch.Tensor, 
     off = n_k - n_q if q_offset is None else q_offset
     i = torch.arange(off, off + n_q, device=span.device)[:, None]
     j = torch.arange(n_k, device=span.device)[None, :]
-    span = span.clamp(min=1)
-    sink_eff = torch.minimum(sink, span - 1).clamp(min=0)[..., None, None]
-    window = span[..., None, None] - sink_eff
+    sink_eff, window = split_span_tensor(sink, span)
+    sink_eff, window = sink_eff[..., None, None], window[..., None, None]
     return (j <= i) & ((j < sink_eff) | (i - j < window))

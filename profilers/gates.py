@@ -62,7 +62,7 @@ from plans.errors import CompressError
 from plans.identity import identity_from_config
 from plans.span import visibility_mask
 from profilers.profile_format import Profile, ProfileMeta, save_profile
-from profilers.profile_run import check_model_supported, tool_version
+from profilers.profile_run import check_model_supported, frozen_attention_mode, tool_version
 from profilers.samples import Sample
 
 GATES_ATTN = "compress_gates"
@@ -183,36 +183,20 @@ def register_gates_attention() -> str:
 @contextlib.contextmanager
 def gates_mode(model, controller: GateController):
     """Switch to the gates attention, eval mode, frozen weights, controller attached; restore everything after."""
-    mt = check_model_supported(model)
     register_gates_attention()
-    orig_impl = model.config._attn_implementation
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     marked = []
-    try:
+    with frozen_attention_mode(model, GATES_ATTN, "gates") as mt:
         try:
-            model.set_attn_implementation(GATES_ATTN)
-        except Exception as e:  # noqa: BLE001
-            raise CompressError(f"model type {mt!r}: cannot switch to the gates attention: {e}") from None
-        if model.config._attn_implementation != GATES_ATTN:
-            raise CompressError(f"model type {mt!r}: the attention implementation cannot be switched")
-        model.eval()
-        model.requires_grad_(False)
-        for m in model.modules():
-            if hasattr(m, "layer_idx") and "Attention" in type(m).__name__:
-                m.__dict__[CONTROLLER_ATTR] = controller  # not setattr: keep it out of the module tree
-                marked.append(m)
-        if not marked:
-            raise CompressError(f"model type {mt!r}: no attention modules with a layer_idx found")
-        yield
-    finally:
-        for m in marked:
-            m.__dict__.pop(CONTROLLER_ATTR, None)
-        for p, f in flags:
-            p.requires_grad_(f)
-        model.train(was_training)
-        if model.config._attn_implementation != orig_impl:
-            model.set_attn_implementation(orig_impl)
+            for m in model.modules():
+                if hasattr(m, "layer_idx") and "Attention" in type(m).__name__:
+                    m.__dict__[CONTROLLER_ATTR] = controller  # not setattr: keep it out of the module tree
+                    marked.append(m)
+            if not marked:
+                raise CompressError(f"model type {mt!r}: no attention modules with a layer_idx found")
+            yield
+        finally:
+            for m in marked:
+                m.__dict__.pop(CONTROLLER_ATTR, None)
 
 
 # --------------------------------------------------------------------------------------------------------------

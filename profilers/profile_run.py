@@ -72,31 +72,41 @@ def check_model_supported(model, purpose: str = "profiled") -> str:
 
 
 @contextlib.contextmanager
-def profiling_mode(model, collector: InfluenceCollector):
-    """Switch the model to the profiling attention, eval mode and frozen parameters; restore everything after."""
+def frozen_attention_mode(model, impl: str, what: str):
+    """Switch the model to the registered attention ``impl``, eval mode and frozen parameters; restore the
+    implementation, training mode and requires_grad flags afterwards. Yields the model type."""
     mt = check_model_supported(model)
-    register_profile_attention()
     orig_impl = model.config._attn_implementation
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         try:
-            model.set_attn_implementation(PROFILE_ATTN)
+            model.set_attn_implementation(impl)
         except Exception as e:  # noqa: BLE001 -- transformers raises ValueError/KeyError/... here
-            raise CompressError(f"model type {mt!r}: cannot switch to the profiling attention: {e}") from None
-        if model.config._attn_implementation != PROFILE_ATTN:
-            raise CompressError(f"model type {mt!r}: the attention implementation cannot be switched, so it cannot be profiled")
+            raise CompressError(f"model type {mt!r}: cannot switch to the {what} attention: {e}") from None
+        if model.config._attn_implementation != impl:
+            raise CompressError(f"model type {mt!r}: the attention implementation cannot be switched to the {what} one")
         model.eval()
         model.requires_grad_(False)
-        collector.attach(model)
-        yield
+        yield mt
     finally:
-        collector.detach()
         for p, f in flags:
             p.requires_grad_(f)
         model.train(was_training)
         if model.config._attn_implementation != orig_impl:
             model.set_attn_implementation(orig_impl)
+
+
+@contextlib.contextmanager
+def profiling_mode(model, collector: InfluenceCollector):
+    """Switch the model to the profiling attention, eval mode and frozen parameters; restore everything after."""
+    register_profile_attention()
+    with frozen_attention_mode(model, PROFILE_ATTN, "profiling"):
+        collector.attach(model)
+        try:
+            yield
+        finally:
+            collector.detach()
 
 
 def _accepts_logits_to_keep(model) -> bool:
