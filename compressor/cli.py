@@ -431,15 +431,15 @@ def eval_cmd(
     from compressor.evaluation import count_work, evaluate, heatmap_png
     from compressor.models import load_model
     from plans.atomic import write_text_atomic
+    from plans.identity import identity_from_config
     from plans.io import load_plan
 
     plans = {p.stem: load_plan(p) for p in plan}
     ls, ds = _lengths(lengths), _floats(depths, "--depths")
     m, tok = load_model(model)
+    ident = identity_from_config(m.config)
     for name, p in plans.items():
-        from plans.identity import identity_from_config
-
-        p.model.check_matches(identity_from_config(m.config), f"plan {name}")
+        p.model.check_matches(ident, f"plan {name}")
     haystack = _heldout_corpus(corpus, seed) if task in ("passkey", "ppl") else None
     prog, tick = _progress_bar(count_work(task, ls, ds, samples, len(plans)), f"eval {task}")
     with prog:
