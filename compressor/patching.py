@@ -5,18 +5,21 @@ switches the attention implementation to ``"compress"``; a saved folder reloads 
 ``AutoModelForCausalLM.from_pretrained(dir)`` once ``compressor`` is imported (it registers the function).
 
 The attention function receives RoPE'd ``q`` (B, Hq, q, D), un-repeated ``k``/``v`` (B, Hkv, kv, D) and the
-key-validity mask built by our mask builder, and returns (B, q, Hq, D). Spans are evaluated at the input
-length N of each sequence (real tokens, pads excluded), fixed at the prefill length while decoding.
+key layout built by our mask builder (real positions of queries and keys, :class:`KeyLayout`), and returns
+(B, q, Hq, D). Spans are ``S = span(N0 + length_offset)`` for each sequence's prompt length N0 (real tokens of
+its first forward), never capped by N0 and fixed while decoding (:mod:`plans.span`); N0 lives on the sequence's
+cache (:class:`SequenceState`) or comes with the call (``compress_n0=``), never on a module.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kernels.kv_cache import PlanCache, PlanCacheLayer
 from kernels.reference import reference_attention
@@ -36,28 +39,129 @@ def text_geometry(config) -> tuple[int, int, int]:
     return ident.num_layers, ident.num_heads, ident.num_kv_heads
 
 
-# -- the mask builder: key validity only -------------------------------------------------------------------
-def key_validity_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, attention_mask=None, **kw):
-    """Registered in AttentionMaskInterface: returns (B, 1, 1, kv) bool key validity, or None without padding.
+# -- where each query and key of a call sits: built once per forward by the mask builder ---------------------
+@dataclass(frozen=True)
+class KeyLayout:
+    """Real positions of one attention call's queries and key slots (per sample), from the mask builder.
+
+    q_pos (B, q) and k_pos (B, kv): positions among the sequence's real tokens (pads excluded), -1 for a pad
+    or a slot not written yet (static caches); ``q_start``: absolute index of the first query in its sequence
+    (0 = this call starts the sequence); ``written``: key slots holding tokens (the rest are empty cache slots);
+    ``allowed`` (B, 1, q, kv) bool or None: a mask the caller adds on top of causality (packed sequences,
+    modality overlays), materialised only in those cases, intersected with the plan.
+    """
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    q_start: int
+    written: int
+    allowed: torch.Tensor | None = None
+
+
+def key_layout_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, attention_mask=None,
+                    mask_function=None, allow_is_causal_skip=True, **kw):
+    """Registered in AttentionMaskInterface: key validity (B, 1, 1, kv) bool carrying a :class:`KeyLayout` as
+    ``.compress_layout``, or None for a plain causal call (no padding, every key slot written, no offsets).
 
     The pattern itself (causal, sink, windows, a native sliding window) is applied by the attention function
-    from real positions, so the HF mask only needs to say which keys are pads.
+    from real positions, so no (q, kv) mask is built except where HF adds a mask function of its own (packed
+    sequences, modality overlays, compiled decode), which is materialised as stock sdpa would and intersected.
     """
+    q_offset, kv_offset = int(q_offset), int(kv_offset)
+    total = q_offset + q_length  # tokens in the sequence once this call is done (pads included)
+    am = None if attention_mask is None else attention_mask.to(torch.bool)
+    plain = (am is None or bool(am[:, :total].all())) and kv_offset == 0 and kv_length == total
+    if plain and allow_is_causal_skip:
+        return None
+    device = kw.get("device") or (am.device if am is not None else None)
+    if am is None:
+        am = torch.ones(batch_size, total, dtype=torch.bool, device=device)
+    elif am.shape[-1] < total:  # HF may pass the 2D mask shorter than the sequence: the rest is real
+        am = torch.cat([am, am.new_ones(am.shape[0], total - am.shape[-1])], dim=-1)
+    am = am[:, :total].expand(batch_size, total)
+    pos = torch.where(am, am.long().cumsum(-1) - 1, -1)
+    written = max(0, min(kv_length, total - kv_offset))
+    k_pos = torch.full((batch_size, kv_length), -1, dtype=torch.long, device=am.device)
+    k_pos[:, :written] = pos[:, kv_offset : kv_offset + written]
+    allowed = None
+    if not allow_is_causal_skip:  # a mask function beyond causal + padding: let HF evaluate it
+        allowed = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                            allow_is_causal_skip=False, **{k: v for k, v in kw.items() if k in ("device", "use_vmap")})
+    out = (k_pos >= 0)[:, None, None, :]
+    out.compress_layout = KeyLayout(q_pos=pos[:, q_offset:total], k_pos=k_pos, q_start=q_offset, written=written,
+                                    allowed=allowed)
+    return out
+
+
+def call_layout(attention_mask, query, key, position_ids=None) -> KeyLayout:
+    """The :class:`KeyLayout` of one call: from our mask builder, a plain causal call, or a caller's 4D mask.
+
+    A 4D mask given by the caller (bool, or additive float) is intersected with the plan; its positions are the
+    call's ``position_ids`` when queries and keys are the same tokens (packed documents then keep their own
+    sinks), else the slot indices.
+    """
+    b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
+    layout = getattr(attention_mask, "compress_layout", None)
+    if layout is not None:
+        return layout
+    dev = query.device
     if attention_mask is None:
-        return None
-    am = attention_mask.to(torch.bool)
-    if kv_length is not None:
-        am = am[:, kv_offset : kv_offset + kv_length]
-        if am.shape[-1] < kv_length:  # HF may pass the 2D mask shorter than kv_length: the rest is real
-            am = torch.cat([am, am.new_ones(am.shape[0], kv_length - am.shape[-1])], dim=-1)
-    if bool(am.all()):
-        return None
-    return am[:, None, None, :]
+        k_pos = torch.arange(nk, device=dev).expand(b, nk)
+        return KeyLayout(q_pos=k_pos[:, nk - nq :], k_pos=k_pos, q_start=nk - nq, written=nk)
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    if allowed.ndim != 4 or allowed.shape[-1] != nk:
+        raise CompressError(f"compress attention: a mask of shape {tuple(attention_mask.shape)} for {nk} keys; "
+                            "expected a 2D padding mask or a 4D (B, 1, q, kv) mask")
+    allowed = allowed[:, :1].expand(b, 1, nq, nk)
+    if position_ids is not None and nq == nk:
+        pos = position_ids.to(dev).long().expand(b, nk)
+        return KeyLayout(q_pos=pos, k_pos=pos, q_start=0, written=nk, allowed=allowed)
+    k_pos = torch.arange(nk, device=dev).expand(b, nk)
+    return KeyLayout(q_pos=k_pos[:, nk - nq :], k_pos=k_pos, q_start=nk - nq, written=nk, allowed=allowed)
+
+
+# -- the state of one sequence lives with its cache ------------------------------------------------------------
+@dataclass
+class SequenceState:
+    """Per-sequence quantities, kept on the sequence's cache object (never on a module or a config).
+
+    n0 (B,): the prompt length each sample's spans are evaluated at (real tokens of the first forward)."""
+
+    n0: torch.Tensor
+
+
+SEQUENCE_ATTR = "compress_sequence"
+
+
+def prompt_lengths(cache, layout: KeyLayout, explicit=None) -> torch.Tensor:
+    """N0 (B,) for this call: ``compress_n0`` when given; else the cache's sequence state, set by the call that
+    starts the sequence (``q_start == 0``); without a cache, the real tokens of this call."""
+    b = layout.q_pos.shape[0]
+    dev = layout.q_pos.device
+    if explicit is not None:
+        n0 = torch.as_tensor(explicit, device=dev).reshape(-1).expand(b).clone()
+        if cache is not None:
+            setattr(cache, SEQUENCE_ATTR, SequenceState(n0))
+        return n0
+    n_now = torch.maximum(layout.q_pos.amax(-1), layout.k_pos.amax(-1)) + 1
+    if cache is None:
+        return n_now
+    state = getattr(cache, SEQUENCE_ATTR, None)
+    if layout.q_start == 0 or state is None or state.n0.shape[0] != b:
+        state = SequenceState(n_now)
+        setattr(cache, SEQUENCE_ATTR, state)
+    return state.n0.to(dev)
 
 
 # -- plan lookup on modules ----------------------------------------------------------------------------------
 class _LayerRuntime:
-    """The plan's view for one layer: sinks per query head and spans per input length (memoised)."""
+    """The plan's view for one layer: sinks per query head and spans per prompt length (memoised).
+
+    Depends on the plan only, never on a sequence."""
 
     def __init__(self, plan: Plan, layer: int):
         self.plan, self.layer = plan, layer
@@ -74,10 +178,10 @@ class _LayerRuntime:
             self._spans[n] = self.plan.spans(self.layer, n)
         return self._spans[n]
 
-    def sink_window(self, n: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sink_eff, window) as (B, Hq) for per-sample input lengths n (B,)."""
-        spans = torch.stack([self.spans(int(x)) for x in n.tolist()]).to(device)
-        spans = torch.minimum(spans, n.to(device)[:, None].clamp(min=1))
+    def sink_window(self, n0: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sink_eff, window) as (B, Hq) for per-sample prompt lengths n0 (B,): ``S = span(N0 + offset)``,
+        never capped by N0 (plans.span)."""
+        spans = torch.stack([self.spans(max(int(x), 1)) for x in n0.tolist()]).to(device)
         sink_eff, window = split_span_tensor(self.sinks.to(device).expand_as(spans), spans)
         dense = self.dense_q.to(device).expand_as(spans)
         return torch.where(dense, 0, sink_eff), torch.where(dense, DENSE_SPAN, window)
@@ -107,46 +211,95 @@ def _plan_from_config(config) -> Plan:
 
 
 # -- the attention function ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CallFeatures:
+    """The model features of one attention call that transformers' eager/sdpa functions honour."""
+
+    scaling: float | None
+    dropout: float
+    native_window: int | None  # the model's own sliding window (HF: i - j < window)
+    softcap: float | None  # Gemma2 logit soft-capping
+    s_aux: torch.Tensor | None  # (Hq,) learned attention-sink logits (gpt-oss)
+
+    @property
+    def kernel_ok(self) -> bool:
+        """Whether the fast kernels (plain softmax, no dropout) can run this call."""
+        return self.softcap is None and self.s_aux is None and not self.dropout
+
+
+def call_features(scaling, dropout, kwargs) -> CallFeatures:
+    return CallFeatures(scaling=scaling, dropout=float(dropout or 0.0), native_window=kwargs.get("sliding_window") or None,
+                        softcap=kwargs.get("softcap"), s_aux=kwargs.get("s_aux"))
+
+
 def compress_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function: per-head sink+window attention following the model's plan."""
+    """AttentionInterface function: per-head sink+window attention following the model's plan.
+
+    query (B, Hq, q, D) RoPE'd, key/value (B, Hkv, kv, D) un-repeated; returns ((B, q, Hq, D), None).
+    """
     rt = _runtime(module)
-    b, hq, nq, _ = query.shape
-    native = kwargs.get("sliding_window") or None
-    cache_layer = _plan_cache_layer(module)
-
-    if cache_layer is not None and cache_layer.has_states:  # decoding (or a later chunk) with our bounded cache
-        valid_new = _validity(attention_mask, b, cache_layer.cum, query.device)[:, -nq:]
-        new_pos = torch.where(valid_new, cache_layer.n_real[:, None] + valid_new.long().cumsum(-1) - 1, -1)
-        cache_layer.append(key, value, new_pos)
-        out = cache_layer.attend(query, new_pos, scaling, native, relu_heads=rt.relu_heads, linear_heads=rt.linear_heads)
-        cache_layer.evict()
-        return out.transpose(1, 2).contiguous(), None
-
-    nk = key.shape[2]
-    valid = _validity(attention_mask, b, nk, query.device)
-    k_pos = torch.where(valid, valid.long().cumsum(-1) - 1, -1)
-    q_pos = k_pos[:, nk - nq :]
-    n = _input_length(module, kwargs, valid, nq, nk)
-    sink_eff, window = rt.sink_window(n, query.device)
-    differentiable = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    out = None
-    if nq == nk and not differentiable and (native is None or native >= nk):
-        out = _fast_prefill(query, key, value, sink_eff, window, scaling, valid, n)
-    span = torch.where(window >= DENSE_SPAN, DENSE_SPAN, sink_eff + window)
-    if out is None:
-        out = reference_attention(query, key, value, sink_eff, span, scaling, q_pos=q_pos, k_pos=k_pos, k_valid=valid,
-                                  native_window=native)
-    if rt.relu_heads or rt.linear_heads:
-        out = _other_operators(rt, out, query, key, value, scaling, q_pos, k_pos, valid, sink_eff, span, native)
-    if cache_layer is not None:  # prefill into our bounded cache
-        n_rep = hq // key.shape[1]
+    feats = call_features(scaling, dropout, kwargs)
+    cache = module.__dict__.get("_compress_cache")
+    layout = call_layout(attention_mask, query, key, kwargs.get("position_ids"))
+    plan_layer = cache.layers[module.layer_idx] if isinstance(cache, PlanCache) else None
+    if plan_layer is not None and plan_layer.has_states:  # decoding (or a later chunk) with our bounded cache
+        return _attend_plan_cache(rt, plan_layer, query, key, value, layout, feats), None
+    if layout.written < key.shape[2]:  # empty static-cache slots at the end: never attended
+        key, value = key[:, :, : layout.written], value[:, :, : layout.written]
+        layout = replace(layout, k_pos=layout.k_pos[:, : layout.written],
+                         allowed=None if layout.allowed is None else layout.allowed[..., : layout.written])
+    n0 = prompt_lengths(cache, layout, kwargs.get("compress_n0"))
+    sink_eff, window = rt.sink_window(n0, query.device)
+    out = _prefill(rt, query, key, value, layout, sink_eff, window, feats)
+    if plan_layer is not None:  # prefill into our bounded cache
+        n_rep = query.shape[1] // key.shape[1]
         dense_kv = rt.keep_all_q.view(-1, n_rep).any(-1)
         linear_kv = torch.tensor([op == "linear" for op in rt.operators]).view(-1, n_rep).all(-1)
-        cache_layer.store(key, value, k_pos, sink_eff, window, dense_kv, linear_kv)
+        plan_layer.store(key, value, layout.k_pos, sink_eff, window, dense_kv, linear_kv)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _other_operators(rt, out, query, key, value, scaling, q_pos, k_pos, valid, sink_eff, span, native):
+def _attend_plan_cache(rt, plan_layer, query, key, value, layout: KeyLayout, feats: CallFeatures):
+    """New tokens against a PlanCache that already holds the sequence's kept slots."""
+    if layout.allowed is not None:
+        raise CompressError("a custom attention mask cannot be combined with PlanCache after the prefill; "
+                            "use a DynamicCache (or no cache) for masked continuation")
+    nq = query.shape[2]
+    if getattr(layout, "q_pos", None) is not None and layout.q_pos.shape[-1] == nq and layout.k_pos.shape[-1] != nq:
+        new_pos = layout.q_pos  # from our mask builder: padding-aware real positions
+    else:
+        new_pos = plan_layer.n_real[:, None] + torch.arange(nq, device=query.device)
+    plan_layer.append(key, value, new_pos)
+    out = plan_layer.attend(query, new_pos, feats.scaling, feats.native_window, relu_heads=rt.relu_heads,
+                            linear_heads=rt.linear_heads, softcap=feats.softcap, s_aux=feats.s_aux,
+                            dropout=feats.dropout)
+    plan_layer.evict()
+    return out.transpose(1, 2).contiguous()
+
+
+def _prefill(rt, query, key, value, layout: KeyLayout, sink_eff, window, feats: CallFeatures):
+    """Attention of every query of a call with no PlanCache past: the fast kernels where they apply, else the
+    masked reference (chunks after a past, custom masks, softcap / attention sinks / dropout, autograd)."""
+    nq, nk = query.shape[2], key.shape[2]
+    valid = layout.k_pos >= 0
+    differentiable = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    out = None
+    if (nq == nk and layout.allowed is None and feats.kernel_ok and not differentiable
+            and (feats.native_window is None or feats.native_window >= nk) and torch.equal(layout.q_pos, layout.k_pos)):
+        out = _fast_prefill(query, key, value, sink_eff, window, feats.scaling, valid)
+    span = torch.where(window >= DENSE_SPAN, DENSE_SPAN, sink_eff + window)
+    if out is None:
+        out = reference_attention(query, key, value, sink_eff, span, feats.scaling, q_pos=layout.q_pos,
+                                  k_pos=layout.k_pos, k_valid=valid, native_window=feats.native_window,
+                                  allowed=layout.allowed, softcap=feats.softcap, s_aux=feats.s_aux,
+                                  dropout=feats.dropout)
+    if rt.relu_heads or rt.linear_heads:
+        out = _other_operators(rt, out, query, key, value, feats.scaling, layout, valid, sink_eff, span,
+                               feats.native_window)
+    return out
+
+
+def _other_operators(rt, out, query, key, value, scaling, layout, valid, sink_eff, span, native):
     """Overwrite the heads whose operator is not softmax: relu-softmax (same key set) and linear attention."""
     from kernels.operators import head_subset, linear_attention, relu_softmax_attention
     from kernels.reference import pattern_mask
@@ -159,50 +312,22 @@ def _other_operators(rt, out, query, key, value, scaling, q_pos, k_pos, valid, s
     if rt.relu_heads:
         h = rt.relu_heads
         qs, ks, vs = head_subset(query, key, value, h)
-        mask = pattern_mask(q_pos, k_pos, valid, sink_eff[:, h], span[:, h], native)
+        mask = pattern_mask(layout.q_pos, layout.k_pos, valid, sink_eff[:, h], span[:, h], native, layout.allowed)
         out[:, h] = relu_softmax_attention(qs, ks, vs, mask, scaling).to(out.dtype)
     return out
 
 
-def _validity(attention_mask, b, nk, device) -> torch.Tensor:
-    if attention_mask is None:
-        return torch.ones(b, nk, dtype=torch.bool, device=device)
-    if attention_mask.dtype != torch.bool:  # a float additive mask from another builder
-        m = attention_mask[:, 0, -1, :] > torch.finfo(attention_mask.dtype).min / 2
-    else:
-        m = attention_mask[:, 0, -1, :]
-    if m.shape[-1] != nk:
-        raise RuntimeError(f"compress attention: mask covers {m.shape[-1]} keys, got {nk}")
-    return m.expand(b, nk)
-
-
-def _input_length(module, kwargs, valid, nq, nk) -> torch.Tensor:
-    """N per sample: an explicit ``compress_n0`` kwarg, else the prefill length remembered on the module."""
-    b = valid.shape[0]
-    if kwargs.get("compress_n0") is not None:
-        return torch.as_tensor(kwargs["compress_n0"], device=valid.device).reshape(-1).expand(b).clone()
-    n = valid.sum(-1)
-    if nq == nk:  # a prefill (or an uncached forward): remember N for the decode steps that follow
-        module.__dict__["_compress_n0"] = n
-        return n
-    n0 = module.__dict__.get("_compress_n0")
-    return n0 if n0 is not None and n0.shape[0] == b else n
-
-
-def _fast_prefill(q, k, v, sink_eff, window, scale, valid, n_real):
-    """The kernel path for a prefill (no cache before it): whole batch, or sample by sample when left-padded."""
+def _fast_prefill(q, k, v, sink_eff, window, scale, valid):
+    """The kernel path for a prefill (no past): whole batch, or sample by sample over real tokens when padded."""
     if os.environ.get("COMPRESS_ATTENTION", "auto") == "reference":
         return None
-    from kernels.dispatch import sparse_attention, sparse_attention_left_padded
+    from kernels.dispatch import sparse_attention, sparse_attention_padded
 
     n = q.shape[2]
     span = torch.where(window >= DENSE_SPAN, n, sink_eff + window).clamp(max=n)
-    if bool(valid.all()) and bool((n_real == n_real[0]).all()):
+    if bool(valid.all()) and bool((span == span[0]).all()) and bool((sink_eff == sink_eff[0]).all()):
         return sparse_attention(q, k, v, sink_eff[0], span[0], scale)
-    try:
-        return sparse_attention_left_padded(q, k, v, sink_eff, span, valid, scale)
-    except ValueError:  # not left padding (e.g. right padding): the masked reference handles it
-        return None
+    return sparse_attention_padded(q, k, v, sink_eff, span, valid, scale)
 
 
 # -- our cache reaches the function through a forward pre-hook -------------------------------------------------
@@ -253,7 +378,6 @@ def apply(model, plan: Plan):
     model.config.compress_plan = plan.model_dump(mode="json")
     for m in attention_modules(model):
         m.__dict__.pop("_compress_runtime", None)
-        m.__dict__.pop("_compress_n0", None)
     model.set_attn_implementation(ATTN_NAME)
     install_cache_hooks(model)
     return model
@@ -271,4 +395,4 @@ def plan_of(model) -> Plan | None:
 
 
 AttentionInterface.register(ATTN_NAME, compress_attention)
-AttentionMaskInterface.register(ATTN_NAME, key_validity_mask)
+AttentionMaskInterface.register(ATTN_NAME, key_layout_mask)

@@ -52,23 +52,31 @@ def sparse_attention(
     return banded_attention(q, k, v, sink, span, scale)
 
 
-def sparse_attention_left_padded(q, k, v, sink, span, k_valid, scale=None) -> torch.Tensor:
-    """A left-padded batch: each sample's real tokens (a suffix, ``k_valid`` (B, N)) go through
-    :func:`sparse_attention` with that sample's own ``sink``/``span`` (B, Hq); pad query rows are zero.
+def sparse_attention_padded(q, k, v, sink, span, k_valid, scale=None) -> torch.Tensor:
+    """A padded batch (any padding: left, right, mixed lengths) of a prefill without past tokens: each sample's
+    real tokens (``k_valid`` (B, N), queries == keys) are gathered and go through :func:`sparse_attention` with
+    that sample's own ``sink``/``span`` (B, Hq); pad query rows are zero. Memory stays O(N) per sample: no
+    (N, N) mask is built.
 
     Positions are counted among real tokens, as in the reference (``reference_attention`` with positions).
     """
     b, _, n, _ = q.shape
-    n_real = k_valid.sum(-1)
-    if not bool((k_valid == (torch.arange(n, device=q.device)[None] >= (n - n_real)[:, None])).all()):
-        raise ValueError("sparse_attention_left_padded needs left padding (real tokens form a suffix)")
     out = q.new_zeros(q.shape)
     for i in range(b):
-        p = n - int(n_real[i])
-        if p == n:
+        idx = k_valid[i].nonzero().flatten()
+        if idx.numel() == 0:
             continue
-        out[i : i + 1, :, p:] = sparse_attention(q[i : i + 1, :, p:], k[i : i + 1, :, p:], v[i : i + 1, :, p:],
-                                                 sink[i], span[i], scale)
+        if idx.numel() == n:
+            out[i : i + 1] = sparse_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], sink[i], span[i], scale)
+            continue
+        lo = int(idx[0])
+        if int(idx[-1]) - lo + 1 == idx.numel():  # contiguous (left or right padding): views, no copy
+            sl = slice(lo, lo + idx.numel())
+            out[i : i + 1, :, sl] = sparse_attention(q[i : i + 1, :, sl], k[i : i + 1, :, sl], v[i : i + 1, :, sl],
+                                                     sink[i], span[i], scale)
+            continue
+        pick = lambda t: t[i : i + 1].index_select(2, idx)  # noqa: E731
+        out[i : i + 1, :, idx] = sparse_attention(pick(q), pick(k), pick(v), sink[i], span[i], scale)
     return out
 
 
@@ -89,4 +97,4 @@ def decode_attention(
     return decode_reference(q, k_cache, v_cache, kv_len, scale)
 
 
-__all__ = ["sparse_attention", "decode_attention", "backend", "ENV"]
+__all__ = ["sparse_attention", "sparse_attention_padded", "decode_attention", "backend", "ENV"]

@@ -14,10 +14,10 @@ Spans are evaluated once per sequence at the prefill length ``n0`` and held fixe
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kernels.reference import repeat_kv
+from kernels.reference import masked_attention, repeat_kv
+from plans.span import sees
 
 
 EVICT_SLACK = 32  # decode steps between compactions of a bounded group
@@ -149,11 +149,13 @@ class PlanCacheLayer(CacheLayerMixin):
             p = new_pos[:, None, :].expand(-1, idx.numel(), -1)
             g["pos"] = torch.cat([g["pos"], p], dim=2)
 
-    def attend(self, query, q_pos, scale, native_window: int | None = None, relu_heads=(), linear_heads=()):
+    def attend(self, query, q_pos, scale, native_window: int | None = None, relu_heads=(), linear_heads=(), *,
+               softcap: float | None = None, s_aux: torch.Tensor | None = None, dropout: float = 0.0):
         """Attention of new queries (B, Hq, q, D) at real positions q_pos (B, q) over the kept slots.
 
         ``relu_heads`` use relu-softmax over the same slots; ``linear_heads`` (their KV heads keep every token)
-        use causal linear attention over all kept slots.
+        use causal linear attention over all kept slots. ``softcap``, ``s_aux`` (Hq,) and ``dropout`` are the
+        model features of :func:`kernels.reference.masked_attention`.
         """
         from kernels.operators import linear_attention, linear_decode_step, relu_softmax_attention
 
@@ -170,15 +172,15 @@ class PlanCacheLayer(CacheLayerMixin):
             pos = g["pos"].repeat_interleave(self.n_rep, dim=1)  # (B, Hqg, L)
             sink = self.sink_q.index_select(1, qi)[:, :, None, None]
             window = self.window_q.index_select(1, qi)[:, :, None, None]
-            kp = pos[:, :, None, :]
-            d = q_pos[:, None, :, None] - kp
+            kp, qp = pos[:, :, None, :], q_pos[:, None, :, None]
             valid = kp >= 0
-            ok = valid & (d >= 0) & ((kp < sink) | (d < window))
+            ok = valid & sees(qp, kp, sink, window)
             if native_window is not None:
-                ok = ok & (d < native_window)
+                ok = ok & (qp - kp < native_window)
             ok = ok | (~ok.any(-1, keepdim=True) & valid)  # padding query rows: any valid key, never NaN
             qg, kg, vg = query.index_select(1, qi), repeat_kv(g["k"], self.n_rep), repeat_kv(g["v"], self.n_rep)
-            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=ok, scale=scale)
+            o = masked_attention(qg, kg, vg, ok, scale, softcap=softcap,
+                                 s_aux=None if s_aux is None else s_aux.index_select(0, qi), dropout=dropout)
             for r, h in enumerate(qi.tolist()):
                 if h in relu_heads:
                     o[:, r] = relu_softmax_attention(qg[:, r : r + 1], kg[:, r : r + 1], vg[:, r : r + 1], ok[:, r : r + 1], scale)[:, 0]

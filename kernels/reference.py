@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from plans.span import split_span_tensor, visibility_mask
+from plans.span import sees, split_span_tensor, visibility_mask
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -24,26 +24,64 @@ def pattern_mask(
     sink: torch.Tensor,
     span: torch.Tensor,
     native_window: int | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool (B, H, q, k): query at real position q_pos sees key at real position k_pos under (sink, span).
 
     q_pos (B, q), k_pos (B, k) are positions among real tokens; k_valid (B, k) marks real keys;
     sink/span are (B, H) or (H,) int tensors. ``native_window`` (a model's own sliding window, HF semantics
-    i - j < native_window) is intersected with the pattern. Rows with no visible key (padding queries) may see every real
-    key, so SDPA never produces NaN.
+    i - j < native_window) and ``allowed`` (B or 1, 1, q, k) bool (a custom mask from the caller) are intersected
+    with the pattern. Rows with no visible key (padding queries) may see every real key, so SDPA never produces NaN.
     """
     b = q_pos.shape[0]
     sink = sink.expand(b, -1) if sink.ndim == 1 else sink
     span = span.expand(b, -1) if span.ndim == 1 else span
     sink_eff, window = split_span_tensor(sink, span)
-    sink_eff, window = sink_eff[:, :, None, None], window[:, :, None, None]
-    d = q_pos[:, None, :, None] - k_pos[:, None, None, :]
-    kp = k_pos[:, None, None, :]
-    ok = (d >= 0) & k_valid[:, None, None, :] & ((kp < sink_eff) | (d < window))
+    i, j = q_pos[:, None, :, None], k_pos[:, None, None, :]
+    ok = k_valid[:, None, None, :] & sees(i, j, sink_eff[:, :, None, None], window[:, :, None, None])
     if native_window is not None:
-        ok = ok & (d < native_window)
+        ok = ok & (i - j < native_window)
+    if allowed is not None:
+        ok = ok & allowed
     empty = ~ok.any(-1, keepdim=True)
     return ok | (empty & k_valid[:, None, None, :])
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+    *,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention of q (B, H, q, D) over k/v (B, H, k, D) (already repeated) under a bool ``mask``
+    (B, H, q, k) -> (B, H, q, D).
+
+    The model features of transformers' eager functions: ``softcap`` (Gemma2: ``cap * tanh(s / cap)`` on the
+    logits before masking), ``s_aux`` (H,) learned attention-sink logits (gpt-oss: one extra column in the softmax
+    denominator, dropped afterwards), ``dropout`` on the probabilities (training only; HF passes 0 in eval).
+    Without softcap and s_aux this is one ``F.scaled_dot_product_attention`` call.
+    """
+    if softcap is None and s_aux is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    if s_aux is not None:
+        b, h, nq, _ = s.shape
+        s = torch.cat([s, s_aux.to(s.dtype).reshape(1, h, 1, 1).expand(b, h, nq, 1)], dim=-1)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    if s_aux is not None:
+        p = p[..., :-1]
+    if dropout:
+        p = F.dropout(p, p=dropout, training=True)
+    return p @ v
 
 
 def reference_attention(
@@ -58,10 +96,15 @@ def reference_attention(
     k_pos: torch.Tensor | None = None,
     k_valid: torch.Tensor | None = None,
     native_window: int | None = None,
+    allowed: torch.Tensor | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """q (B, Hq, q, D), k/v (B, Hkv, k, D) un-repeated -> (B, Hq, q, D).
 
     Without positions, queries are the last q of k contiguous tokens (plain causal prefill / decode).
+    ``allowed``, ``softcap``, ``s_aux`` and ``dropout``: see :func:`pattern_mask` and :func:`masked_attention`.
     """
     b, hq, nq, _ = q.shape
     nk = k.shape[2]
@@ -71,9 +114,10 @@ def reference_attention(
         k_pos = torch.arange(nk, device=q.device).expand(b, nk)
     if q_pos is None:
         q_pos = k_pos[:, nk - nq :]
-    mask = pattern_mask(q_pos, k_pos, k_valid, sink.to(q.device), span.to(q.device), native_window)
+    mask = pattern_mask(q_pos, k_pos, k_valid, sink.to(q.device), span.to(q.device), native_window, allowed)
     n_rep = hq // k.shape[1]
-    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask, scale=scale)
+    return masked_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, scale, softcap=softcap, s_aux=s_aux,
+                            dropout=dropout)
 
 
-__all__ = ["reference_attention", "pattern_mask", "repeat_kv", "visibility_mask"]
+__all__ = ["reference_attention", "masked_attention", "pattern_mask", "repeat_kv", "visibility_mask"]

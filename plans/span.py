@@ -1,17 +1,21 @@
 """Span semantics, defined once for the whole project.
 
-A head with a sink+window pattern keeps ``span(N)`` key tokens per query at input length N, the sink
-included (MoA's definition)::
+A head with a sink+window pattern keeps ``S`` key tokens per query, the sink included (MoA's definition).
+``S`` is chosen once per sequence, from its prompt length N0 (real tokens of the first forward: template and
+BOS included, pads excluded) and the plan's ``length_offset``::
 
-    span(N) = min(N, round_up_to_block(clamp(floor(alpha + beta * N), min_span, max_span)))   (>= 1)
+    S = span(N0 + length_offset),   span(N) = round_up_to_block(clamp(floor(alpha + beta * N), min_span, max_span))
 
-Inside the span, the first ``sink_eff = min(sink, span - 1)`` tokens are the sink and the remaining
-``window = span - sink_eff`` tokens are the most recent ones, the query itself included, so every query
-always sees itself. Query i (0-based position among real tokens) sees key j iff::
+``span`` is never capped by the prompt length: a 37-token prompt under a 256-span head decodes densely until
+the sequence holds 256 tokens. The first ``sink_eff = min(sink, S - 1)`` tokens are the sink and the other
+``window = S - sink_eff`` are the most recent ones, the query itself included. Query i (0-based position among
+real tokens) sees key j iff::
 
     j <= i  and  (j < sink_eff  or  i - j < window)
 
-Rows i < span therefore see every earlier token. Example::
+While the sequence holds at most S tokens the head is exactly dense; while decoding, S stays fixed (N0 is the
+prompt length), so the decode window is ``S - sink_eff`` recent tokens plus the sink. Density accounting at
+length N uses ``min(S, N)`` (:func:`kept_entries`, :func:`decode_density`). Example::
 
     >>> s = span_at(alpha=64, beta=0.25, n=1024, block=64)
     >>> s, split_span(s, sink=64)
@@ -36,7 +40,7 @@ def span_at(
     max_span: int | None = None,
     block: int = 1,
 ) -> int:
-    """Number of keys (sink included) a head keeps at input length ``n``."""
+    """Keys (sink included) a head keeps for a sequence whose rule length is ``n`` (never capped by ``n``)."""
     if n <= 0:
         return 0
     s = math.floor(alpha + beta * n + 1e-9)
@@ -46,7 +50,7 @@ def span_at(
         s = min(s, max_span)
     if block > 1:
         s = -(-s // block) * block
-    return int(max(1, min(s, n)))
+    return int(max(1, s))
 
 
 def split_span(span: int, sink: int) -> tuple[int, int]:
@@ -62,10 +66,18 @@ def split_span_tensor(sink: torch.Tensor, span: torch.Tensor) -> tuple[torch.Ten
     return sink_eff, span - sink_eff
 
 
-def visible(i, j, sink: int, span: int):
-    """Whether query i sees key j (works on ints and broadcasting tensors)."""
-    sink_eff, window = split_span(span, sink)
+def sees(i, j, sink_eff, window):
+    """THE visibility rule: query at position i sees key at position j (ints or broadcasting tensors).
+
+    ``sink_eff``/``window`` come from :func:`split_span`; every mask in the project is built from this function.
+    """
     return (j <= i) & ((j < sink_eff) | (i - j < window))
+
+
+def visible(i, j, sink: int, span: int):
+    """Whether query i sees key j for a head of ``span`` keys and ``sink`` sink tokens."""
+    sink_eff, window = split_span(span, sink)
+    return sees(i, j, sink_eff, window)
 
 
 def kept_entries(span: int, n: int) -> int:
@@ -93,5 +105,4 @@ def visibility_mask(n_q: int, n_k: int, sink: torch.Tensor, span: torch.Tensor, 
     i = torch.arange(off, off + n_q, device=span.device)[:, None]
     j = torch.arange(n_k, device=span.device)[None, :]
     sink_eff, window = split_span_tensor(sink, span)
-    sink_eff, window = sink_eff[..., None, None], window[..., None, None]
-    return (j <= i) & ((j < sink_eff) | (i - j < window))
+    return sees(i, j, sink_eff[..., None, None], window[..., None, None])

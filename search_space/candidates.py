@@ -34,10 +34,13 @@ class Candidate:
     block: int = 1
 
     def span(self, n: int) -> int:
-        """Keys kept per query at input length n (sink included); n for dense."""
+        """Keys kept per query over an input of length n (sink included): ``min(span, n)``; n for dense.
+
+        The search costs a candidate at a given input length, so the kept count is capped by n here; the plan's
+        run-time span (:func:`plans.span.span_at`) is not."""
         if self.kind == "dense":
             return int(n)
-        return span_at(self.alpha, self.beta, n, block=self.block)
+        return min(int(n), span_at(self.alpha, self.beta, n, block=self.block))
 
     def raw_span(self, n: int) -> float:
         return float(n) if self.kind == "dense" else self.alpha + self.beta * n

@@ -84,10 +84,11 @@ def test_reference_backend_validates(monkeypatch):
         dispatch.sparse_attention(q, k, v, sink[:2], span[:2])
 
 
-def test_left_padded_batch_equals_reference_on_real_rows():
+@pytest.mark.parametrize("side", ["left", "right", "holes"])
+def test_padded_batch_equals_reference_on_real_rows(side):
     import torch
 
-    from kernels.dispatch import sparse_attention_left_padded
+    from kernels.dispatch import sparse_attention_padded
     from kernels.reference import reference_attention
 
     torch.manual_seed(0)
@@ -95,9 +96,15 @@ def test_left_padded_batch_equals_reference_on_real_rows():
     q, k, v = torch.randn(b, hq, n, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
     n_real = torch.tensor([77, 50, 9])
     valid = torch.arange(n)[None] >= (n - n_real)[:, None]
+    if side == "right":
+        valid = valid.flip(-1)
+    elif side == "holes":  # padding inside the sequence (packed inputs): gathered, not sliced
+        valid = torch.rand(b, n, generator=torch.Generator().manual_seed(1)) < 0.6
+        valid[:, 0] = True
+        n_real = valid.sum(-1)
     pos = torch.where(valid, valid.long().cumsum(-1) - 1, -1)
     sink = torch.tensor([[4, 0, 2, 70]] * b)
     span = torch.stack([torch.tensor([20, 33, 5, 100]).clamp(max=int(m)) for m in n_real])
-    got = sparse_attention_left_padded(q, k, v, sink, span, valid, None)
+    got = sparse_attention_padded(q, k, v, sink, span, valid, None)
     ref = reference_attention(q, k, v, sink, span, None, q_pos=pos, k_pos=pos, k_valid=valid)
     assert (got - ref)[valid[:, None, :, None].expand_as(got)].abs().max() < 1e-5

@@ -15,7 +15,7 @@ from plans.identity import identity_from_config
 from plans.importers import from_duo, from_moa, to_moa
 from plans.io import SCHEMA_PATH, load_plan, plan_json_schema, save_plan
 from plans.schema import DensePattern, LayerPlan, Plan, SinkWindowPattern, span_for_density, uniform_plan
-from plans.span import kept_entries, prefill_density, span_at, split_span, visibility_mask
+from plans.span import decode_density, kept_entries, prefill_density, span_at, split_span, visibility_mask
 from tests.conftest import tiny_model
 
 runner = CliRunner()
@@ -32,8 +32,9 @@ def model_dir(tmp_path):
 def test_span_semantics():
     assert span_at(64, 0.25, 1024, block=64) == 320
     assert span_at(-1024, 1.0, 4096) == 3072
-    assert span_at(10, 0, 5) == 5  # capped at N
-    assert span_at(0, 0.1, 100, min_span=128) == 100
+    assert span_at(10, 0, 5) == 10  # never capped by N: a short prompt decodes densely up to the span
+    assert span_at(0, 0.1, 100, min_span=128) == 128
+    assert kept_entries(10, 5) == 15 and decode_density(10, 5) == 1.0  # accounting uses min(S, N)
     assert split_span(10, 64) == (9, 1)  # a sink larger than the span keeps the query itself
     m = visibility_mask(6, 6, torch.tensor([1]), torch.tensor([3]))[0]
     assert m.sum(-1).tolist() == [1, 2, 3, 3, 3, 3]
