@@ -77,66 +77,78 @@ def attention_only_ms(plan: Plan | None, n: int, dtype=torch.float32, seed: int 
 
 
 def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_steps: int = 8,
-          whole_model: bool = True, attention: bool = True, decode: bool = True, progress=None) -> list[MethodResult]:
-    """Measure dense, ``plan`` and the uniform plan of the same prefill density at every length."""
+          whole_model: bool = True, attention: bool = True, decode: bool = True,
+          progress: bool = False) -> list[MethodResult]:
+    """Measure dense, ``plan`` and the uniform plan of the same prefill density at every length. With ``progress``:
+    a bar on a terminal, plain lines on stderr otherwise (see :mod:`profilers.progress`), one step per case."""
     from compressor.patching import apply, unapply
     from kernels.kv_cache import PlanCache, dense_cache_bytes
 
     from compressor.evaluation import method_plans
+    from profilers.progress import progress as progress_helper
 
     ident = plan.model
     results: list[MethodResult] = []
-    for n in lengths:
-        methods = method_plans({"plan": plan}, n)  # dense, the plan, uniform at the plan's density
-        res = {m: MethodResult(m, n, 1.0 if p is None else p.density(n), 1.0 if p is None else p.kv_density(n))
-               for m, p in methods.items()}
-        vocab = model.get_input_embeddings().num_embeddings
-        ids = torch.randint(min(100, vocab // 2), vocab, (1, n), generator=torch.Generator().manual_seed(n))
-        times: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
-        for _ in range(repeats):
-            for m, p in methods.items():
-                if attention:
-                    f = attention_only_ms(p, n)(ident.num_layers, ident.num_heads, ident.num_kv_heads, ident.head_dim)
-                    times[m].setdefault("attn", []).extend(_timeit(f, 1))
-                if whole_model:
+    per_n = {n: len(method_plans({"plan": plan}, n)) * (repeats + (1 if decode else 0)) for n in lengths}
+    prog = progress_helper("bench", total=sum(per_n.values()), unit="cases",
+                           work_total=sum(c * n for n, c in per_n.items()), enabled=progress)
+    with prog as tick:
+        for n in lengths:
+            methods = method_plans({"plan": plan}, n)  # dense, the plan, uniform at the plan's density
+            res = {m: MethodResult(m, n, 1.0 if p is None else p.density(n), 1.0 if p is None else p.kv_density(n))
+                   for m, p in methods.items()}
+            vocab = model.get_input_embeddings().num_embeddings
+            ids = torch.randint(min(100, vocab // 2), vocab, (1, n), generator=torch.Generator().manual_seed(n))
+            times: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+            tick(0, stage=f"bench N={n} prefill")
+            for _ in range(repeats):
+                for m, p in methods.items():
+                    tick(0, method=m)
+                    if attention:
+                        f = attention_only_ms(p, n)(ident.num_layers, ident.num_heads, ident.num_kv_heads,
+                                                    ident.head_dim)
+                        times[m].setdefault("attn", []).extend(_timeit(f, 1))
+                    if whole_model:
+                        _set(model, p, apply, unapply)
+                        with torch.no_grad():
+                            times[m].setdefault("model", []).extend(_timeit(lambda: model(ids, use_cache=False), 1))
+                    tick(1, work=n)
+            if decode:
+                tick(0, stage=f"bench N={n} decode")
+                for m, p in methods.items():
+                    tick(0, method=m)
                     _set(model, p, apply, unapply)
+                    cache = PlanCache(model) if p is not None else None
                     with torch.no_grad():
-                        times[m].setdefault("model", []).extend(_timeit(lambda: model(ids, use_cache=False), 1))
-                if progress:
-                    progress()
-        if decode:
-            for m, p in methods.items():
-                _set(model, p, apply, unapply)
-                cache = PlanCache(model) if p is not None else None
-                with torch.no_grad():
-                    out = model(ids, use_cache=True, **({"cache": cache} if cache is not None else {}))
-                    cache = out.past_key_values if cache is None else cache
-                    nxt = out.logits[:, -1:].argmax(-1)
-                    step = []
-                    for _ in range(decode_steps):
-                        t = time.perf_counter()
-                        out = model(nxt, cache=cache, use_cache=True)
-                        step.append((time.perf_counter() - t) * 1000)
+                        out = model(ids, use_cache=True, **({"cache": cache} if cache is not None else {}))
+                        cache = out.past_key_values if cache is None else cache
                         nxt = out.logits[:, -1:].argmax(-1)
-                res[m].decode_step_ms = statistics.median(step)
-                res[m].decode_tok_s = 1000 / res[m].decode_step_ms
-                res[m].kv_bytes = cache.nbytes() if p is not None else dense_cache_bytes(model, n + decode_steps)
-        for m in methods:
-            if "attn" in times[m]:
-                res[m].attn_prefill_ms = statistics.median(times[m]["attn"])
-            if "model" in times[m]:
-                res[m].model_prefill_ms = statistics.median(times[m]["model"])
-        d = res["dense"]
-        for m in methods:
-            r = res[m]
-            for key in ("attn_prefill_ms", "model_prefill_ms", "decode_step_ms"):
-                a, b = getattr(d, key), getattr(r, key)
-                if a and b:
-                    r.ratios[key.replace("_ms", "_speedup")] = a / b
-            if d.kv_bytes and r.kv_bytes:
-                r.ratios["kv_bytes_fraction"] = r.kv_bytes / d.kv_bytes
-        results.extend(res.values())
-        _set(model, None, apply, unapply)
+                        step = []
+                        for _ in range(decode_steps):
+                            t = time.perf_counter()
+                            out = model(nxt, cache=cache, use_cache=True)
+                            step.append((time.perf_counter() - t) * 1000)
+                            nxt = out.logits[:, -1:].argmax(-1)
+                    res[m].decode_step_ms = statistics.median(step)
+                    res[m].decode_tok_s = 1000 / res[m].decode_step_ms
+                    res[m].kv_bytes = cache.nbytes() if p is not None else dense_cache_bytes(model, n + decode_steps)
+                    tick(1, work=n)
+            for m in methods:
+                if "attn" in times[m]:
+                    res[m].attn_prefill_ms = statistics.median(times[m]["attn"])
+                if "model" in times[m]:
+                    res[m].model_prefill_ms = statistics.median(times[m]["model"])
+            d = res["dense"]
+            for m in methods:
+                r = res[m]
+                for key in ("attn_prefill_ms", "model_prefill_ms", "decode_step_ms"):
+                    a, b = getattr(d, key), getattr(r, key)
+                    if a and b:
+                        r.ratios[key.replace("_ms", "_speedup")] = a / b
+                if d.kv_bytes and r.kv_bytes:
+                    r.ratios["kv_bytes_fraction"] = r.kv_bytes / d.kv_bytes
+            results.extend(res.values())
+            _set(model, None, apply, unapply)
     if plan is not None:
         apply(model, plan)
     return results

@@ -17,7 +17,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compressor.progress import progress_bar as _progress_bar
 from plans.errors import CompressError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -304,6 +303,7 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """An exact per-head plan under the budgets (HiGHS MILP), optionally inside an Optuna study."""
+    from compressor.progress import progress
     from plans.identity import identity_from_config
     from profilers.profile_format import load_profile
     from search_space.search import search
@@ -325,9 +325,12 @@ def search_cmd(
                                     samples_per_length=val_samples, seed=seed + 1, model=str(model))
             val = get_or_build_calibration(compress_home() / "calibration", tok, rec)[validate_length]
             evaluate = validation_evaluator(m, val)
-    res = search(prof, budget, granularity=granularity, K=k, solver=solver, time_limit=time_limit, out_dir=out,
-                 trials=trials, evaluate=evaluate, seed=seed, storage=storage, study_name=study_name, resume=resume,
-                 latency_table=latency_table, model=ident, normalize=normalize)
+    # with --trials the study reports per trial; a single MILP solve is one step (the heartbeat speaks meanwhile)
+    with progress("search", total=1, unit="solves", enabled=not trials) as tick:
+        res = search(prof, budget, granularity=granularity, K=k, solver=solver, time_limit=time_limit, out_dir=out,
+                     trials=trials, evaluate=evaluate, seed=seed, storage=storage, study_name=study_name,
+                     resume=resume, latency_table=latency_table, model=ident, normalize=normalize)
+        tick()
     p = res.plan
     info = {"plan": str(out / "plan.json"), "status": res.solver.status, "objective": res.solver.objective,
             "mip_gap": getattr(res.solver, "mip_gap", None), "density": p.predicted.density,
@@ -428,7 +431,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Dense vs the plan(s) vs the uniform plan at the same density, on the same samples."""
-    from compressor.evaluation import count_work, evaluate, heatmap_png
+    from compressor.evaluation import evaluate, heatmap_png
     from compressor.models import load_model
     from plans.atomic import write_text_atomic
     from plans.identity import identity_from_config
@@ -441,10 +444,8 @@ def eval_cmd(
     for name, p in plans.items():
         p.model.check_matches(ident, f"plan {name}")
     haystack = _heldout_corpus(corpus, seed) if task in ("passkey", "ppl") else None
-    prog, tick = _progress_bar(count_work(task, ls, ds, samples, len(plans)), f"eval {task}")
-    with prog:
-        report = evaluate(m, tok, plans, task, ls, depths=ds, samples=samples, seed=seed, haystack=haystack,
-                          progress=tick)
+    report = evaluate(m, tok, plans, task, ls, depths=ds, samples=samples, seed=seed, haystack=haystack,
+                      progress=True)
     data = report.to_dict()
     if out:
         write_text_atomic(Path(out) / f"eval_{task}.json", json.dumps(data, indent=2, default=str) + "\n")
@@ -493,6 +494,7 @@ def bench_cmd(
 
     from compressor.bench import bench, results_as_dicts
     from compressor.models import load_model
+    from compressor.progress import progress
     from compressor.pipeline import make_uniform_plan
     from plans.atomic import write_text_atomic
     from plans.io import load_plan
@@ -507,13 +509,14 @@ def bench_cmd(
 
         from search_space.operators import measure_operator_costs
 
-        table = measure_latency_table(lengths=ls, head_dim=p.model.head_dim)
-        table.operators = measure_operator_costs(lengths=ls, head_dim=p.model.head_dim)
+        with progress("bench kernel table", total=2, unit="tables") as tick:
+            table = measure_latency_table(lengths=ls, head_dim=p.model.head_dim)
+            tick()
+            table.operators = measure_operator_costs(lengths=ls, head_dim=p.model.head_dim)
+            tick()
         write_text_atomic(kernel_table, table.model_dump_json(indent=2))
         console.print(f"wrote latency table {kernel_table}")
-    prog, tick = _progress_bar(len(ls) * repeats * 3, "bench")
-    with prog:
-        res = bench(m, p, ls, repeats=repeats, whole_model=whole_model, decode=decode, progress=tick)
+    res = bench(m, p, ls, repeats=repeats, whole_model=whole_model, decode=decode, progress=True)
     data = {"model": p.model.model_dump(), "plan": str(plan) if plan else f"uniform density {density}",
             "threads": torch.get_num_threads(), "repeats": repeats, "results": results_as_dicts(res)}
     if out:

@@ -146,9 +146,12 @@ def method_plans(plans: dict[str, Plan], n: int, include_uniform: bool = True) -
 
 def evaluate(model, tokenizer, plans: dict[str, Plan], task: str, lengths: list[int], *, depths=(0.1, 0.5, 0.9),
              samples: int = 2, seed: int = 0, haystack: list[str] | None = None, include_uniform: bool = True,
-             progress=None) -> EvalReport:
-    """Evaluate dense, the plans and their uniform baselines on identical samples."""
+             progress: bool = False) -> EvalReport:
+    """Evaluate dense, the plans and their uniform baselines on identical samples. With ``progress``: a bar on a
+    terminal, plain lines on stderr otherwise (see :mod:`profilers.progress`), one step per sample, and the stage
+    names the method and length."""
     from compressor.patching import apply, unapply
+    from profilers.progress import progress as progress_helper
 
     if task not in TASKS:
         raise CompressError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -161,34 +164,39 @@ def evaluate(model, tokenizer, plans: dict[str, Plan], task: str, lengths: list[
     depths = list(depths) if task != "ppl" else []
     data = make_samples(task, tokenizer, lengths, depths or [None], samples, seed, haystack or [])
     report = EvalReport(task=task, lengths=list(lengths), depths=depths, methods=[], seed=seed)
-    for n in lengths:
-        methods = method_plans(plans, n, include_uniform)
-        for name in methods:
-            if name not in report.methods:
-                report.methods.append(name)
-        for name, p in methods.items():
-            if p is None:
-                unapply(model, "sdpa")
-            else:
-                apply(model, p)
-            for (nn, d), ss in data.items():
-                if nn != n:
-                    continue
-                cell = Cell(name, task, n, d, density=1.0 if p is None else p.density(n))
-                for s in ss:
-                    if task == "ppl":
-                        loss, toks = text_loss(model, s.input_ids)
-                        cell.loss_sum += loss
-                        cell.tokens += toks
-                    else:
-                        ok, loss, toks = answer_score(model, s)
-                        cell.correct += int(ok)
-                        cell.total += 1
-                        cell.loss_sum += loss
-                        cell.tokens += toks
-                    if progress:
-                        progress()
-                report.cells.append(cell)
+    per_n = {n: method_plans(plans, n, include_uniform) for n in lengths}
+    count = {n: sum(len(ss) for (nn, _), ss in data.items() if nn == n) * len(per_n[n]) for n in lengths}
+    prog = progress_helper(f"eval {task}", total=sum(count.values()), unit="samples",
+                           work_total=sum(c * n for n, c in count.items()), enabled=progress)
+    with prog as tick:
+        for n in lengths:
+            methods = per_n[n]
+            for name in methods:
+                if name not in report.methods:
+                    report.methods.append(name)
+            for name, p in methods.items():
+                tick(0, stage=f"eval {task}: {name} N={n}")
+                if p is None:
+                    unapply(model, "sdpa")
+                else:
+                    apply(model, p)
+                for (nn, d), ss in data.items():
+                    if nn != n:
+                        continue
+                    cell = Cell(name, task, n, d, density=1.0 if p is None else p.density(n))
+                    for s in ss:
+                        if task == "ppl":
+                            loss, toks = text_loss(model, s.input_ids)
+                            cell.loss_sum += loss
+                            cell.tokens += toks
+                        else:
+                            ok, loss, toks = answer_score(model, s)
+                            cell.correct += int(ok)
+                            cell.total += 1
+                            cell.loss_sum += loss
+                            cell.tokens += toks
+                        tick(1, work=n)
+                    report.cells.append(cell)
     unapply(model, "sdpa")
     return report
 

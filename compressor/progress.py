@@ -1,14 +1,14 @@
-"""One rich progress bar helper shared by the commands (stderr, so stdout stays clean for --json)."""
+"""Progress for the commands: re-exports the one helper, :mod:`profilers.progress` (it lives there so the
+profilers and the search can use it too; see that module for the rich-on-a-TTY / plain-lines-otherwise rule)."""
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from profilers.progress import Progress, fmt_duration, progress
+
+__all__ = ["Progress", "fmt_duration", "progress", "progress_bar"]
 
 
 def progress_bar(total: int, what: str):
-    """(Progress context manager, tick callable)."""
-    prog = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True))
-    task = prog.add_task(what, total=total)
-    return prog, (lambda: prog.advance(task))
+    """Deprecated shape of :func:`progress`: (context manager, tick callable) — both the same object."""
+    p = progress(what, total)
+    return p, p

@@ -100,7 +100,15 @@ def validation_evaluator(model, samples):
 
 
 def run(cfg: RunConfig) -> dict:
-    """The whole pipeline; returns the summary that is also written to report.json."""
+    """The whole pipeline; returns the summary that is also written to report.json. Progress (stderr): one
+    line/bar for the stages, and the stages' own (calibration, profile samples, search trials, eval samples)."""
+    from compressor.progress import progress
+
+    with progress("run", total=1 + len(cfg.budgets) + 1 + len(cfg.eval_tasks), unit="stages") as tick:
+        return _run(cfg, tick)
+
+
+def _run(cfg: RunConfig, tick) -> dict:
     from compressor.evaluation import evaluate, heatmap_png
     from compressor.models import load_model
     from compressor.pipeline import apply_to_folder
@@ -115,6 +123,7 @@ def run(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     timings: dict[str, float] = {}
+    tick(0, stage="run: load model")
     model, tok = load_model(cfg.model)
     model_name = str(cfg.model or "default")
     if cfg.validate_length <= max(cfg.profile_lengths):
@@ -127,6 +136,7 @@ def run(cfg: RunConfig) -> dict:
     val_recipe = CalibrationRecipe(sources=cfg.sources, lengths=[cfg.validate_length],
                                    samples_per_length=cfg.val_samples, seed=cfg.seed + 1, model=model_name)
     stage = _Stage(out, "profile", _fp(model_name, recipe.recipe_hash(), cfg.sinks, cfg.block))
+    tick(0, stage="run: profile")
     if not stage.done():
         t = time.time()
         cal = get_or_build_calibration(out / "calibration", tok, recipe, model=model if "qa" in cfg.sources else None)
@@ -135,6 +145,7 @@ def run(cfg: RunConfig) -> dict:
         timings["profile"] = time.time() - t
     else:
         console.print("profile: up to date, skipped")
+    tick()
     profile_fp = stage.fp
 
     # 2. search, one study per budget
@@ -145,6 +156,7 @@ def run(cfg: RunConfig) -> dict:
         st = _Stage(out, f"search_{tag}", _fp(profile_fp, b, cfg.trials, cfg.K, cfg.validate_length, val_recipe.recipe_hash(),
                                               cfg.seed))
         plan_path = out / "plans" / f"{tag}.json"
+        tick(0, stage=f"run: search {b}")
         if not st.done() or not plan_path.exists():
             t = time.time()
             if val is None:
@@ -159,6 +171,7 @@ def run(cfg: RunConfig) -> dict:
         else:
             console.print(f"search {b}: up to date, skipped")
         plans[tag] = load_plan(plan_path)
+        tick()
     from compressor.patching import unapply
 
     unapply(model, "sdpa")
@@ -166,11 +179,13 @@ def run(cfg: RunConfig) -> dict:
     # 3. apply the first budget's plan into a model folder
     first = _budget_tag(cfg.budgets[0])
     st = _Stage(out, "apply", _fp(model_name, plans[first].model_dump_json()))
+    tick(0, stage="run: apply")
     if not st.done() or not (out / "model" / "config.json").exists():
         t = time.time()
         apply_to_folder(out / "plans" / f"{first}.json", cfg.model, out / "model")
         st.finish(seconds=time.time() - t)
         timings["apply"] = time.time() - t
+    tick()
 
     # 4. eval
     haystack = list(split_corpus(load_corpus(cfg.corpus)).heldout)
@@ -179,21 +194,17 @@ def run(cfg: RunConfig) -> dict:
         st = _Stage(out, f"eval_{task}", _fp(model_name, {k: p.model_dump_json() for k, p in plans.items()},
                                               cfg.eval_lengths, cfg.eval_depths, cfg.eval_samples, cfg.seed, cfg.corpus))
         path = out / f"eval_{task}.json"
+        tick(0, stage=f"run: eval {task}")
         if not st.done() or not path.exists():
             t = time.time()
-            from compressor.evaluation import count_work
-            from compressor.progress import progress_bar
-
-            prog, tick = progress_bar(count_work(task, cfg.eval_lengths, cfg.eval_depths, cfg.eval_samples, len(plans)),
-                                       f"eval {task}")
-            with prog:
-                rep = evaluate(model, tok, plans, task, cfg.eval_lengths, depths=cfg.eval_depths,
-                               samples=cfg.eval_samples, seed=cfg.seed, haystack=haystack, progress=tick)
+            rep = evaluate(model, tok, plans, task, cfg.eval_lengths, depths=cfg.eval_depths,
+                           samples=cfg.eval_samples, seed=cfg.seed, haystack=haystack, progress=True)
             write_text_atomic(path, json.dumps(rep.to_dict(), indent=2, default=str))
             heatmap_png(rep, out / f"eval_{task}.png")
             st.finish(seconds=time.time() - t)
             timings[f"eval_{task}"] = time.time() - t
         reports[task] = json.loads(path.read_text())
+        tick()
 
     summary = {"config": asdict(cfg), "seconds": time.time() - t0, "stage_seconds": timings,
                "plans": {k: {"density": {n: p.density(n) for n in cfg.eval_lengths},

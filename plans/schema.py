@@ -53,7 +53,7 @@ class DensePattern(BaseModel):
 class SinkWindowPattern(BaseModel):
     """``sink`` first tokens plus a recent window; ``span(N) = clamp(alpha + beta*N)`` tokens in all."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # alpha/beta: finite numbers only
     kind: Literal["sink_window"] = "sink_window"
     operator: Operator = Field("softmax", description=OPERATOR_HELP)
     sink: int = Field(64, ge=0, description="sink tokens (inside the span)")
@@ -65,7 +65,7 @@ class SinkWindowPattern(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.min_span and self.max_span and self.min_span > self.max_span:
+        if self.min_span is not None and self.max_span is not None and self.min_span > self.max_span:
             raise ValueError(f"min_span {self.min_span} > max_span {self.max_span}")
         if self.beta == 0 and self.alpha < 1 and not self.min_span:
             raise ValueError(f"span is never positive: alpha={self.alpha}, beta=0 (a negative span)")
@@ -107,23 +107,33 @@ class LayerPlan(BaseModel):
     heads: list[HeadPattern]
 
 
+_Length = Annotated[int, Field(ge=1)]  # an input length, tokens
+_Fraction = Annotated[float, Field(ge=0, le=1)]  # a predicted density (rounding may give 0 at huge lengths)
+
+
 class Budget(BaseModel):
     """One budget constraint: density (prefill entries or KV tokens) or latency, at one length or all."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["density", "kv_density", "latency_ms"]
     value: float = Field(gt=0)
-    length: int | None = Field(None, description="None: at every target length")
+    length: int | None = Field(None, ge=1, description="None: at every target length")
+
+    @model_validator(mode="after")
+    def _check_fraction(self):
+        if self.kind != "latency_ms" and self.value > 1:
+            raise ValueError(f"value = {self.value!r}: a {self.kind} budget is a fraction in (0, 1]")
+        return self
 
 
 class Predictions(BaseModel):
     """What the search predicted and measured for this plan; empty for hand-made plans."""
 
-    model_config = ConfigDict(extra="allow")
-    density: dict[int, float] = Field(default_factory=dict, description="prefill density per length")
-    kv_density: dict[int, float] = Field(default_factory=dict)
-    loss: dict[int, float] = Field(default_factory=dict, description="predicted masked influence per length")
-    latency_ms: dict[int, float] = Field(default_factory=dict)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    density: dict[_Length, _Fraction] = Field(default_factory=dict, description="prefill density per length")
+    kv_density: dict[_Length, _Fraction] = Field(default_factory=dict)
+    loss: dict[_Length, float] = Field(default_factory=dict, description="predicted masked influence per length")
+    latency_ms: dict[_Length, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     solver: dict = Field(default_factory=dict)
     validation: dict = Field(default_factory=dict)
 
@@ -131,9 +141,9 @@ class Predictions(BaseModel):
 class Plan(BaseModel):
     """A per-layer, per-head attention plan for one model geometry."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    format_version: int = PLAN_FORMAT_VERSION
+    format_version: int = Field(PLAN_FORMAT_VERSION, ge=1)
     tool_version: str = Field(default_factory=tool_version)
     source: str = Field("hand", description="hand | uniform | search | import:moa | import:duo ...")
     model: ModelIdentity
@@ -141,13 +151,21 @@ class Plan(BaseModel):
     length_offset: int = Field(
         0, ge=0, description="tokens added to the input length before evaluating span rules (MoA run time: 1024)"
     )
-    lengths: list[int] = Field(default_factory=list, description="input lengths the plan targets")
+    lengths: list[_Length] = Field(default_factory=list, description="input lengths the plan targets")
     budgets: list[Budget] = Field(default_factory=list)
     predicted: Predictions = Field(default_factory=Predictions)
     layers: list[LayerPlan]
 
     @model_validator(mode="after")
     def _check_shape(self):
+        m = self.model
+        for f in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "max_positions"):
+            v = getattr(m, f)
+            if v is not None and v < 1:
+                raise ValueError(f"model.{f} = {v!r}: must be >= 1")
+        if m.num_heads % m.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads = {m.num_heads} is not a multiple of model.num_kv_heads = {m.num_kv_heads}")
         n_heads = self.heads_per_layer
         if len(self.layers) != self.model.num_layers:
             raise ValueError(f"plan has {len(self.layers)} layers but model.num_layers is {self.model.num_layers}")

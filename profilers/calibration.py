@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from plans.atomic import atomic_path
 from plans.errors import CompressError
 from profilers import corpora, synthetic
+from profilers.progress import progress as progress_helper
 from profilers.samples import Sample
 
 CALIBRATION_FORMAT_VERSION = 1
@@ -247,43 +248,36 @@ def build_calibration(tokenizer, recipe: CalibrationRecipe, model=None, data_dir
         model.eval()
     plan = [(n, i) for n in recipe.lengths for i in range(recipe.samples_per_length)]
     out: dict[int, list[Sample]] = {n: [] for n in recipe.lengths}
-    bar = None
-    if progress:
-        from rich.progress import Progress
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("calibration samples", total=len(plan))
     try:
-        for n, i in plan:
-            source = sources[i % len(sources)]
-            rng = random.Random(f"{recipe.seed}:{n}:{i}:{source}")
-            # stratified depth over this source's samples at this length
-            j, count = i // len(sources), len(range(i % len(sources), recipe.samples_per_length, len(sources)))
-            depth = min(1.0, (j + rng.random()) / count)
-            if source == "passkey":
-                text, _ = corpora_.text(recipe.haystack_corpus)
-                try:
-                    s = synthetic.passkey(tokenizer, text, n, depth, rng,
-                                          use_chat_template=recipe.use_chat_template).to_sample()
-                except CompressError as e:
-                    if "too short" in str(e) and "haystack" in str(e):
-                        raise CompressError(f"corpus {recipe.haystack_corpus!r} is too short for calibration "
-                                            f"length {n}: {e}") from None
-                    raise
-            elif source == "lines":
-                s = synthetic.lines_retrieval(tokenizer, n, depth, rng,
+        with progress_helper("calibration", total=len(plan), unit="samples", enabled=progress) as tick:
+            for n, i in plan:
+                tick(0, stage=f"calibration N={n}")
+                source = sources[i % len(sources)]
+                rng = random.Random(f"{recipe.seed}:{n}:{i}:{source}")
+                # stratified depth over this source's samples at this length
+                j, count = i // len(sources), len(range(i % len(sources), recipe.samples_per_length, len(sources)))
+                depth = min(1.0, (j + rng.random()) / count)
+                if source == "passkey":
+                    text, _ = corpora_.text(recipe.haystack_corpus)
+                    try:
+                        s = synthetic.passkey(tokenizer, text, n, depth, rng,
                                               use_chat_template=recipe.use_chat_template).to_sample()
-            elif source == "qa":
-                s = _qa_sample(tokenizer, model, corpora_, n, rng, recipe, j)
-            else:
-                s = _text_sample(tokenizer, corpora_, source, n, rng, recipe)
-            s.meta["source"] = source
-            out[n].append(s)
-            if bar is not None:
-                bar.advance(task)
+                    except CompressError as e:
+                        if "too short" in str(e) and "haystack" in str(e):
+                            raise CompressError(f"corpus {recipe.haystack_corpus!r} is too short for calibration "
+                                                f"length {n}: {e}") from None
+                        raise
+                elif source == "lines":
+                    s = synthetic.lines_retrieval(tokenizer, n, depth, rng,
+                                                  use_chat_template=recipe.use_chat_template).to_sample()
+                elif source == "qa":
+                    s = _qa_sample(tokenizer, model, corpora_, n, rng, recipe, j)
+                else:
+                    s = _text_sample(tokenizer, corpora_, source, n, rng, recipe)
+                s.meta["source"] = source
+                out[n].append(s)
+                tick()
     finally:
-        if bar is not None:
-            bar.stop()
         if model is not None and was_training:
             model.train()
     return out

@@ -63,6 +63,7 @@ from plans.identity import identity_from_config
 from plans.span import visibility_mask
 from profilers.profile_format import Profile, ProfileMeta, save_profile
 from profilers.profile_run import check_model_supported, frozen_attention_mode, tool_version
+from profilers.progress import progress as progress_helper
 from profilers.samples import Sample
 
 GATES_ATTN = "compress_gates"
@@ -219,19 +220,6 @@ def _hidden(model, ids: torch.Tensor) -> torch.Tensor:
     return h[0]
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]gates {task.fields[pair]}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4g}  mean gate {task.fields[gate]:.3f}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
-    )
-
-
 def gate_profile_tensors(gates_q: torch.Tensor, gates_kv: torch.Tensor, lengths, block: int) -> dict[str, torch.Tensor]:
     """The profile tensors encoding gates as keep scores (see the module docstring)."""
     t: dict[str, torch.Tensor] = {"gate.q": gates_q.double().clone(), "gate.kv": gates_kv.double().clone()}
@@ -292,10 +280,11 @@ def run_gates(
     rng = random.Random(seed)
     history: list[float] = []
     distill_hist: list[float] = []
-    prog = _progress(progress)
+    prog = progress_helper(f"gates {pair}", total=steps, unit="steps", enabled=progress)
     t0 = time.perf_counter()
-    with gates_mode(model, ctl), (prog if prog is not None else contextlib.nullcontext()):
+    with gates_mode(model, ctl), prog as tick:
         # teachers: dense final hidden states at the scored positions, once per sample
+        tick(0, stage=f"gates {pair}: teacher passes")
         teachers = []
         ctl.teacher = True
         with torch.no_grad():
@@ -309,8 +298,8 @@ def run_gates(
                                         "attention does not all route through transformers' AttentionInterface")
                 teachers.append((pos, h, h.pow(2).mean().clamp(min=1e-12)))
         ctl.teacher = False
+        tick(0, stage=f"gates {pair}")
         opt = torch.optim.Adam(ctl.parameters(), lr=lr)
-        task = prog.add_task("", total=steps, pair=pair, loss=float("nan"), gate=1.0) if prog is not None else None
         order: list[int] = []
         for step in range(steps):
             if not order:
@@ -328,8 +317,8 @@ def run_gates(
             opt.step()
             history.append(float(loss.detach()))
             distill_hist.append(float(dist.detach()))
-            if task is not None:
-                prog.update(task, advance=1, loss=history[-1], gate=float(ctl.gates().detach().mean()))
+            if progress:
+                tick(1, loss=history[-1], gate=float(ctl.gates().detach().mean()))
     seconds = time.perf_counter() - t0
 
     with torch.no_grad():

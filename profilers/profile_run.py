@@ -32,6 +32,7 @@ from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
 from plans.schema import tool_version
 from profilers.profile_format import Profile, ProfileMeta, save_profile
+from profilers.progress import progress as progress_helper
 from profilers.samples import Sample
 from profilers.taylor import (
     DEFAULT_MAX_BLOCK_ELEMS,
@@ -207,29 +208,6 @@ def _load_partial(st: Path, js: Path, recipe: str) -> tuple[dict[str, torch.Tens
 
 
 # --------------------------------------------------------------------------------------------------------------
-# progress
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class TokensPerSecond(ProgressColumn):
-        def render(self, task):
-            sp = task.finished_speed or task.speed
-            return Text("-- tok/s" if sp is None else f"{sp:,.0f} tok/s", style="progress.data.speed")
-
-    return Progress(
-        TextColumn("[bold]N={task.fields[n]}"), BarColumn(), TextColumn("{task.fields[k]}/{task.fields[m]} samples"),
-        TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=Console(stderr=True),  # stdout stays clean for --json output
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------
 # the driver
 
 
@@ -314,16 +292,20 @@ def run_profile(
                               max_block_elems=max_block_elems)
     use_ltk = _accepts_logits_to_keep(model)
     seconds: dict[str, float] = {}
-    prog = _progress(progress)
-    with profiling_mode(model, coll), (prog if prog is not None else contextlib.nullcontext()):
+    for n in lengths:
+        if done.get(n, 0) > len(samples_by_length[n]):
+            raise CompressError(f"{st}: corrupt partial profile ({done[n]} samples done at length {n}, "
+                                f"only {len(samples_by_length[n])} given)")
+    # one line/bar for all lengths; the ETA is weighted by tokens (a sample of length N costs ~N)
+    prog = progress_helper("profile", total=sum(len(samples_by_length[n]) for n in lengths), unit="samples",
+                           done=sum(done.get(n, 0) for n in lengths),
+                           work_total=sum(len(samples_by_length[n]) * n for n in lengths),
+                           work_done=sum(done.get(n, 0) * n for n in lengths), enabled=progress)
+    with profiling_mode(model, coll), prog as tick:
         for n in lengths:
             ss = samples_by_length[n]
             k0 = done.get(n, 0)
-            if k0 > len(ss):
-                raise CompressError(f"{st}: corrupt partial profile ({k0} samples done at length {n}, only {len(ss)} given)")
-            task = None
-            if prog is not None:
-                task = prog.add_task("", total=len(ss) * n, completed=k0 * n, n=n, k=k0, m=len(ss))
+            tick(0, stage=f"profile N={n}")
             t0 = time.perf_counter()
             for i in range(k0, len(ss)):
                 coll.begin_sample(n)
@@ -339,8 +321,7 @@ def run_profile(
                 sums[ks] = sums[ks] + sd if ks in sums else sd
                 done[n] = i + 1
                 _save_partial(st, js, sums, done, recipe, {"lengths": lengths, "samples": {str(m): len(samples_by_length[m]) for m in lengths}})
-                if task is not None:
-                    prog.update(task, advance=n, k=i + 1)
+                tick(1, work=n)
                 if on_sample is not None:
                     on_sample(n, i + 1)
             seconds[str(n)] = time.perf_counter() - t0

@@ -10,12 +10,17 @@ Accepted forms (lengths may be written ``8192`` or ``8k``; ``<=`` and ``=`` are 
 
 Several budgets may be given comma-separated: ``density@8k=0.5,density@32k=0.25``.
 
+Every number is checked: values must be finite (no ``nan``/``inf``, nothing that overflows), densities in
+(0, 1], latencies > 0, lengths whole numbers >= 1; the error names the budget, the part (value or length) and
+the number as written.
+
     >>> parse_budget("density@8k=0.25")
     Budget(kind='density', value=0.25, length=8192)
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Sequence
 
@@ -29,7 +34,7 @@ ACCEPTED = (
 
 _KIND = {"density": "density", "kv_density": "kv_density", "kv": "kv_density", "latency": "latency_ms"}
 _RE = re.compile(
-    r"^(?P<kind>[a-z_]+)(?:@(?P<len>\d+(?:\.\d+)?[kK]?))?\s*(?:<=|=)\s*(?P<val>[0-9.eE+-]+)\s*(?P<unit>ms|s|us|µs)?$"
+    r"^(?P<kind>[a-z_]+)(?:@(?P<len>\d+(?:\.\d+)?[kK]?))?\s*(?:<=|=)\s*(?P<val>[0-9.eE+-]+|[+-]?(?:nan|inf(?:inity)?))\s*(?P<unit>ms|s|us|µs)?$"
 )
 _UNIT_MS = {None: 1.0, "ms": 1.0, "s": 1e3, "us": 1e-3, "µs": 1e-3}
 
@@ -37,6 +42,8 @@ _UNIT_MS = {None: 1.0, "ms": 1.0, "s": 1e3, "us": 1e-3, "µs": 1e-3}
 def _length(text: str, raw: str) -> int:
     mult = 1024 if text[-1] in "kK" else 1
     num = float(text.rstrip("kK"))
+    if not math.isfinite(num * mult):
+        raise CompressError(f"budget {raw!r}: length {text!r} is not a finite number of tokens; {ACCEPTED}")
     n = int(round(num * mult))
     if n <= 0 or abs(num * mult - n) > 1e-9:
         raise CompressError(f"budget {raw!r}: length {text!r} is not a positive whole number of tokens; {ACCEPTED}")
@@ -54,7 +61,7 @@ def parse_budget(text: str) -> Budget:
     except ValueError:
         value = None
     if value is not None:
-        kind, length, unit = "density", None, None
+        kind, length, unit, token = "density", None, None, s
     else:
         m = _RE.match(s)
         if not m or m.group("kind") not in _KIND:
@@ -62,6 +69,7 @@ def parse_budget(text: str) -> Budget:
         kind = _KIND[m.group("kind")]
         length = _length(m.group("len"), raw) if m.group("len") else None
         unit = m.group("unit")
+        token = m.group("val") + (unit or "")
         try:
             value = float(m.group("val"))
         except ValueError:
@@ -70,10 +78,12 @@ def parse_budget(text: str) -> Budget:
             raise CompressError(f"budget {raw!r}: a {kind} budget is a fraction without a unit; {ACCEPTED}")
         if kind == "latency_ms":
             value *= _UNIT_MS[unit]
+    if not math.isfinite(value):
+        raise CompressError(f"budget {raw!r}: the value {token} is not a finite number; {ACCEPTED}")
     if kind in ("density", "kv_density") and not 0 < value <= 1:
-        raise CompressError(f"budget {raw!r}: a {kind} must be in (0, 1], got {value:g}; {ACCEPTED}")
+        raise CompressError(f"budget {raw!r}: a {kind} must be in (0, 1], got the value {token}; {ACCEPTED}")
     if kind == "latency_ms" and not value > 0:
-        raise CompressError(f"budget {raw!r}: a latency must be > 0, got {value:g}; {ACCEPTED}")
+        raise CompressError(f"budget {raw!r}: a latency must be > 0, got the value {token}; {ACCEPTED}")
     return Budget(kind=kind, value=value, length=length)
 
 

@@ -45,14 +45,23 @@ class Candidate:
     def raw_span(self, n: int) -> float:
         return float(n) if self.kind == "dense" else self.alpha + self.beta * n
 
-    def to_pattern(self, block: int | None = None):
-        """The plan pattern (plans.schema) for this candidate; ``block`` overrides the candidate's rounding."""
+    def to_pattern(self, block: int | None = None, floor_length: int | None = None):
+        """The plan pattern (plans.schema) for this candidate; ``block`` overrides the candidate's rounding.
+
+        ``floor_length``: the shortest length the plan targets. The rule ``alpha + beta*N`` was chosen for lengths
+        from there up; below it the head keeps its span at that length (``min_span``), so a short prompt is never
+        served by a span the search did not choose (a negative alpha would otherwise give a span of 1 at N = 37).
+        At every length >= floor_length the spans are unchanged (beta >= 0)."""
         if self.kind == "dense":
             return DensePattern()
         alpha = float(self.alpha)
+        blk = int(block if block is not None else self.block)
+        min_span = None
+        if floor_length is not None:
+            min_span = span_at(self.alpha, self.beta, int(floor_length), block=blk)
         return SinkWindowPattern(
             sink=int(self.sink), alpha=int(alpha) if alpha.is_integer() else alpha, beta=float(self.beta),
-            block=int(block if block is not None else self.block),
+            block=blk, min_span=min_span,
         )
 
     @property

@@ -93,7 +93,8 @@ class SearchProblem:
     def plan(self, assignment: np.ndarray, result: MilpResult | None = None, budgets: Sequence[Budget] | None = None) -> Plan:
         layers = []
         for li in range(self.n_layers):
-            heads = [self.candidates[int(c)].to_pattern() for c in assignment[li * self.heads : (li + 1) * self.heads]]
+            heads = [self.candidates[int(c)].to_pattern(floor_length=min(self.lengths))
+                     for c in assignment[li * self.heads : (li + 1) * self.heads]]
             layers.append(LayerPlan(heads=heads))
         plan = Plan(
             source="search", model=self.profile_meta.model, granularity=self.granularity, lengths=list(self.lengths),

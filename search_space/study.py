@@ -37,6 +37,7 @@ from plans.identity import ModelIdentity
 from plans.io import plan_from_dict
 from plans.schema import Budget, Plan
 from profilers.profile_format import Profile
+from profilers.progress import progress as progress_helper
 from search_space.budgets import expand_budgets, parse_budgets
 from search_space.candidates import Candidate
 from search_space.milp import MilpResult, non_dominated
@@ -100,6 +101,7 @@ def run_study(
     granularities: Sequence[str] | None = None,
     scale_min: float = 0.5,
     sampler: str = "tpe",
+    progress: bool = True,
 ) -> StudyResult:
     import optuna
 
@@ -233,7 +235,8 @@ def run_study(
         raise CompressError(f"study {study_name!r} was run with budgets {stored}, not {mine}; use another study name")
     study.set_user_attr("budgets", mine)
     study.set_user_attr("model", ident.model_dump())
-    study.optimize(objective, n_trials=trials, catch=())
+    with progress_helper("search", total=trials, unit="trials", enabled=progress) as tick:
+        study.optimize(objective, n_trials=trials, catch=(), callbacks=[lambda _study, _trial: tick()])
 
     # ---- collect, choose, write
     rows = []

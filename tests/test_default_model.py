@@ -55,3 +55,29 @@ def test_apply_round_trip_generate_20_tokens(default_dir, tmp_path):
     with torch.no_grad():
         gen2 = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
     assert torch.equal(gen, gen2)
+
+
+def test_searched_plan_answers_a_short_chat_question_like_dense(default_dir):
+    """Issue 10, must show 2: a 37-token chat question under a searched 0.25-density plan == dense, 20 tokens."""
+    from importlib.resources import files
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import compressor
+    from plans.io import load_plan
+
+    plan = load_plan(files("plans") / "examples" / "smollm2_searched_0.25.json")
+    assert plan.source.startswith("search") and 0.22 < plan.density(2048) < 0.26
+    tok = AutoTokenizer.from_pretrained(default_dir)
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = enc["input_ids"]
+    assert ids.shape[1] == 37
+    model = AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
+    gk = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        dense = model.generate(ids, **gk)
+        compressor.apply(model, plan)
+        got = model.generate(ids, cache=PlanCache(model), **gk)
+    assert "Paris" in tok.decode(dense[0, 37:])
+    assert torch.equal(got, dense)

@@ -368,3 +368,23 @@ def test_attention_sinks_s_aux_follow_the_eager_definition():
     s = torch.cat([s, s_aux[None, :, None, None].expand(1, 4, 12, 1)], -1)
     want = torch.softmax(s, -1)[..., :-1] @ v
     assert (got - want).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_padded_batch_memory_stays_within_twice_the_unpadded_batch():
+    """No N x N tensor at inference: at N = 4096 a left- or right-padded batch's peak extra memory stays within 2x of
+    the same batch without padding (before the fix, right padding took ~660 MiB against ~35 MiB)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).parent / "scripts" / "padded_memory_probe.py"
+
+    def extra_mib(side):
+        r = subprocess.run([sys.executable, str(probe), side, "4096"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return float(r.stdout.split()[-2])
+
+    base = max(extra_mib("none"), 16.0)
+    for side in ("left", "right"):
+        assert extra_mib(side) <= 2 * base, side

@@ -51,6 +51,10 @@ def test_candidate_to_pattern_span_matches():
         assert p.span(n) == c.span(n)
     assert isinstance(DENSE.to_pattern(), DensePattern)
     assert DENSE.span(777) == 777
+    floored = c.to_pattern(floor_length=2048)  # below the shortest target length the span stays at its value there
+    assert floored.min_span == 512 and floored.span(37) == 512  # -1024 + 0.75 * 2048
+    for n in (2048, 3000, 8192):
+        assert floored.span(n) == c.span(n)
 
 
 def test_dedupe_and_grid_errors():
