@@ -370,9 +370,37 @@ def install_cache_hooks(model) -> None:
 
 
 # -- apply ---------------------------------------------------------------------------------------------------
+# config attributes of attention features a sink+window plan cannot express (value that switches them on)
+UNSUPPORTED_FEATURES = {
+    "attention_chunk_size": "chunked local attention (Llama 4 style)",
+    "use_bidirectional_attention": "bidirectional attention",
+}
+
+
+def check_attention_features(model) -> None:
+    """Raise CompressError naming any attention feature of the model's config the plan cannot honour.
+
+    Honoured (not refused): ``scaling``, ``sliding_window`` (intersected), ``softcap`` (Gemma2), ``s_aux`` attention
+    sinks, dropout in train mode."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    mt = getattr(cfg, "model_type", "?")
+    for attr, what in UNSUPPORTED_FEATURES.items():
+        value = getattr(cfg, attr, None)
+        if value not in (None, False, 0):
+            raise CompressError(f"model type {mt!r}: config.{attr}={value!r} ({what}) cannot be combined with a "
+                                "sink+window plan")
+    if getattr(cfg, "is_causal", True) is False:
+        raise CompressError(f"model type {mt!r}: config.is_causal=False (bidirectional attention) cannot be combined "
+                            "with a causal sink+window plan")
+
+
 def apply(model, plan: Plan):
-    """Patch ``model`` in place to run ``plan``; returns the model."""
+    """Patch ``model`` in place to run ``plan``; returns the model.
+
+    Raises CompressError when the model does not route through AttentionInterface, has an attention feature the plan
+    cannot honour (:func:`check_attention_features`), or does not match the plan's model identity."""
     check_model_supported(model, "patched")
+    check_attention_features(model)
     ident = identity_from_config(model.config)
     plan.model.check_matches(ident, "the plan")
     model.config.compress_plan = plan.model_dump(mode="json")

@@ -51,7 +51,12 @@ class DensePattern(BaseModel):
 
 
 class SinkWindowPattern(BaseModel):
-    """``sink`` first tokens plus a recent window; ``span(N) = clamp(alpha + beta*N)`` tokens in all."""
+    """``sink`` first tokens plus a recent window, ``S`` tokens in all (the sink included).
+
+    ``S = span(N0 + length_offset)`` with ``span(N) = round_up(clamp(floor(alpha + beta*N), min_span, max_span),
+    block)`` for a sequence whose prompt holds N0 real tokens; never capped by N0 and fixed while decoding. Query i
+    sees key j iff ``j <= i and (j < sink_eff or i - j < S - sink_eff)``, ``sink_eff = min(sink, S - 1)``
+    (:mod:`plans.span`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # alpha/beta: finite numbers only
     kind: Literal["sink_window"] = "sink_window"
@@ -139,7 +144,10 @@ class Predictions(BaseModel):
 
 
 class Plan(BaseModel):
-    """A per-layer, per-head attention plan for one model geometry."""
+    """A per-layer, per-head attention plan for one model geometry.
+
+    Each sink_window head keeps ``S = span(N0 + length_offset)`` tokens for a sequence with an N0-token prompt,
+    never capped by N0 and fixed while decoding; the head is exactly dense while the sequence holds <= S tokens."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -149,7 +157,8 @@ class Plan(BaseModel):
     model: ModelIdentity
     granularity: Literal["query_head", "kv_head"] = "kv_head"
     length_offset: int = Field(
-        0, ge=0, description="tokens added to the input length before evaluating span rules (MoA run time: 1024)"
+        0, ge=0, description=("tokens added to the prompt length N0 before evaluating span rules: S = span(N0 + length_offset), "
+                     "never capped by N0, fixed while decoding (MoA run time: 1024)")
     )
     lengths: list[_Length] = Field(default_factory=list, description="input lengths the plan targets")
     budgets: list[Budget] = Field(default_factory=list)

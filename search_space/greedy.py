@@ -104,9 +104,12 @@ def solve_greedy(
         a, moves = _upgrade(a, obj, rows, lay_ids, k_eff, max_moves if max_moves is not None else 4 * H)
     losses, costs, objective = evaluate_assignment(a, loss, rows, objective_weights)
     lower_ok = is_feasible(a, rows, lower=True) if status == "greedy" else False
+    missed = status == "greedy" and not lower_ok and any(r.lower for r in rows if r.group is None)
     return MilpResult(
         assignment=a, status=status, objective=objective, mip_gap=None, time_s=time.perf_counter() - t0,
-        losses=losses, costs=costs, solver="greedy",
+        losses=losses, costs=costs, solver="greedy", lower_relaxed=missed,
+        lower_relaxed_reason="the greedy heuristic does not enforce lower bounds and this plan misses them "
+        "(no proof that no plan meets them)" if missed else "",
         message=json.dumps({"lambda": lam_used, "moves": moves, "lower_ok": lower_ok}),
     )
 

@@ -11,8 +11,10 @@ cost is a GQA group's widest member, one continuous ``w[g]`` per group::
           loss_N . x <= eps_N                                    (epsilon-constraint Pareto scans only)
 
 A budget that no assignment can meet raises CompressError naming the budget, its length and the cheapest
-reachable cost. A lower bound that cannot be met together with everything else is dropped (reported in
-``MilpResult.lower_relaxed``): it only exists to make the plan use its budget.
+reachable cost. The lower bounds are dropped only on a proof that no assignment meets them together with
+everything else (HiGHS' infeasibility verdict on the full model, or a column-generation certificate, never a
+restricted master that merely lacks the right columns); the result then says so (``MilpResult.lower_relaxed``
+and ``lower_relaxed_reason``). They only exist to make the plan use its budget.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class MilpResult:
     losses: dict = field(default_factory=dict)  # {N: raw loss sum}
     costs: dict = field(default_factory=dict)  # {row key: total / display_scale}
     solver: str = "highs-milp"
-    lower_relaxed: bool = False
+    lower_relaxed: bool = False  # the lower bounds were dropped: only once no assignment can meet them
+    lower_relaxed_reason: str = ""  # why they were dropped (the proof), empty when they hold
     n_vars: int = 0
     n_constraints: int = 0
     message: str = ""
@@ -95,7 +98,8 @@ class MilpResult:
         return {
             "name": self.solver, "status": self.status, "objective": self.objective,
             "mip_gap": self.mip_gap, "time_s": round(self.time_s, 4), "lower_relaxed": self.lower_relaxed,
-            "n_vars": self.n_vars, "n_constraints": self.n_constraints,
+            "lower_relaxed_reason": self.lower_relaxed_reason, "n_vars": self.n_vars,
+            "n_constraints": self.n_constraints,
         }
 
 
@@ -146,7 +150,13 @@ def objective_vector(loss: Mapping[int, np.ndarray], weights: Mapping | None) ->
 
 
 def check_budgets(rows: Sequence[CostRow]) -> None:
-    """CompressError for a budget below the cheapest reachable cost; clamp lower bounds to the reachable max."""
+    """CompressError for a budget below the cheapest reachable cost.
+
+    A lower bound above the most any assignment can cost is left as it is: no assignment meets it, so the solver
+    drops the lower bounds and says so (``MilpResult.lower_relaxed``). It used to be clamped to that maximum in
+    silence, a weaker constraint than the one asked for, and path-dependent (the K=1 model clamped to the
+    per-layer maximum, the others to the per-head one).
+    """
     for r in rows:
         lo = r.min_total()
         if lo > r.upper * (1 + 1e-9) + 1e-12:
@@ -155,9 +165,6 @@ def check_budgets(rows: Sequence[CostRow]) -> None:
                 f"budget {r.key}{at} is infeasible: the cheapest assignment of the candidates costs "
                 f"{r.show(lo)} but the budget allows {r.show(r.upper)}; raise the budget or add smaller spans"
             )
-        hi = r.max_total()
-        if r.lower and r.lower > hi:
-            r.lower = hi
 
 
 def evaluate_assignment(
@@ -260,7 +267,9 @@ def solve_milp(
             sub.message = json.dumps({**json.loads(sub.message), "distinct_candidates": int(len(keep))})
         return sub
 
-    if use_k and K == 1:
+    # K=1 collapses every layer to one choice; a group-max row whose group spans layers is not linear in those
+    # choices (its members may differ), so such rows take the general model
+    if use_k and K == 1 and all(_groups_within_layers(r.group, layer_of_head) for r in rows if r.group is not None):
         return _solve_k1(loss, rows, layer_of_head, time_limit=time_limit, objective_weights=objective_weights,
                          loss_bounds=loss_bounds, mip_rel_gap=mip_rel_gap, relax_lower=relax_lower,
                          presolve=presolve, t0=t0)
@@ -268,41 +277,14 @@ def solve_milp(
     if method not in ("auto", "direct", "colgen"):
         raise CompressError(f"unknown MILP method {method!r}: use auto, direct or colgen")
     if use_k and (method == "colgen" or (method == "auto" and H * C > 1500)):
-        cg_rows = list(rows) + [
-            CostRow(key=f"loss@{nlen}", cost=loss[nlen], upper=float(eps), lower=0.0) for nlen, eps in (loss_bounds or {}).items()
-        ]
-        has_lower = any(r.lower for r in rows if r.group is None)
-        tries = [True, False] if (relax_lower and has_lower) else [True]
-        for with_lower in tries:
-            limit = time_limit - (time.perf_counter() - t0)
-            k_eff = K if use_k else C
-            a, status, gap, lb, info = _solve_colgen(obj, cg_rows, layer_of_head, k_eff, limit, mip_rel_gap, with_lower)
-            if a is not None:
-                left = time_limit - (time.perf_counter() - t0)
-                if status != "optimal" and H * C <= 20000 and left > 1.0 and use_k:
-                    # small problem, gap not closed: the direct model's branch and bound, bound shared
-                    d = solve_milp(
-                        loss, rows, None, lower_fraction=lower_fraction, layer_of_head=layer_of_head, K=K,
-                        time_limit=min(left, max(5.0, 0.5 * left)), objective_weights=objective_weights, loss_bounds=loss_bounds,
-                        mip_rel_gap=mip_rel_gap, linking="disaggregated", relax_lower=False, method="direct",
-                    ) if with_lower else None
-                    if d is not None and d.status in ("optimal", "time_limit") and np.isfinite(d.objective):
-                        val = float(obj[np.arange(H), a].sum())
-                        dbound = d.objective * (1 - d.mip_gap) if d.mip_gap is not None else -np.inf
-                        bound = max(lb if lb is not None and np.isfinite(lb) else -np.inf, dbound)
-                        if d.objective < val:
-                            a, val = d.assignment, d.objective
-                        gap = max((val - bound) / max(abs(val), 1e-12), 0.0) if np.isfinite(bound) else None
-                        status = "optimal" if gap is not None and gap <= mip_rel_gap else "feasible"
-                        info["direct_fallback"] = d.status
-                losses, costs, objective = evaluate_assignment(a, loss, rows, objective_weights)
-                return MilpResult(
-                    assignment=a, status=status, objective=objective, mip_gap=gap, time_s=time.perf_counter() - t0,
-                    losses=losses, costs=costs, solver="highs-colgen", lower_relaxed=not with_lower,
-                    n_vars=info["columns"], n_constraints=len(cg_rows) + len(np.unique(layer_of_head)),
-                    message=json.dumps(info),
-                )
-        # no integer solution from the generated columns: fall through to the direct model
+        res = _colgen_path(
+            loss, rows, obj, layer_of_head, K, t0=t0, time_limit=time_limit, objective_weights=objective_weights,
+            loss_bounds=loss_bounds, mip_rel_gap=mip_rel_gap, relax_lower=relax_lower, lower_fraction=lower_fraction,
+        )
+        if res is not None:
+            return res
+        # column generation found no plan and proved nothing: the direct model below decides (it finds a plan or
+        # proves that the lower bounds, or the budgets themselves, cannot be met)
 
     def build(with_lower: bool):
         layers = np.unique(layer_of_head) if use_k else np.array([], dtype=int)
@@ -379,22 +361,21 @@ def solve_milp(
         return res, len(c), A.shape[0]
 
     res, n_vars, n_cons = run(True, time_limit)
-    relaxed = False
+    relaxed, reason = False, ""
     has_lower = any(r.lower for r in rows if r.group is None)
     if res.x is None and res.status == 2 and relax_lower and has_lower:
+        # HiGHS proved the full model (lower bounds included) infeasible: only now are the lower bounds dropped
         res, n_vars, n_cons = run(False, time_limit - (time.perf_counter() - t0))
-        relaxed = True
+        relaxed, reason = True, _LOWER_DROPPED + "HiGHS proved the full model with the lower bounds infeasible"
     elapsed = time.perf_counter() - t0
     if res.x is None:
         if res.status == 2:
-            what = ", ".join(f"{r.key} <= {r.show(r.upper)}" for r in rows)
-            kmsg = f" with at most K={K} distinct candidates per layer" if use_k else ""
-            bmsg = f" and loss bounds {dict(loss_bounds)}" if loss_bounds else ""
-            raise CompressError(f"the budgets cannot be met together{kmsg}{bmsg}: {what}")
+            raise _budgets_unmet(rows, K if use_k else None, loss_bounds)
         status = "time_limit" if res.status == 1 else "error"
         return MilpResult(
             assignment=np.zeros(H, dtype=np.int64), status=f"{status} (no feasible solution)", objective=float("nan"),
-            mip_gap=None, time_s=elapsed, lower_relaxed=relaxed, n_vars=n_vars, n_constraints=n_cons, message=res.message,
+            mip_gap=None, time_s=elapsed, lower_relaxed=relaxed, lower_relaxed_reason=reason, n_vars=n_vars,
+            n_constraints=n_cons, message=res.message,
         )
     x = np.asarray(res.x[: H * C]).reshape(H, C)
     assignment = x.argmax(1).astype(np.int64)
@@ -403,9 +384,79 @@ def solve_milp(
     gap = getattr(res, "mip_gap", None)
     return MilpResult(
         assignment=assignment, status=status, objective=objective, mip_gap=None if gap is None else float(gap),
-        time_s=elapsed, losses=losses, costs=costs, lower_relaxed=relaxed, n_vars=n_vars, n_constraints=n_cons,
-        message=str(res.message),
+        time_s=elapsed, losses=losses, costs=costs, lower_relaxed=relaxed, lower_relaxed_reason=reason,
+        n_vars=n_vars, n_constraints=n_cons, message=str(res.message),
     )
+
+
+_LOWER_DROPPED = "no assignment meets the lower bounds together with the other constraints: "
+
+
+def _budgets_unmet(rows: Sequence[CostRow], K: int | None, loss_bounds) -> CompressError:
+    what = ", ".join(f"{r.key} <= {r.show(r.upper)}" for r in rows)
+    kmsg = f" with at most K={K} distinct candidates per layer" if K is not None else ""
+    bmsg = f" and loss bounds {dict(loss_bounds)}" if loss_bounds else ""
+    return CompressError(f"the budgets cannot be met together{kmsg}{bmsg}: {what}")
+
+
+def _colgen_path(loss, rows, obj, layer_of_head, K, *, t0, time_limit, objective_weights, loss_bounds, mip_rel_gap,
+                 relax_lower, lower_fraction) -> MilpResult | None:
+    """The column-generation solve of :func:`solve_milp`, or None when it found no plan and proved nothing.
+
+    The restricted master only holds the generated columns, so "no integer plan among them" proves nothing about
+    the whole problem. The lower bounds are dropped only on a proof that no assignment meets them (see
+    ``_solve_colgen``); without a proof the caller's direct model decides, which finds the plan or proves the
+    infeasibility itself (this used to drop the lower bounds of a feasible problem instead).
+    """
+    H, C = obj.shape
+    cg_rows = list(rows) + [
+        CostRow(key=f"loss@{nlen}", cost=loss[nlen], upper=float(eps), lower=0.0)
+        for nlen, eps in (loss_bounds or {}).items()
+    ]
+    has_lower = any(r.lower for r in rows if r.group is None)
+    with_lower, reason = True, ""
+    a, status, gap, lb, info = _solve_colgen(obj, cg_rows, layer_of_head, K, time_limit - (time.perf_counter() - t0),
+                                             mip_rel_gap, True)
+    if a is None and status == "infeasible" and has_lower and relax_lower:
+        with_lower, reason = False, _LOWER_DROPPED + f"column generation proved it ({info.get('infeasible_proof')})"
+        a, status, gap, lb, info = _solve_colgen(obj, cg_rows, layer_of_head, K,
+                                                 time_limit - (time.perf_counter() - t0), mip_rel_gap, False)
+    if a is None:
+        if status == "infeasible" and (with_lower is False or not has_lower or not relax_lower):
+            raise _budgets_unmet(rows, K, loss_bounds)  # proven: nothing meets the constraints left
+        return None
+    left = time_limit - (time.perf_counter() - t0)
+    if status != "optimal" and H * C <= 20000 and left > 1.0:
+        # small problem, gap not closed: the direct model's branch and bound, bound shared
+        d_rows = rows if with_lower else [CostRow(**{**r.__dict__, "lower": 0.0}) for r in rows]
+        try:
+            d = solve_milp(
+                loss, d_rows, None, lower_fraction=lower_fraction, layer_of_head=layer_of_head, K=K,
+                time_limit=min(left, max(5.0, 0.5 * left)), objective_weights=objective_weights,
+                loss_bounds=loss_bounds, mip_rel_gap=mip_rel_gap, linking="disaggregated", relax_lower=False,
+                method="direct",
+            )
+        except CompressError:  # a plan is known, so only a numerical disagreement lands here: keep the plan
+            d = None
+        if d is not None and d.status in ("optimal", "time_limit") and np.isfinite(d.objective):
+            val = float(obj[np.arange(H), a].sum())
+            dbound = d.objective - d.mip_gap * abs(d.objective) if d.mip_gap is not None else -np.inf
+            bound = max(lb if lb is not None and np.isfinite(lb) else -np.inf, dbound)
+            if d.objective < val:
+                a, val = d.assignment, d.objective
+            gap = max((val - bound) / max(abs(val), 1e-12), 0.0) if np.isfinite(bound) else None
+            status = "optimal" if gap is not None and gap <= mip_rel_gap else "feasible"
+            info["direct_fallback"] = d.status
+    losses, costs, objective = evaluate_assignment(a, loss, rows, objective_weights)
+    return MilpResult(
+        assignment=a, status=status, objective=objective, mip_gap=gap, time_s=time.perf_counter() - t0,
+        losses=losses, costs=costs, solver="highs-colgen", lower_relaxed=not with_lower, lower_relaxed_reason=reason,
+        n_vars=info["columns"], n_constraints=len(cg_rows) + len(np.unique(layer_of_head)), message=json.dumps(info),
+    )
+
+
+def _groups_within_layers(group: np.ndarray, layer_of_head: np.ndarray) -> bool:
+    return all(len(np.unique(layer_of_head[group == g])) == 1 for g in np.unique(group))
 
 
 def _solve_k1(loss, rows, layer_of_head, *, t0, **kw) -> MilpResult:
@@ -438,7 +489,8 @@ def _solve_k1(loss, rows, layer_of_head, *, t0, **kw) -> MilpResult:
     return MilpResult(
         assignment=a, status=r.status, objective=objective if r.ok else float("nan"), mip_gap=r.mip_gap,
         time_s=time.perf_counter() - t0, losses=losses, costs=costs, solver="highs-milp (K=1 per layer)",
-        lower_relaxed=r.lower_relaxed, n_vars=r.n_vars, n_constraints=r.n_constraints, message=r.message,
+        lower_relaxed=r.lower_relaxed, lower_relaxed_reason=r.lower_relaxed_reason, n_vars=r.n_vars,
+        n_constraints=r.n_constraints, message=r.message,
     )
 
 
@@ -558,6 +610,40 @@ class _Layer:
         if bound is not None and np.isfinite(bound):
             return float(bound)  # a valid lower bound of the pricing value even at the time limit
         return float(res.fun) if res.status == 0 and res.x is not None else None
+
+
+def _max_value(obj: np.ndarray) -> float:
+    """The largest objective value any assignment can have (every head at its worst candidate)."""
+    return float(obj.max(1).sum())
+
+
+def _no_plan_status(complete_infeasible: bool, lb: float, obj: np.ndarray, info: dict) -> str:
+    """``infeasible`` only with a proof that no assignment meets the constraints, else ``no_plan``.
+
+    Proofs: the master holds every column (K=1) and is infeasible, or the certified lower bound exceeds the
+    largest value any assignment can have (so no assignment is feasible: with big-M slacks the Lagrangian bound
+    of an infeasible master grows with the penalty, and the extended master's bound is its cut when it is empty).
+    """
+    top = _max_value(obj)
+    if complete_infeasible:
+        info["infeasible_proof"] = "the master holds every column and is infeasible"
+    elif np.isfinite(lb) and lb > top + 1e-6 * max(1.0, abs(top)):
+        info["infeasible_proof"] = f"certified lower bound {lb:.6g} > largest objective of any plan {top:.6g}"
+    else:
+        return "no_plan"
+    return "infeasible"
+
+
+def _exact_pricing_bound(L, S, g, pi, lp_val, t0, time_limit) -> float | None:
+    """The Lagrangian bound with every layer priced exactly by its K-median MILP (None when one fails)."""
+    vals = []
+    for li, lay in enumerate(L):
+        left = time_limit - (time.perf_counter() - t0)
+        v = lay.price_exact_milp(S[lay.heads], g, max(0.5, 0.3 * left / (len(L) - li)))
+        if v is None:
+            return None
+        vals.append(v - pi[li])
+    return lp_val + float(np.minimum(vals, 0).sum())
 
 
 def _solve_colgen(
@@ -706,18 +792,8 @@ def _solve_colgen(
             break
     certified = exact_all
     if not exact_all and np.isfinite(lp_val):  # certify the bound with exact per-layer MILP pricing
-        S, g = scores(mu)
-        vals = []
-        for li, lay in enumerate(L):
-            left = time_limit - (time.perf_counter() - t0)
-            v = lay.price_exact_milp(S[lay.heads], g, max(0.5, 0.3 * left / (nL - li)))
-            if v is None:
-                vals = None
-                break
-            vals.append(v - pi[li])
-        if vals is not None:
-            lb = max(lb, lp_val + float(np.minimum(vals, 0).sum()))
-            certified = True
+        b = _exact_pricing_bound(L, *scores(mu), pi, lp_val, t0, time_limit)
+        lb, certified = (max(lb, b), True) if b is not None else (lb, False)
     cg_time = time.perf_counter() - t0
 
     # enrich: top subsets at the final duals, perturbed duals, and one-head moves around the LP support
@@ -779,7 +855,7 @@ def _solve_colgen(
     can_extend = certified and not grp_idx and all(lay.subsets is not None for lay in L) and np.isfinite(lp_val)
     ext_info: dict = {}
 
-    def extended_master(ub: float, limit: float):
+    def extended_master(ub: float, limit: float, cut: float | None = None):
         """The integer problem restricted to the plans that beat ``cut = ub * (1 - 0.9 * mip_rel_gap)``, exactly.
 
         With the final duals, any assignment costs at least ``LB + sum_l excess_l`` where a layer's excess is its
@@ -798,7 +874,7 @@ def _solve_colgen(
             vals_T.append(v)
             minrc.append(float(v.min()) - pi[li])
         lb_f = lp_val + float(np.minimum(minrc, 0.0).sum())
-        cut = ub - 0.9 * mip_rel_gap * abs(ub)
+        cut = ub - 0.9 * mip_rel_gap * abs(ub) if cut is None else cut
         delta = cut - lb_f
         if not delta > 0:
             return None, ub, cut
@@ -879,14 +955,16 @@ def _solve_colgen(
     rounds = 0
     ext_ub = np.inf  # incumbent value at the last extended-master attempt
 
-    def try_extended(limit: float):
-        """One extended-master attempt from the incumbent: (new incumbent or None, new lower bound, done?)."""
-        out = extended_master(best[0], limit)
+    def try_extended(limit: float, cut: float | None = None):
+        """One extended-master attempt from the incumbent (or over every plan below ``cut``): (new incumbent or
+        None, new lower bound, done?)."""
+        out = extended_master(best[0] if best else cut, limit, cut)
         ext_info["ext_calls"] = ext_info.get("ext_calls", 0) + 1
         if out is None:
             return None, lb, True
         a_x, v_x, b_x = out
-        better = (v_x, a_x, best[2]) if a_x is not None and v_x < best[0] - 1e-12 else None
+        improves = a_x is not None and (not best or v_x < best[0] - 1e-12)
+        better = (v_x, a_x, best[2] if best else rm) if improves else None
         return better, max(lb, b_x), ext_info.get("ext_status") in (0, 2)
 
     while True:
@@ -922,6 +1000,13 @@ def _solve_colgen(
         if len(cols_obj) == n_before and (rm.status != 0 or tighter == master_gap):
             break
         master_gap = tighter  # the master stopped at its own tolerance: ask it for more next round
+    left = time_limit - (time.perf_counter() - t0)
+    if best is None and not complete and can_extend and left > 0.5:
+        # the restricted master holds no integer plan, which proves nothing (its columns are a heuristic subset:
+        # with lower bounds the few plans that meet them are often missing). The extended master with a cut
+        # above every plan's value keeps every plan: it finds one, or its infeasibility proves there is none.
+        ext_info["ext_every_plan"] = True
+        best, lb, _ = try_extended(max(0.9 * left, 1.0), cut=_max_value(obj) + 1.0)
     if best is not None and can_extend and ext_info.get("ext_status") not in (0, 2):
         left = time_limit - (time.perf_counter() - t0)
         if (best[0] - lb) / max(abs(best[0]), 1e-12) > mip_rel_gap and left > 1.0:
@@ -931,7 +1016,7 @@ def _solve_colgen(
             "master_rounds": rounds, "lp_bound": lp_val, "lagrangian_bound": lb if np.isfinite(lb) else None,
             "bound_certified": bool(certified), "complete_master": complete, **ext_info}
     if best is None:
-        return None, ("infeasible" if rm.status == 2 else "time_limit"), None, lb, info
+        return None, _no_plan_status(complete and rm.status == 2, lb, obj, info), None, lb, info
     val, assignment, rm = best
     gap = max((val - lb) / max(abs(val), 1e-12), 0.0) if np.isfinite(lb) else None
     if complete and rm.status == 0 and getattr(rm, "mip_gap", None) is not None:

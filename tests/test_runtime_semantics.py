@@ -388,3 +388,14 @@ def test_padded_batch_memory_stays_within_twice_the_unpadded_batch():
     base = max(extra_mib("none"), 16.0)
     for side in ("left", "right"):
         assert extra_mib(side) <= 2 * base, side
+
+
+@pytest.mark.parametrize("attr, value", [("attention_chunk_size", 16), ("use_bidirectional_attention", True),
+                                         ("is_causal", False)])
+def test_attention_features_a_plan_cannot_express_are_refused_by_name(attr, value):
+    from plans.errors import CompressError
+
+    m = tiny_model("llama")
+    setattr(m.config, attr, value)
+    with pytest.raises(CompressError, match=attr):
+        compressor.apply(m, same_heads_plan(m, [DensePattern()] * 2))
