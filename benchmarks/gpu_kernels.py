@@ -47,7 +47,8 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from kernels.reference import reference_attention
-    from kernels.triton_decode import decode_reference, sparse_decode
+    from kernels.reference import decode_reference
+    from kernels.triton_decode import sparse_decode
     from kernels.triton_prefill import sparse_prefill
     from kernels_cpu import make_windows
     from plans.span import prefill_density

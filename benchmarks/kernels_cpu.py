@@ -1,7 +1,7 @@
 """CPU prefill benchmark: kernels.banded.banded_attention vs dense causal SDPA (paired ratios, 1 thread).
 
 For every (N, density) the heads get sink 64 and power-of-two windows spread over three octaves (as in
-shared/reference/cpu-kernels.md ``make_windows``); each repeat times dense and banded back to back in
+docs/cpu-kernels.md ``make_windows``); each repeat times dense and banded back to back in
 alternating order, and the reported speedup is the median of the per-repeat ratios.
 
     python benchmarks/kernels_cpu.py                 # full run, writes benchmarks/results/kernels_cpu.{json,md}

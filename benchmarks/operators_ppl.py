@@ -1,5 +1,5 @@
 """Perplexity of a plan with a share of linear (MPCViT scaling-attention) heads next to an all-window plan of
-the same analytic cost (search_space.operators.plan_cost), on the default model and held-out Austen text.
+the same analytic cost (search_space.operator_selection.plan_cost), on the default model and held-out Austen text.
 
 The linear heads are the KV heads with the least Taylor influence in a profile (per-layer normalised);
 the other heads keep a sink + window whose span is bisected so the two plans cost the same.
@@ -28,7 +28,7 @@ from plans.identity import identity_from_config  # noqa: E402
 from plans.schema import LayerPlan, LinearPattern, Plan, SinkWindowPattern  # noqa: E402
 from profilers.corpora import load_corpus, split_corpus  # noqa: E402
 from profilers.profile_format import load_profile, normalize_profile  # noqa: E402
-from search_space.operators import plan_cost  # noqa: E402
+from search_space.operator_selection import plan_cost  # noqa: E402
 
 
 def window_plan(ident, span, sink, linear=frozenset()):
@@ -111,7 +111,7 @@ def main():
     write_text_atomic(a.out + ".json", json.dumps(meta, indent=2) + "\n")
     md = [f"# Linear-head share vs all-window at equal cost (N={a.n})", "", f"- command: `{meta['command']}`",
           f"- date: {meta['date']}; machine: {meta['machine']}", "- cost: analytic multiply-adds "
-          "(search_space.operators.OPERATOR_COSTS), linear heads = lowest-influence KV heads of the profile", "",
+          "(search_space.operator_selection.OPERATOR_COSTS), linear heads = lowest-influence KV heads of the profile", "",
           "| plan | perplexity | relative cost | window span | linear KV heads |", "|---|---|---|---|---|"]
     for r in rows:
         cost = "-" if r["relative_cost"] is None else format(r["relative_cost"], ".3f")

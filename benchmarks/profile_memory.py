@@ -4,7 +4,7 @@ Each mode runs in its own subprocess (``MALLOC_ARENA_MAX=2`` so glibc RSS is com
 
 * ``baseline``: sdpa, parameters frozen, input embeddings require grad, same loss (mean CE on the target half),
   ``loss.backward()``; nothing else.
-* ``profile``: ``profilers.profile_run.run_profile`` on the same samples (sdpa forward + per-layer blockwise
+* ``profile``: ``compressor.influence_profile.run_profile`` on the same samples (sdpa forward + per-layer blockwise
   recompute in backward).
 
 After loading the model (and a short warm-up at 128 tokens) the peak-RSS mark is reset (``/proc/self/clear_refs``),
@@ -122,7 +122,7 @@ def child(args) -> dict:
     sys.path.insert(0, str(REPO))
     if args.threads:
         torch.set_num_threads(args.threads)
-    from profilers.profile_run import run_profile, sample_loss
+    from compressor.influence_profile import run_profile, sample_loss
 
     rss0 = _rss()
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ loads with stock ``AutoModelForCausalLM.from_pretrained(dir)``.
 """
 
 from compressor.patching import apply, plan_of, unapply  # noqa: F401  (registers the attention function)
-from kernels.kv_cache import PlanCache  # noqa: F401
+from compressor.hf.plan_cache import PlanCache  # noqa: F401
 from plans.errors import CompressError  # noqa: F401
 from plans.io import load_plan, save_plan  # noqa: F401
 from plans.schema import Plan  # noqa: F401

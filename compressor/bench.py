@@ -82,7 +82,7 @@ def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_ste
     """Measure dense, ``plan`` and the uniform plan of the same prefill density at every length. With ``progress``:
     a bar on a terminal, plain lines on stderr otherwise (see :mod:`profilers.progress`), one step per case."""
     from compressor.patching import apply, unapply
-    from kernels.kv_cache import PlanCache, dense_cache_bytes
+    from compressor.hf.plan_cache import PlanCache, dense_cache_bytes
 
     from compressor.evaluation import method_plans
     from profilers.progress import progress as progress_helper
@@ -165,4 +165,33 @@ def results_as_dicts(results: list[MethodResult]) -> list[dict]:
     return [asdict(r) for r in results]
 
 
-__all__ = ["bench", "MethodResult", "results_as_dicts"]
+@dataclass
+class BenchReport:
+    """What `compress bench` reports: the model, which plan, the torch threads, the repeats and every result."""
+
+    model: dict
+    plan: str
+    threads: int
+    repeats: int
+    results: list[MethodResult]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "plan": self.plan, "threads": self.threads, "repeats": self.repeats,
+                "results": results_as_dicts(self.results)}
+
+
+def kernel_table(lengths: list[int], head_dim: int):
+    """Measure the latency table `compress search --latency-table` reads (kernel times and operator costs)."""
+    from profilers.progress import progress
+    from search_space.costs import measure_latency_table
+    from search_space.operator_selection import measure_operator_costs
+
+    with progress("bench kernel table", total=2, unit="tables") as tick:
+        table = measure_latency_table(lengths=lengths, head_dim=head_dim)
+        tick()
+        table.operators = measure_operator_costs(lengths=lengths, head_dim=head_dim)
+        tick()
+    return table
+
+
+__all__ = ["bench", "BenchReport", "MethodResult", "kernel_table", "results_as_dicts"]

@@ -58,29 +58,23 @@ def plan_show(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """A table per layer: the span of every head at length N, and the densities."""
-    from plans.io import load_plan
+    from compressor.pipeline import show_plan
 
-    p = load_plan(plan)
-    n = n or (p.lengths[0] if p.lengths else 4096)
-    rows = [[p.describe_span(li, h, n) for h in range(p.heads_per_layer)] for li in range(len(p.layers))]
-    summary = {"n": n, "density": p.density(n), "kv_density": p.kv_density(n), "granularity": p.granularity,
-               "source": p.source, "model": p.model.model_dump()}
+    view = show_plan(plan, n)
     if as_json:
-        emit_json({**summary, "spans": rows})
+        emit_json(view.to_dict())
         return
+    p, n = view.plan, view.n
     t = Table(title=f"{plan}  ({p.model.model_type}, {p.granularity}, source={p.source}) — spans at N={n}")
     t.add_column("layer", justify="right")
     for h in range(p.heads_per_layer):
         t.add_column(f"h{h}", justify="right")
     t.add_column("density", justify="right")
-    for li, row in enumerate(rows):
-        spans = p.spans(li, n)
-        from plans.span import prefill_density
-
-        dens = sum(prefill_density(min(int(s), n), n) for s in spans) / len(spans)
-        t.add_row(str(li), *row, f"{dens:.3f}")
+    for li, row in enumerate(view.spans):
+        t.add_row(str(li), *row, f"{view.layer_density(li):.3f}")
     out_console.print(t)
-    out_console.print(f"prefill density {summary['density']:.3f} · KV density {summary['kv_density']:.3f} at N={n}")
+    s = view.summary
+    out_console.print(f"prefill density {s['density']:.3f} · KV density {s['kv_density']:.3f} at N={n}")
     if p.predicted.loss:
         out_console.print(f"predicted loss: {p.predicted.loss}  solver: {p.predicted.solver}")
 
@@ -98,10 +92,8 @@ def plan_uniform(
 ):
     """The StreamingLLM baseline: one sink + recent window for every head."""
     from compressor.pipeline import make_uniform_plan
-    from plans.io import save_plan
 
-    p = make_uniform_plan(model, span=span, density=density, length=length, sink=sink, granularity=granularity)
-    save_plan(p, out)
+    p = make_uniform_plan(model, span=span, density=density, length=length, sink=sink, granularity=granularity, out=out)
     console.print(f"wrote {out}: span {p.layers[0].heads[0].span(length)} at N={length}, density {p.density(length):.3f}")
 
 
@@ -119,10 +111,8 @@ def plan_import(
 ):
     """Import a MoA or DuoAttention plan for MODEL."""
     from compressor.pipeline import import_plan
-    from plans.io import save_plan
 
-    p = import_plan(file, model, fmt=fmt, threshold=threshold, sink=sink, recent=recent, new_tokens=new_tokens)
-    save_plan(p, out)
+    p = import_plan(file, model, out=out, fmt=fmt, threshold=threshold, sink=sink, recent=recent, new_tokens=new_tokens)
     console.print(f"wrote {out} ({p.source}, {p.granularity}, {len(p.layers)} layers)")
 
 
@@ -130,13 +120,10 @@ def plan_import(
 @user_errors
 def plan_schema(out: Optional[Path] = typer.Option(None, "--out")):
     """Print (or write) the plan JSON Schema."""
-    from plans.atomic import write_text_atomic
-    from plans.io import plan_json_schema
+    from compressor.pipeline import plan_schema as schema_text
 
-    text = json.dumps(plan_json_schema(), indent=2) + "\n"
-    if out:
-        write_text_atomic(out, text)
-    else:
+    text = schema_text(out)
+    if not out:
         sys.stdout.write(text)
 
 
@@ -174,19 +161,13 @@ def _floats(text: str, what: str) -> list[float]:
         raise CompressError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _names(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
 # -- data and profile ---------------------------------------------------------------------------------------
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect calibration sets.")
 app.add_typer(data_app, name="data")
-
-
-def _recipe(model_name: str, lengths: str, samples: int, sources: str, seed: int):
-    from profilers.calibration import CalibrationRecipe
-
-    try:
-        return CalibrationRecipe(sources=[x for x in sources.split(",") if x], lengths=_lengths(lengths),
-                                 samples_per_length=samples, seed=seed, model=model_name)
-    except ValueError as e:
-        raise CompressError(f"bad calibration recipe: {e}") from None
 
 
 @data_app.command("build")
@@ -201,33 +182,24 @@ def data_build(
     seed: int = typer.Option(0, "--seed"),
 ):
     """Build (or load from cache) a calibration set; 'qa' lets the dense model answer."""
-    from compressor.models import compress_home, load_model
-    from profilers.calibration import calibration_dir, get_or_build_calibration
+    from compressor.pipeline import build_calibration
 
-    m, tok = load_model(model)
-    recipe = _recipe(str(model or "default"), lengths, samples, sources, seed)
-    cache = out or compress_home() / "calibration"
-    data = get_or_build_calibration(cache, tok, recipe, model=m if "qa" in recipe.sources else None)
-    console.print(f"calibration set in {calibration_dir(cache, tok, recipe)}: "
-                  + ", ".join(f"{n}: {len(v)} samples" for n, v in sorted(data.items())))
+    path, data = build_calibration(model, out=out, lengths=_lengths(lengths), samples=samples, sources=_names(sources),
+                                   seed=seed)
+    console.print(f"calibration set in {path}: " + ", ".join(f"{n}: {len(v)} samples" for n, v in sorted(data.items())))
 
 
 @data_app.command("show")
 @user_errors
 def data_show(path: Path = typer.Argument(..., help="a calibration folder"), as_json: bool = typer.Option(False, "--json")):
     """Samples per length and source, with their loss-token counts."""
-    from profilers.calibration import load_calibration
+    from compressor.pipeline import show_calibration
 
-    cs = load_calibration(path)
-    rows = []
-    for n, ss in sorted(cs.samples.items()):
-        for i, smp in enumerate(ss):
-            rows.append({"n": n, "i": i, "source": smp.meta.get("source", smp.meta.get("task", "?")),
-                         "loss_tokens": int(smp.loss_mask.sum()), "answer": (smp.answer or "")[:40]})
+    recipe, rows = show_calibration(path)
     if as_json:
-        emit_json({"recipe": cs.recipe.model_dump(), "samples": rows})
+        emit_json({"recipe": recipe.model_dump(), "samples": rows})
         return
-    t = Table(title=f"{path} (seed {cs.recipe.seed})")
+    t = Table(title=f"{path} (seed {recipe.seed})")
     for c in ("N", "#", "source", "loss tokens", "answer"):
         t.add_column(c)
     for r in rows:
@@ -255,27 +227,15 @@ def profile_cmd(
     gate_window: int = typer.Option(256, "--gate-window", help="gates: span of the cheap sink+window operator"),
 ):
     """Per-head attention influence from gradients (one backward per sample, never an N x N matrix)."""
-    from compressor.models import compress_home, load_model
-    from profilers.calibration import get_or_build_calibration
-    from profilers.profile_run import run_profile
+    from compressor.pipeline import profile
 
-    if method not in ("taylor", "gates"):
-        raise CompressError(f"unknown profiling method {method!r} (available: taylor, gates)")
-    m, tok = load_model(model)
-    recipe = _recipe(str(model or "default"), lengths, samples, sources, seed)
-    data = get_or_build_calibration(compress_home() / "calibration", tok, recipe,
-                                    model=m if "qa" in recipe.sources else None)
+    prof = profile(out, model, lengths=_lengths(lengths), samples=samples, sources=_names(sources), seed=seed,
+                   block=block, sinks=_floats(sinks, "--sinks"), allow_extrapolation=allow_extrapolation, resume=resume,
+                   method=method, pair=pair, gate_steps=gate_steps, gate_window=gate_window)
     if method == "gates":
-        from profilers.gates import run_gates
-
-        sink = int(_floats(sinks, "--sinks")[0])
-        prof = run_gates(m, data, out, pair=pair, window=(sink, gate_window), steps=gate_steps, seed=seed,
-                         block=block, model_name=str(model or "default"))
         console.print(f"wrote gates profile {out}.safetensors / {out}.json ({pair})")
-        return
-    prof = run_profile(m, data, out, block=block, sink_sizes=[int(x) for x in _floats(sinks, "--sinks")],
-                       allow_extrapolation=allow_extrapolation, resume=resume, model_name=str(model or "default"))
-    console.print(f"wrote {out}.safetensors / {out}.json: lengths {prof.meta.lengths}, samples {prof.meta.samples}")
+    else:
+        console.print(f"wrote {out}.safetensors / {out}.json: lengths {prof.meta.lengths}, samples {prof.meta.samples}")
 
 
 @app.command("search")
@@ -303,41 +263,16 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """An exact per-head plan under the budgets (HiGHS MILP), optionally inside an Optuna study."""
-    from compressor.progress import progress
-    from plans.identity import identity_from_config
-    from profilers.profile_format import load_profile
-    from search_space.search import search
+    from compressor.pipeline import search, search_summary
 
-    prof = load_profile(profile)
-    ident, evaluate = None, None
-    if model is not None:
-        from compressor.models import load_model
-
-        m, tok = load_model(model)
-        ident = identity_from_config(m.config)
-        prof.meta.model.check_matches(ident, f"profile {profile}")
-        if trials and validate_length:
-            from compressor.run import validation_evaluator
-            from profilers.calibration import CalibrationRecipe, get_or_build_calibration
-            from compressor.models import compress_home
-
-            rec = CalibrationRecipe(sources=["austen", "passkey"], lengths=[validate_length],
-                                    samples_per_length=val_samples, seed=seed + 1, model=str(model))
-            val = get_or_build_calibration(compress_home() / "calibration", tok, rec)[validate_length]
-            evaluate = validation_evaluator(m, val)
-    # with --trials the study reports per trial; a single MILP solve is one step (the heartbeat speaks meanwhile)
-    with progress("search", total=1, unit="solves", enabled=not trials) as tick:
-        res = search(prof, budget, granularity=granularity, K=k, solver=solver, time_limit=time_limit, out_dir=out,
-                     trials=trials, evaluate=evaluate, seed=seed, storage=storage, study_name=study_name,
-                     resume=resume, latency_table=latency_table, model=ident, normalize=normalize)
-        tick()
-    p = res.plan
-    info = {"plan": str(out / "plan.json"), "status": res.solver.status, "objective": res.solver.objective,
-            "mip_gap": getattr(res.solver, "mip_gap", None), "density": p.predicted.density,
-            "kv_density": p.predicted.kv_density, "loss": p.predicted.loss, "files": {k2: str(v) for k2, v in res.files.items()}}
+    res = search(profile, budget, out=out, model=model, granularity=granularity, k=k, solver=solver,
+                 time_limit=time_limit, trials=trials, validate_length=validate_length, val_samples=val_samples,
+                 latency_table=latency_table, storage=storage, study_name=study_name, resume=resume,
+                 normalize=normalize, seed=seed)
     if as_json:
-        emit_json(info)
+        emit_json(search_summary(res, out))
         return
+    p = res.plan
     t = Table(title=f"compress search → {out / 'plan.json'} ({res.solver.status})")
     for c in ("N", "density", "kv density", "predicted loss"):
         t.add_column(c, justify="right")
@@ -368,19 +303,18 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """The whole pipeline on the default model: profile -> search -> apply -> eval (stages resume)."""
-    from compressor.run import RunConfig, run
+    from compressor.pipeline import run
+    from compressor.run import RunConfig, report_markdown
 
     cfg = RunConfig(model=model, out=str(out), profile_lengths=_lengths(profile_lengths), validate_length=validate_length,
                     eval_lengths=_lengths(eval_lengths), budgets=list(budget), samples=samples, trials=trials,
-                    eval_tasks=[t for t in eval_tasks.split(",") if t], eval_depths=_floats(eval_depths, "--eval-depths"),
-                    eval_samples=eval_samples, sources=[x for x in sources.split(",") if x], seed=seed,
+                    eval_tasks=_names(eval_tasks), eval_depths=_floats(eval_depths, "--eval-depths"),
+                    eval_samples=eval_samples, sources=_names(sources), seed=seed,
                     sinks=[int(x) for x in _floats(sinks, "--sinks")], block=block)
     summary = run(cfg)
     if as_json:
         emit_json(summary)
         return
-    from compressor.run import report_markdown
-
     out_console.print(report_markdown(summary))
     console.print(f"everything is in {out}/ (report.json, report.md, plans/, model/, eval_*.png)")
 
@@ -400,18 +334,10 @@ def distill_cmd(
     resume: bool = typer.Option(True, "--resume/--no-resume"),
 ):
     """Optional KD fine-tuning of the non-attention weights for a plan with cheap operators (resumable)."""
-    from compressor.distill import distill
-    from compressor.models import compress_home, load_model
-    from compressor.pipeline import save_patched
-    from plans.io import load_plan
-    from profilers.calibration import get_or_build_calibration
+    from compressor.pipeline import distill
 
-    p = load_plan(plan)
-    m, tok = load_model(model)
-    recipe = _recipe(str(model or "default"), lengths, samples, sources, seed)
-    data = get_or_build_calibration(compress_home() / "calibration", tok, recipe)
-    losses = distill(m, p, data, steps=steps, lr=lr, out_dir=out / "checkpoint", resume=resume, seed=seed)
-    save_patched(m, tok, p, out / "model")
+    losses = distill(plan, out, model, steps=steps, lr=lr, lengths=_lengths(lengths), samples=samples,
+                     sources=_names(sources), seed=seed, resume=resume)
     console.print(f"distilled {len(losses)} steps (loss {losses[0]:.4g} -> {losses[-1]:.4g}); model in {out / 'model'}")
 
 
@@ -431,36 +357,14 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Dense vs the plan(s) vs the uniform plan at the same density, on the same samples."""
-    from compressor.evaluation import evaluate, heatmap_png
-    from compressor.models import load_model
-    from plans.atomic import write_text_atomic
-    from plans.identity import identity_from_config
-    from plans.io import load_plan
+    from compressor.pipeline import evaluate
 
-    plans = {p.stem: load_plan(p) for p in plan}
-    ls, ds = _lengths(lengths), _floats(depths, "--depths")
-    m, tok = load_model(model)
-    ident = identity_from_config(m.config)
-    for name, p in plans.items():
-        p.model.check_matches(ident, f"plan {name}")
-    haystack = _heldout_corpus(corpus, seed) if task in ("passkey", "ppl") else None
-    report = evaluate(m, tok, plans, task, ls, depths=ds, samples=samples, seed=seed, haystack=haystack,
-                      progress=True)
-    data = report.to_dict()
-    if out:
-        write_text_atomic(Path(out) / f"eval_{task}.json", json.dumps(data, indent=2, default=str) + "\n")
-        heatmap_png(report, Path(out) / f"eval_{task}.png")
+    report = evaluate(task, plan, model, lengths=_lengths(lengths), depths=_floats(depths, "--depths"), samples=samples,
+                      corpus=corpus, seed=seed, out=out)
     if as_json:
-        emit_json(data)
+        emit_json(report.to_dict())
     else:
         _print_eval(report)
-
-
-def _heldout_corpus(corpus: str, seed: int) -> list[str]:
-    from profilers.corpora import load_corpus, split_corpus
-
-    docs = load_corpus(corpus.split(",") if "," in corpus else corpus)
-    return list(split_corpus(docs).heldout)  # the same split calibration uses: eval never sees calibration text
 
 
 def _print_eval(report) -> None:
@@ -490,46 +394,19 @@ def bench_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="write the results JSON here"),
 ):
     """Prefill/decode time and KV bytes: dense vs plan vs uniform at the same density (ratios, one run)."""
-    import torch
+    from compressor.pipeline import bench
 
-    from compressor.bench import bench, results_as_dicts
-    from compressor.models import load_model
-    from compressor.progress import progress
-    from compressor.pipeline import make_uniform_plan
-    from plans.atomic import write_text_atomic
-    from plans.io import load_plan
-
-    if threads:
-        torch.set_num_threads(threads)
-    ls = _lengths(lengths)
-    m, _ = load_model(model)
-    p = load_plan(plan) if plan else make_uniform_plan(model, density=density, length=ls[0])
-    if kernel_table:
-        from search_space.costs import measure_latency_table
-
-        from search_space.operators import measure_operator_costs
-
-        with progress("bench kernel table", total=2, unit="tables") as tick:
-            table = measure_latency_table(lengths=ls, head_dim=p.model.head_dim)
-            tick()
-            table.operators = measure_operator_costs(lengths=ls, head_dim=p.model.head_dim)
-            tick()
-        write_text_atomic(kernel_table, table.model_dump_json(indent=2))
-        console.print(f"wrote latency table {kernel_table}")
-    res = bench(m, p, ls, repeats=repeats, whole_model=whole_model, decode=decode, progress=True)
-    data = {"model": p.model.model_dump(), "plan": str(plan) if plan else f"uniform density {density}",
-            "threads": torch.get_num_threads(), "repeats": repeats, "results": results_as_dicts(res)}
-    if out:
-        write_text_atomic(out, json.dumps(data, indent=2) + "\n")
+    report = bench(model, plan=plan, density=density, lengths=_lengths(lengths), repeats=repeats, threads=threads,
+                   whole_model=whole_model, decode=decode, kernel_table=kernel_table, out=out)
     if as_json:
-        emit_json(data)
+        emit_json(report.to_dict())
         return
     t = Table(title="compress bench (speedup = dense time / method time, same run)")
     for c in ("N", "method", "density", "kv density", "attn ms", "attn ×", "model ms", "model ×", "decode ms",
               "decode ×", "tok/s", "KV MiB", "KV frac"):
         t.add_column(c, justify="right")
     f = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
-    for r in res:
+    for r in report.results:
         t.add_row(str(r.n), r.method, f(r.density, ".3f"), f(r.kv_density, ".3f"), f(r.attn_prefill_ms, ".0f"),
                   f(r.ratios.get("attn_prefill_speedup"), ".2f"), f(r.model_prefill_ms, ".0f"),
                   f(r.ratios.get("model_prefill_speedup"), ".2f"), f(r.decode_step_ms, ".1f"),

@@ -29,7 +29,6 @@ with the plan and holds the trained weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -100,7 +99,7 @@ def _recipe(model, plan: Plan, samples, *, params: str, lr: float, loss: str, se
 
 
 def _accepts_logits_to_keep(model) -> bool:
-    from profilers.profile_run import _accepts_logits_to_keep as acc
+    from compressor.hf.modules import accepts_logits_to_keep as acc
 
     return acc(model)
 
@@ -221,15 +220,62 @@ def _load_ckpt(out_dir: Path, named, opt: torch.optim.Optimizer, recipe: str) ->
     return step, losses
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _check_settings(*, steps: int, lr: float, save_every: int, loss: str, params: str, teacher: str) -> None:
+    if steps < 0 or lr <= 0 or save_every < 1:
+        raise CompressError(f"bad settings: steps={steps}, lr={lr}, save_every={save_every}")
+    if loss not in ("kl", "mse"):
+        raise CompressError(f"loss must be 'kl' or 'mse', got {loss!r}")
+    if params not in ("non_attention", "all"):
+        raise CompressError(f"params must be 'non_attention' or 'all', got {params!r}")
+    if teacher not in ("auto", "cache", "copy"):
+        raise CompressError(f"teacher must be 'auto', 'cache' or 'copy', got {teacher!r}")
 
-    return Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=Console(stderr=True))
+
+def _teacher_kind(model, samples: list[Sample], loss: str, teacher: str, max_teacher_bytes: int) -> str:
+    """``auto`` -> ``cache`` when the cached teacher outputs fit in ``max_teacher_bytes``, else ``copy``."""
+    if teacher != "auto":
+        return teacher
+    width = text_config(model.config).vocab_size if loss == "kl" else text_config(model.config).hidden_size
+    need = sum(int(_positions(s).numel()) for s in samples) * int(width) * 4
+    return "cache" if need <= max_teacher_bytes else "copy"
+
+
+def _step_loss(model, s: Sample, tgt: torch.Tensor, loss: str, use_ltk: bool) -> torch.Tensor:
+    """The student's KD loss on one sample against the teacher's ``tgt`` (with grad)."""
+    out = _forward(model, s, _positions(s), loss, use_ltk)
+    if loss == "kl":
+        return F.kl_div(out, tgt, log_target=True, reduction="batchmean")
+    return (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp(min=1e-12)
+
+
+def _train(model, ss: list[Sample], target: Callable[[int, Sample], torch.Tensor], opt: torch.optim.Optimizer,
+           named, losses: list[float], *, start: int, steps: int, loss: str, use_ltk: bool, seed: int,
+           save_every: int, out_dir: Path, recipe: str, info: dict, progress: bool,
+           on_step: Callable[[int, float], None] | None) -> None:
+    """Steps ``start`` .. ``steps - 1``, appending to ``losses``, with checkpoints and the progress helper."""
+    from profilers.progress import progress as progress_helper
+
+    with progress_helper("distill", total=steps, unit="steps", done=min(start, steps), enabled=progress) as tick:
+        if losses:
+            tick(0, loss=losses[-1])
+        for step in range(start, steps):
+            i = _sample_index(step, len(ss), seed)
+            s = ss[i]
+            tgt = target(i, s)
+            with torch.enable_grad():
+                val = _step_loss(model, s, tgt, loss, use_ltk)
+                if not torch.isfinite(val):
+                    raise CompressError(f"distill: non-finite loss at step {step} (sample {i})")
+                opt.zero_grad(set_to_none=True)
+                val.backward()
+            opt.step()
+            losses.append(float(val.detach()))
+            done = step + 1
+            if done % save_every == 0 or done == steps:
+                _save_ckpt(out_dir, named, opt, done, losses, recipe, info)
+            tick(1, loss=losses[-1])
+            if on_step is not None:
+                on_step(done, losses[-1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -260,14 +306,7 @@ def distill(
     ``steps`` is loaded and its history returned without training)."""
     from compressor import apply
 
-    if steps < 0 or lr <= 0 or save_every < 1:
-        raise CompressError(f"bad settings: steps={steps}, lr={lr}, save_every={save_every}")
-    if loss not in ("kl", "mse"):
-        raise CompressError(f"loss must be 'kl' or 'mse', got {loss!r}")
-    if params not in ("non_attention", "all"):
-        raise CompressError(f"params must be 'non_attention' or 'all', got {params!r}")
-    if teacher not in ("auto", "cache", "copy"):
-        raise CompressError(f"teacher must be 'auto', 'cache' or 'copy', got {teacher!r}")
+    _check_settings(steps=steps, lr=lr, save_every=save_every, loss=loss, params=params, teacher=teacher)
     ss = _flatten(samples)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -277,17 +316,20 @@ def distill(
     use_ltk = _accepts_logits_to_keep(model)
     was_training = model.training
     model.eval()
-    if teacher == "auto":
-        width = text_config(model.config).vocab_size if loss == "kl" else text_config(model.config).hidden_size
-        need = sum(int(_positions(s).numel()) for s in ss) * int(width) * 4
-        teacher = "cache" if need <= max_teacher_bytes else "copy"
-    teacher_model = None
+    teacher = _teacher_kind(model, ss, loss, teacher, max_teacher_bytes)
+    teachers, teacher_model = None, None
     if teacher == "cache":
         teachers = _teachers(model, ss, loss, out_dir, use_ltk)  # before the plan is applied
     else:
         teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
     recipe = _recipe(model, plan, ss, params=params, lr=lr, loss=loss, seed=seed, weight_decay=weight_decay)
     apply(model, plan)
+
+    def target(i: int, s: Sample) -> torch.Tensor:
+        if teacher_model is None:
+            return teachers[i].to(model.get_input_embeddings().weight.device)
+        with torch.no_grad():
+            return _forward(teacher_model, s, _positions(s), loss, use_ltk)
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     named = _trainable(model, params)
@@ -303,37 +345,8 @@ def distill(
         start, losses = _load_ckpt(out_dir, named, opt, recipe) if resume else (0, [])
         if start >= steps:  # already there (a checkpoint past ``steps`` is kept as it is)
             return losses
-        prog = _progress(progress)
-        with prog if prog is not None else contextlib.nullcontext():
-            task = (prog.add_task("", total=steps, completed=min(start, steps),
-                                  loss=losses[-1] if losses else float("nan")) if prog is not None else None)
-            for step in range(start, steps):
-                i = _sample_index(step, len(ss), seed)
-                s = ss[i]
-                if teacher_model is None:
-                    tgt = teachers[i].to(model.get_input_embeddings().weight.device)
-                else:
-                    with torch.no_grad():
-                        tgt = _forward(teacher_model, s, _positions(s), loss, use_ltk)
-                with torch.enable_grad():
-                    out = _forward(model, s, _positions(s), loss, use_ltk)
-                    if loss == "kl":
-                        val = F.kl_div(out, tgt, log_target=True, reduction="batchmean")
-                    else:
-                        val = (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp(min=1e-12)
-                    if not torch.isfinite(val):
-                        raise CompressError(f"distill: non-finite loss at step {step} (sample {i})")
-                    opt.zero_grad(set_to_none=True)
-                    val.backward()
-                opt.step()
-                losses.append(float(val.detach()))
-                done = step + 1
-                if done % save_every == 0 or done == steps:
-                    _save_ckpt(out_dir, named, opt, done, losses, recipe, info)
-                if task is not None:
-                    prog.update(task, advance=1, loss=losses[-1])
-                if on_step is not None:
-                    on_step(done, losses[-1])
+        _train(model, ss, target, opt, named, losses, start=start, steps=steps, loss=loss, use_ltk=use_ltk, seed=seed,
+               save_every=save_every, out_dir=out_dir, recipe=recipe, info=info, progress=progress, on_step=on_step)
     finally:
         for p, f in flags:
             p.requires_grad_(f)

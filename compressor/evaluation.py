@@ -201,6 +201,15 @@ def evaluate(model, tokenizer, plans: dict[str, Plan], task: str, lengths: list[
     return report
 
 
+def heldout_corpus(corpus: str) -> list[str]:
+    """The held-out documents of ``corpus`` (``austen``, ``wikipedia``, files; comma-separated for several): the
+    same split calibration uses, so eval never sees calibration text."""
+    from profilers.corpora import load_corpus, split_corpus
+
+    docs = load_corpus(corpus.split(",") if "," in corpus else corpus)
+    return list(split_corpus(docs).heldout)
+
+
 def count_work(task, lengths, depths, samples, n_plans, include_uniform=True) -> int:
     per_len = (1 + n_plans * (2 if include_uniform else 1)) * samples * (1 if task == "ppl" else len(depths))
     return per_len * len(lengths)

@@ -115,3 +115,33 @@ def load_model(model: str | os.PathLike | None = None, *, dtype="float32", trust
 def _maybe_offline_error(path: str) -> None:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise CompressError(f"model {path!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1)")
+
+
+def apply_to_folder(plan_path: str | Path, model: str | None, out: str | Path, *, trust_remote_code: bool = False) -> Path:
+    """Write a self-contained patched model folder: safetensors weights, tokenizer, plan.json, config that
+    selects the ``compress`` attention. Nothing is written to ``out`` unless everything succeeds."""
+    from compressor.patching import apply
+    from plans.io import load_plan
+
+    plan = load_plan(plan_path)
+    m, tok = load_model(model, trust_remote_code=trust_remote_code)
+    apply(m, plan)
+    return save_patched(m, tok, plan, out)
+
+
+def save_patched(model, tokenizer, plan, out: str | Path) -> Path:
+    """Write a patched model folder atomically: weights, tokenizer, plan.json, and a config selecting ``compress``."""
+    import json
+
+    from plans.io import save_plan
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_plan(plan, tmp / "plan.json")
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["attn_implementation"] = "compress"  # stock from_pretrained picks it up once compressor is imported
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return out

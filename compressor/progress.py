@@ -5,10 +5,4 @@ from __future__ import annotations
 
 from profilers.progress import Progress, fmt_duration, progress
 
-__all__ = ["Progress", "fmt_duration", "progress", "progress_bar"]
-
-
-def progress_bar(total: int, what: str):
-    """Deprecated shape of :func:`progress`: (context manager, tick callable) — both the same object."""
-    p = progress(what, total)
-    return p, p
+__all__ = ["Progress", "fmt_duration", "progress"]

@@ -108,105 +108,51 @@ def run(cfg: RunConfig) -> dict:
         return _run(cfg, tick)
 
 
+@dataclass
+class _Ctx:
+    """What every stage of one run shares."""
+
+    cfg: RunConfig
+    out: Path
+    model: object
+    tok: object
+    model_name: str
+    tick: object
+    timings: dict = field(default_factory=dict)
+
+
 def _run(cfg: RunConfig, tick) -> dict:
-    from compressor.evaluation import evaluate, heatmap_png
     from compressor.models import load_model
-    from compressor.pipeline import apply_to_folder
-    from profilers.calibration import CalibrationRecipe, get_or_build_calibration
-    from profilers.corpora import load_corpus, split_corpus
-    from profilers.profile_format import load_profile
-    from profilers.profile_run import run_profile
-    from search_space.search import search
+    from compressor.patching import unapply
+    from profilers.calibration import CalibrationRecipe
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    timings: dict[str, float] = {}
     tick(0, stage="run: load model")
     model, tok = load_model(cfg.model)
     model_name = str(cfg.model or "default")
     if cfg.validate_length <= max(cfg.profile_lengths):
         raise CompressError(
             f"--validate-length {cfg.validate_length} must exceed every profiled length {cfg.profile_lengths}")
+    ctx = _Ctx(cfg, out, model, tok, model_name, tick)
 
     # 1. calibration + profile
     recipe = CalibrationRecipe(sources=cfg.sources, lengths=cfg.profile_lengths, samples_per_length=cfg.samples,
                                seed=cfg.seed, model=model_name)
     val_recipe = CalibrationRecipe(sources=cfg.sources, lengths=[cfg.validate_length],
                                    samples_per_length=cfg.val_samples, seed=cfg.seed + 1, model=model_name)
-    stage = _Stage(out, "profile", _fp(model_name, recipe.recipe_hash(), cfg.sinks, cfg.block))
-    tick(0, stage="run: profile")
-    if not stage.done():
-        t = time.time()
-        cal = get_or_build_calibration(out / "calibration", tok, recipe, model=model if "qa" in cfg.sources else None)
-        run_profile(model, cal, out / "profile", block=cfg.block, sink_sizes=cfg.sinks, model_name=model_name)
-        stage.finish(seconds=time.time() - t)
-        timings["profile"] = time.time() - t
-    else:
-        console.print("profile: up to date, skipped")
-    tick()
-    profile_fp = stage.fp
-
+    profile_fp = _profile_stage(ctx, recipe)
     # 2. search, one study per budget
-    val = None
-    plans = {}
-    for b in cfg.budgets:
-        tag = _budget_tag(b)
-        st = _Stage(out, f"search_{tag}", _fp(profile_fp, b, cfg.trials, cfg.K, cfg.validate_length, val_recipe.recipe_hash(),
-                                              cfg.seed))
-        plan_path = out / "plans" / f"{tag}.json"
-        tick(0, stage=f"run: search {b}")
-        if not st.done() or not plan_path.exists():
-            t = time.time()
-            if val is None:
-                val = get_or_build_calibration(out / "calibration", tok, val_recipe,
-                                               model=model if "qa" in cfg.sources else None)[cfg.validate_length]
-            res = search(load_profile(out / "profile"), [b], K=cfg.K, out_dir=out / f"search_{tag}", trials=cfg.trials,
-                         evaluate=validation_evaluator(model, val), seed=cfg.seed, resume=True,
-                         time_limit=cfg.time_limit, lengths=None)
-            save_plan(res.plan, plan_path)
-            st.finish(seconds=time.time() - t, plan=str(plan_path))
-            timings[f"search_{tag}"] = time.time() - t
-        else:
-            console.print(f"search {b}: up to date, skipped")
-        plans[tag] = load_plan(plan_path)
-        tick()
-    from compressor.patching import unapply
-
+    plans = _search_stages(ctx, val_recipe, profile_fp)
     unapply(model, "sdpa")
-
     # 3. apply the first budget's plan into a model folder
-    first = _budget_tag(cfg.budgets[0])
-    st = _Stage(out, "apply", _fp(model_name, plans[first].model_dump_json()))
-    tick(0, stage="run: apply")
-    if not st.done() or not (out / "model" / "config.json").exists():
-        t = time.time()
-        apply_to_folder(out / "plans" / f"{first}.json", cfg.model, out / "model")
-        st.finish(seconds=time.time() - t)
-        timings["apply"] = time.time() - t
-    tick()
-
+    _apply_stage(ctx, plans)
     # 4. eval
-    haystack = list(split_corpus(load_corpus(cfg.corpus)).heldout)
-    reports = {}
-    for task in cfg.eval_tasks:
-        st = _Stage(out, f"eval_{task}", _fp(model_name, {k: p.model_dump_json() for k, p in plans.items()},
-                                              cfg.eval_lengths, cfg.eval_depths, cfg.eval_samples, cfg.seed, cfg.corpus))
-        path = out / f"eval_{task}.json"
-        tick(0, stage=f"run: eval {task}")
-        if not st.done() or not path.exists():
-            t = time.time()
-            rep = evaluate(model, tok, plans, task, cfg.eval_lengths, depths=cfg.eval_depths,
-                           samples=cfg.eval_samples, seed=cfg.seed, haystack=haystack, progress=True)
-            write_text_atomic(path, json.dumps(rep.to_dict(), indent=2, default=str))
-            heatmap_png(rep, out / f"eval_{task}.png")
-            st.finish(seconds=time.time() - t)
-            timings[f"eval_{task}"] = time.time() - t
-        reports[task] = json.loads(path.read_text())
-        tick()
+    reports = _eval_stages(ctx, plans)
 
-    summary = {"config": asdict(cfg), "seconds": time.time() - t0, "stage_seconds": timings,
+    summary = {"config": asdict(cfg), "seconds": time.time() - t0, "stage_seconds": ctx.timings,
                "plans": {k: {"density": {n: p.density(n) for n in cfg.eval_lengths},
                              "kv_density": {n: p.kv_density(n) for n in cfg.eval_lengths},
                              "predicted": p.predicted.model_dump()} for k, p in plans.items()},
@@ -214,6 +160,102 @@ def _run(cfg: RunConfig, tick) -> dict:
     write_text_atomic(out / "report.json", json.dumps(summary, indent=2, default=str))
     write_text_atomic(out / "report.md", report_markdown(summary))
     return summary
+
+
+def _profile_stage(ctx: _Ctx, recipe) -> str:
+    """Calibration samples and the profile; returns the stage fingerprint."""
+    from profilers.calibration import get_or_build_calibration
+    from compressor.influence_profile import run_profile
+
+    cfg, out = ctx.cfg, ctx.out
+    stage = _Stage(out, "profile", _fp(ctx.model_name, recipe.recipe_hash(), cfg.sinks, cfg.block))
+    ctx.tick(0, stage="run: profile")
+    if not stage.done():
+        t = time.time()
+        cal = get_or_build_calibration(out / "calibration", ctx.tok, recipe,
+                                       model=ctx.model if "qa" in cfg.sources else None)
+        run_profile(ctx.model, cal, out / "profile", block=cfg.block, sink_sizes=cfg.sinks, model_name=ctx.model_name)
+        stage.finish(seconds=time.time() - t)
+        ctx.timings["profile"] = time.time() - t
+    else:
+        console.print("profile: up to date, skipped")
+    ctx.tick()
+    return stage.fp
+
+
+def _search_stages(ctx: _Ctx, val_recipe, profile_fp: str) -> dict:
+    """One search per budget (validation samples built once, on first need); returns {budget tag: Plan}."""
+    from profilers.calibration import get_or_build_calibration
+    from profilers.profile_format import load_profile
+    from search_space.search import search
+
+    cfg, out = ctx.cfg, ctx.out
+    val = None
+    plans = {}
+    for b in cfg.budgets:
+        tag = _budget_tag(b)
+        st = _Stage(out, f"search_{tag}", _fp(profile_fp, b, cfg.trials, cfg.K, cfg.validate_length, val_recipe.recipe_hash(),
+                                              cfg.seed))
+        plan_path = out / "plans" / f"{tag}.json"
+        ctx.tick(0, stage=f"run: search {b}")
+        if not st.done() or not plan_path.exists():
+            t = time.time()
+            if val is None:
+                val = get_or_build_calibration(out / "calibration", ctx.tok, val_recipe,
+                                               model=ctx.model if "qa" in cfg.sources else None)[cfg.validate_length]
+            res = search(load_profile(out / "profile"), [b], K=cfg.K, out_dir=out / f"search_{tag}", trials=cfg.trials,
+                         evaluate=validation_evaluator(ctx.model, val), seed=cfg.seed, resume=True,
+                         time_limit=cfg.time_limit, lengths=None)
+            save_plan(res.plan, plan_path)
+            st.finish(seconds=time.time() - t, plan=str(plan_path))
+            ctx.timings[f"search_{tag}"] = time.time() - t
+        else:
+            console.print(f"search {b}: up to date, skipped")
+        plans[tag] = load_plan(plan_path)
+        ctx.tick()
+    return plans
+
+
+def _apply_stage(ctx: _Ctx, plans: dict) -> None:
+    """The patched model folder for the first budget's plan."""
+    from compressor.models import apply_to_folder
+
+    cfg, out = ctx.cfg, ctx.out
+    first = _budget_tag(cfg.budgets[0])
+    st = _Stage(out, "apply", _fp(ctx.model_name, plans[first].model_dump_json()))
+    ctx.tick(0, stage="run: apply")
+    if not st.done() or not (out / "model" / "config.json").exists():
+        t = time.time()
+        apply_to_folder(out / "plans" / f"{first}.json", cfg.model, out / "model")
+        st.finish(seconds=time.time() - t)
+        ctx.timings["apply"] = time.time() - t
+    ctx.tick()
+
+
+def _eval_stages(ctx: _Ctx, plans: dict) -> dict:
+    """Dense vs the plans vs uniform per eval task; returns {task: the eval JSON}."""
+    from compressor.evaluation import evaluate, heatmap_png
+    from profilers.corpora import load_corpus, split_corpus
+
+    cfg, out = ctx.cfg, ctx.out
+    haystack = list(split_corpus(load_corpus(cfg.corpus)).heldout)
+    reports = {}
+    for task in cfg.eval_tasks:
+        st = _Stage(out, f"eval_{task}", _fp(ctx.model_name, {k: p.model_dump_json() for k, p in plans.items()},
+                                              cfg.eval_lengths, cfg.eval_depths, cfg.eval_samples, cfg.seed, cfg.corpus))
+        path = out / f"eval_{task}.json"
+        ctx.tick(0, stage=f"run: eval {task}")
+        if not st.done() or not path.exists():
+            t = time.time()
+            rep = evaluate(ctx.model, ctx.tok, plans, task, cfg.eval_lengths, depths=cfg.eval_depths,
+                           samples=cfg.eval_samples, seed=cfg.seed, haystack=haystack, progress=True)
+            write_text_atomic(path, json.dumps(rep.to_dict(), indent=2, default=str))
+            heatmap_png(rep, out / f"eval_{task}.png")
+            st.finish(seconds=time.time() - t)
+            ctx.timings[f"eval_{task}"] = time.time() - t
+        reports[task] = json.loads(path.read_text())
+        ctx.tick()
+    return reports
 
 
 def _fmt(v) -> str:

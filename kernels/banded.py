@@ -1,4 +1,4 @@
-"""CPU sink+window prefill by composing SDPA calls ("banded_v2", see shared/reference/cpu-kernels.md §3).
+"""CPU sink+window prefill by composing SDPA calls ("banded_v2", see docs/cpu-kernels.md §3).
 
 For one head with ``sink_eff = S`` and ``window = W`` (``span = S + W``, semantics in ``plans/span.py``):
 
@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels.checks import check_prefill_args
 from plans.span import split_span_tensor
 
 SMALL_N = 128  # below this length one masked SDPA call over all heads is faster than the composition
@@ -42,30 +43,6 @@ _COMPUTE_DTYPE = {
     torch.float16: torch.float32,
 }
 _band_cache: dict[tuple, torch.Tensor] = {}
-
-
-def check_prefill_args(q, k, v, sink, span) -> tuple[int, int, int, int, int]:
-    """Validate prefill inputs shared by every kernel; returns (B, Hq, Hkv, N, D)."""
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v, sink, span)):
-        raise ValueError("q, k, v, sink and span must all be tensors")
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be 4-D (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    b, hq, n, d = q.shape
-    bk, hkv, nk, dk = k.shape
-    if (bk, nk, dk) != (b, n, d):
-        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch, length or head_dim")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if q.dtype not in _COMPUTE_DTYPE or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype among {list(_COMPUTE_DTYPE)}; got {q.dtype}, {k.dtype}, {v.dtype}")
-    for name, t in (("sink", sink), ("span", span)):
-        if t.shape != (hq,) or t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor of shape ({hq},); got {t.dtype} {tuple(t.shape)}")
-    return b, hq, hkv, n, d
 
 
 def head_pattern(sink: torch.Tensor, span: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,4 +259,4 @@ def banded_attention(
     return out.to(out_dtype)
 
 
-__all__ = ["banded_attention", "check_prefill_args", "head_pattern"]
+__all__ = ["banded_attention", "head_pattern"]

@@ -38,7 +38,7 @@ def sparse_attention(
     """Causal sink+window prefill: q (B, Hq, N, D), k/v (B, Hkv, N, D), sink/span (Hq,) -> (B, Hq, N, D)."""
     which = backend(q)
     if which == "reference":
-        from kernels.banded import check_prefill_args
+        from kernels.checks import check_prefill_args
         from kernels.reference import reference_attention
 
         check_prefill_args(q, k, v, sink, span)
@@ -92,7 +92,7 @@ def decode_attention(
         from kernels.triton_decode import sparse_decode
 
         return sparse_decode(q, k_cache, v_cache, kv_len, scale)
-    from kernels.triton_decode import decode_reference
+    from kernels.reference import decode_reference
 
     return decode_reference(q, k_cache, v_cache, kv_len, scale)
 

@@ -6,9 +6,12 @@ kernel against it and `COMPRESS_ATTENTION=reference` selects it at run time.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from kernels.checks import check_decode_args
 from plans.span import sees, split_span_tensor, visibility_mask
 
 
@@ -120,4 +123,29 @@ def reference_attention(
                             dropout=dropout)
 
 
-__all__ = ["reference_attention", "masked_attention", "pattern_mask", "repeat_kv", "visibility_mask"]
+def decode_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Plain-torch decode (fp32 matmul + masked softmax): q (B, Hq, D) -> (B, Hq, D).
+
+    Only slots below the batch's largest ``kv_len`` are read; those past a head's own length must be finite.
+    A head with ``kv_len == 0`` returns zeros.
+    """
+    b, hq, hkv, lmax, d = check_decode_args(q, k_cache, v_cache, kv_len)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    kv_len = kv_len.to(q.device)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lim = min(int(kv_len.max()), lmax) if kv_len.numel() else 0
+    if lim <= 0 or hq == 0:
+        return q.new_zeros(q.shape)
+    k, v = k_cache[:, :, :lim].to(cdt), v_cache[:, :, :lim].to(cdt)
+    qg = q.reshape(b, hkv, hq // hkv, d).to(cdt)
+    s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # (B, Hkv, G, lim)
+    valid = torch.arange(lim, device=q.device) < kv_len[:, :, None, None]
+    s = s.masked_fill_(~valid, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num_(0.0)
+    return torch.matmul(p, v).reshape(b, hq, d).to(q.dtype)
+
+
+__all__ = ["decode_reference", "reference_attention", "masked_attention", "pattern_mask", "repeat_kv", "visibility_mask"]

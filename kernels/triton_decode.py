@@ -4,7 +4,7 @@ Stage 1, grid ``(B * Hkv, NUM_SPLITS)``: each program takes one KV head and all 
 group's queries share every K/V load), splits that head's valid slots ``[0, kv_len[b, h])`` into
 ``NUM_SPLITS`` equal chunks and writes a normalised partial output plus its log2-sum-exp.
 Stage 2, grid ``(B * Hq,)``: merges the splits. Slot order does not matter (RoPE is applied before caching).
-``decode_reference`` is the plain-torch oracle and CPU path. Works under ``TRITON_INTERPRET=1``.
+``kernels.reference.decode_reference`` is the plain-torch oracle and CPU path. Works under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -16,59 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.checks import check_decode_args
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # (BLOCK_N, num_warps, num_stages) per head_dim: spill-free for bf16 on sm_90 (AOT-checked in the tests)
 DECODE_CONFIGS = {64: (64, 4, 2), 128: (64, 8, 2), 256: (32, 8, 2)}
-
-
-def check_decode_args(q, k_cache, v_cache, kv_len) -> tuple[int, int, int, int, int]:
-    """Validate decode inputs; returns (B, Hq, Hkv, Lmax, D)."""
-    if not all(isinstance(t, torch.Tensor) for t in (q, k_cache, v_cache, kv_len)):
-        raise ValueError("q, k_cache, v_cache and kv_len must all be tensors")
-    if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"expected q (B, Hq, D) and k_cache/v_cache (B, Hkv, Lmax, D) of one shape; got "
-            f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
-        )
-    b, hq, d = q.shape
-    bk, hkv, lmax, dk = k_cache.shape
-    if (bk, dk) != (b, d):
-        raise ValueError(f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    if kv_len.shape != (b, hkv) or kv_len.dtype.is_floating_point or kv_len.dtype == torch.bool:
-        raise ValueError(f"kv_len must be an integer tensor of shape ({b}, {hkv}); got {kv_len.dtype} {tuple(kv_len.shape)}")
-    if k_cache.device != q.device or v_cache.device != q.device:
-        raise ValueError(f"q and caches must be on one device; got {q.device}, {k_cache.device}, {v_cache.device}")
-    if q.dtype not in _DTYPES + (torch.float64,) or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q and caches must share one floating dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    return b, hq, hkv, lmax, d
-
-
-def decode_reference(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: torch.Tensor, scale: float | None = None
-) -> torch.Tensor:
-    """Plain-torch decode (fp32 matmul + masked softmax): q (B, Hq, D) -> (B, Hq, D).
-
-    Only slots below the batch's largest ``kv_len`` are read; those past a head's own length must be finite.
-    A head with ``kv_len == 0`` returns zeros.
-    """
-    b, hq, hkv, lmax, d = check_decode_args(q, k_cache, v_cache, kv_len)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    kv_len = kv_len.to(q.device)
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lim = min(int(kv_len.max()), lmax) if kv_len.numel() else 0
-    if lim <= 0 or hq == 0:
-        return q.new_zeros(q.shape)
-    k, v = k_cache[:, :, :lim].to(cdt), v_cache[:, :, :lim].to(cdt)
-    qg = q.reshape(b, hkv, hq // hkv, d).to(cdt)
-    s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # (B, Hkv, G, lim)
-    valid = torch.arange(lim, device=q.device) < kv_len[:, :, None, None]
-    s = s.masked_fill_(~valid, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num_(0.0)
-    return torch.matmul(p, v).reshape(b, hq, d).to(q.dtype)
 
 
 # Kernels call only Triton builtins: tl.max/tl.sum/tl.zeros/tl.cdiv are @jit functions that stay in compiled
@@ -219,4 +172,4 @@ def sparse_decode(
     return out
 
 
-__all__ = ["sparse_decode", "decode_reference", "check_decode_args", "default_num_splits", "DECODE_CONFIGS"]
+__all__ = ["sparse_decode", "default_num_splits", "DECODE_CONFIGS"]

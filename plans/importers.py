@@ -118,20 +118,6 @@ def from_moa(data: dict, model: ModelIdentity, *, new_tokens: int = MOA_NEW_TOKE
                  layers=layers)
 
 
-def to_moa(plan: Plan) -> dict:
-    """Plan -> MoA alphas/betas (per query head; dense heads become alpha=0, beta=1)."""
-    alphas, betas = [], []
-    for li in range(plan.model.num_layers):
-        ra, rb = [], []
-        for h in range(plan.model.num_heads):
-            p = plan.pattern(li, h)
-            ra.append(0.0 if isinstance(p, DensePattern) else p.alpha)
-            rb.append(1.0 if isinstance(p, DensePattern) else p.beta)
-        alphas.append(ra)
-        betas.append(rb)
-    return {"alphas": alphas, "betas": betas}
-
-
 def from_duo(rows: list[list[float]], model: ModelIdentity, *, threshold: float = 0.5, sink: int = 64,
              recent: int = 256, where: str = "DuoAttention table") -> Plan:
     if not _finite(threshold):

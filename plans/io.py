@@ -161,7 +161,3 @@ def plan_to_json(plan: Plan) -> str:
 def save_plan(plan: Plan, path: str | Path) -> Path:
     """Write the plan atomically."""
     return write_text_atomic(path, plan_to_json(plan) + "\n")
-
-
-def write_schema(path: str | Path = SCHEMA_PATH) -> Path:
-    return write_text_atomic(path, json.dumps(plan_json_schema(), indent=2) + "\n")

@@ -31,7 +31,9 @@ def tool_version() -> str:
         return "0+unknown"
 
 
-Operator = Literal["softmax", "relu_softmax"]
+Operator = Literal["softmax", "relu_softmax"]  # the operator field of dense / sink_window patterns
+HEAD_OPERATORS = ("softmax", "relu_softmax", "linear")  # what a query head computes (Plan.operators)
+COST_KINDS = ("softmax", "sink_window", "relu_softmax", "linear")  # cost entries: operator x key set (search costs)
 OPERATOR_HELP = "softmax (standard) or relu_softmax (relu(s)/sum relu(s), MPCViT) over the same key set"
 
 

@@ -9,13 +9,12 @@ with row 0 special-cased to -A_00 G_00 (A_00 = 1 there) and ``eps`` the float32 
 The profile stores |dL_ij| (MoA's ``take_abs``) summed per (layer, head) into distance buckets
 ``b = (i - j) // block`` (``dist``) and, for each sink size S, the same restricted to keys j < S (``sinkdist``).
 
-How it is streamed (see /work/shared/reference/hf-integration.md section 4, "sdpa forward + recompute"):
+How it is streamed (see docs/hf-integration.md section 4, "sdpa forward + recompute"):
 
-* :func:`profile_attention` is registered with ``transformers.AttentionInterface`` (and ``sdpa_mask`` with
-  ``AttentionMaskInterface``, so windowed layers get their real mask) under :data:`PROFILE_ATTN`.
-  During a profiled sample each layer runs as :class:`_ProfiledAttention`: the forward is
-  ``F.scaled_dot_product_attention`` under no_grad and only q, k, v are saved (no N x N, no logsumexp, and no
-  float32 copy of an explicit mask, which sdpa's own backward would keep per layer).
+* The profiling attention function (:mod:`compressor.hf.profile_attention`, registered with transformers under
+  ``"compress_profile"``) runs each layer's forward as ``F.scaled_dot_product_attention`` under no_grad and saves
+  only q, k, v (no N x N, no logsumexp, and no float32 copy of an explicit mask, which sdpa's own backward would
+  keep per layer). It hands every layer's tensors to an :class:`InfluenceCollector` (this module, pure math).
 * Its backward is the recompute: when dO arrives for a layer, :func:`reduce_layer_influence` redoes that layer's
   attention in blocks of ``row_block`` query rows (only keys < the block's last row), forms A, G = dO V^T,
   D and dS = A (G - D), and from the same block produces both the attention gradients (dq, dk, dv,
@@ -31,7 +30,10 @@ How it is streamed (see /work/shared/reference/hf-integration.md section 4, "sdp
 Native sliding windows (Mistral ``sliding_window``, Qwen2 ``use_sliding_window``, Gemma3 local layers) are
 respected: HF hands such layers a boolean mask, which is used both in the forward and in the recompute, so
 entries outside the native window have A = 0 and zero influence. Logit soft-capping (Gemma2) and attention
-sinks (``s_aux``) cannot be expressed with sdpa and are refused with a CompressError.
+sinks (``s_aux``) cannot be expressed with sdpa and are refused (by the attention function) with a CompressError.
+
+This module knows nothing of transformers: tensors in, float64 sums out. The dense per-entry formula (small N
+only) lives with the tests as their oracle.
 """
 
 from __future__ import annotations
@@ -43,27 +45,12 @@ import torch.nn.functional as F
 
 from plans.errors import CompressError
 
-PROFILE_ATTN = "compress_profile"
-"""Name under which :func:`profile_attention` is registered (``model.set_attn_implementation(PROFILE_ATTN)``)."""
-
 FP32_EPS = float(torch.finfo(torch.float32).eps)
-COLLECTOR_ATTR = "_compress_profile_collector"
 DEFAULT_MAX_BLOCK_ELEMS = 1 << 24  # elements of one (heads x rows x keys) float32 work buffer (64 MiB)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The math: dense reference (small N only) and the blockwise streamed reduction
-
-
-def moa_influence(A: torch.Tensor, G: torch.Tensor, eps: float = FP32_EPS, take_abs: bool = True) -> torch.Tensor:
-    """Dense per-entry influence [..., N, N] from A and G = dL/dA (MoA's formula, row 0 = -A*G).
-
-    Reference implementation for tests and small inputs: it holds N x N tensors."""
-    AG = A * G
-    D = AG.sum(-1, keepdim=True)
-    eff = -A * (G - D) / (eps + 1 - A)
-    eff[..., 0, :] = -AG[..., 0, :]
-    return eff.abs() if take_abs else eff
+# The math: dense bucket sums (reference reduction, small N only) and the blockwise streamed reduction
 
 
 def dense_bucket_sums(E: torch.Tensor, block: int, sink_sizes=()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,11 +218,12 @@ def kv_aggregate(t: torch.Tensor, num_kv_heads: int, head_dim: int = 1) -> torch
 
 
 class InfluenceCollector:
-    """Per-sample accumulator that the registered attention function feeds from its backward.
+    """Per-sample accumulator that the profiling attention function feeds, layer by layer, from its backward.
 
-    Attach it to a model with :meth:`attach` (sets an attribute on every attention module), run
-    :meth:`begin_sample`, forward + backward with ``attn_implementation == PROFILE_ATTN``, then :meth:`end_sample`
-    returns dist [L, Hq, nb] and sinkdist [L, Hq, nS, nb] for that sample (float64, CPU)."""
+    :meth:`begin_sample` opens a sample; for each layer's attention call the attention function asks
+    :meth:`check_forward` (validates shapes, returns the layer index) and, in the backward, hands the layer's
+    q, k, v, dO to :meth:`reduce`; :meth:`end_sample` returns dist [L, Hq, nb] and sinkdist [L, Hq, nS, nb] for
+    that sample (float64, CPU). Attaching it to a model is the job of :mod:`compressor.hf.profile_attention`."""
 
     def __init__(self, num_layers: int, num_heads: int, *, block: int = 64, sink_sizes=(64,), row_block: int = 256,
                  eps: float = FP32_EPS, max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS):
@@ -243,25 +231,9 @@ class InfluenceCollector:
         self.block, self.sink_sizes, self.row_block = int(block), tuple(int(s) for s in sink_sizes), int(row_block)
         self.eps, self.max_block_elems = eps, max_block_elems
         self.n: int | None = None
-        self._modules: list[torch.nn.Module] = []
         self.dist = self.sinkdist = None
         self.calls: dict[int, int] = {}
         self.forward_calls: dict[int, int] = {}
-
-    # attach / detach ---------------------------------------------------------------------------------------
-    def attach(self, model: torch.nn.Module) -> int:
-        """Mark every module that has a ``layer_idx`` (the attention modules, and decoder layers, harmlessly)."""
-        for m in model.modules():
-            if hasattr(m, "layer_idx"):
-                setattr(m, COLLECTOR_ATTR, self)
-                self._modules.append(m)
-        return len(self._modules)
-
-    def detach(self) -> None:
-        for m in self._modules:
-            if getattr(m, COLLECTOR_ATTR, None) is self:
-                delattr(m, COLLECTOR_ATTR)
-        self._modules.clear()
 
     # per sample --------------------------------------------------------------------------------------------
     def begin_sample(self, n: int) -> None:
@@ -289,13 +261,14 @@ class InfluenceCollector:
         self.n = None
         return out
 
-    def check_forward(self, module, query, key, mask) -> int | None:
-        """Validate one attention call of the open sample; returns its layer index (None when no sample is open)."""
+    def check_forward(self, layer, query, key, source: str = "attention module") -> int | None:
+        """Validate one attention call of the open sample (``layer``: the caller's layer index, ``source``: who
+        calls, for messages; ``query`` [1, Hq, N, D], ``key`` [1, H, N, D]); returns the layer index as an int
+        (None when no sample is open)."""
         if self.n is None:
             return None
-        layer = getattr(module, "layer_idx", None)
         if layer is None or not (0 <= int(layer) < self.num_layers):
-            raise CompressError(f"profiling: attention module {type(module).__name__} has layer_idx={layer!r}")
+            raise CompressError(f"profiling: {source} has layer_idx={layer!r}")
         layer = int(layer)
         b, h, nq, _ = query.shape
         if b != 1:
@@ -317,72 +290,3 @@ class InfluenceCollector:
         self.sinkdist[layer] += res[1].cpu()
         self.calls[layer] = self.calls.get(layer, 0) + 1
         return res[2] if return_grads else None
-
-
-class _ProfiledAttention(torch.autograd.Function):
-    """Causal (optionally masked) attention whose backward is the blockwise recompute: it yields dq, dk, dv and,
-    from the same blocks, the layer's influence. Only q, k, v are saved (sdpa's backward would also keep an
-    explicit mask as a float32 N x N copy per layer, which windowed layers would otherwise pay)."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, mask, scaling, collector, layer):
-        with torch.no_grad():
-            out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, scale=scaling, is_causal=mask is None and query.shape[2] > 1
-            )
-        ctx.save_for_backward(query, key, value)
-        ctx.mask, ctx.scaling, ctx.collector, ctx.layer = mask, scaling, collector, layer
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v = ctx.saved_tensors
-        m = ctx.mask
-        if m is not None:
-            m = m[0] if m.dim() == 4 else m
-        dq, dk, dv = ctx.collector.reduce(ctx.layer, q[0], k[0], v[0], do[0], ctx.scaling, m, True)
-        ctx.mask = ctx.collector = None
-        return dq[None], dk[None], dv[None], None, None, None, None
-
-
-def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function: sdpa. When a collector is attached to ``module``, a sample is open and grad is
-    needed, the attention runs as :class:`_ProfiledAttention`, whose backward reduces this layer's influence.
-    Without a collector it is plain sdpa."""
-    if kwargs.get("softcap") is not None:
-        raise CompressError("profiling: attention logit soft-capping (e.g. Gemma2) is not supported by the sdpa-based profiler")
-    if kwargs.get("s_aux") is not None:
-        raise CompressError("profiling: attention sinks (s_aux, e.g. gpt-oss) are not supported by the profiler")
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:  # same head order as HF repeat_kv: query head h uses kv head h // n_rep
-        key = key.repeat_interleave(n_rep, dim=1)
-        value = value.repeat_interleave(n_rep, dim=1)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    mask = attention_mask
-    if mask is not None and mask.dim() == 4 and mask.shape[-1] != key.shape[-2]:
-        mask = mask[..., : key.shape[-2]]
-    p = dropout if module.training else 0.0
-    coll = getattr(module, COLLECTOR_ATTR, None)
-    wants_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    layer = coll.check_forward(module, query, key, mask) if coll is not None and wants_grad else None
-    if layer is not None:
-        if p:
-            raise CompressError("profiling needs the model in eval mode (attention dropout is active)")
-        out = _ProfiledAttention.apply(query, key, value, mask, float(scaling), coll, layer)
-    else:
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=p, scale=scaling,
-            is_causal=mask is None and query.shape[2] > 1,
-        )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def register_profile_attention() -> str:
-    """Register :func:`profile_attention` (and HF's ``sdpa_mask``) under :data:`PROFILE_ATTN`; idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(PROFILE_ATTN, profile_attention)
-    AttentionMaskInterface.register(PROFILE_ATTN, sdpa_mask)
-    return PROFILE_ATTN

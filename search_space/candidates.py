@@ -25,7 +25,15 @@ from plans.span import span_at
 
 @dataclass(frozen=True)
 class Candidate:
-    """One head config. ``kind="dense"`` ignores the other fields (span(N) = N)."""
+    """One head config the search may assign. ``kind="dense"`` ignores the other fields (span(N) = N).
+
+    The plan-side model of the same thing is :class:`plans.schema.SinkWindowPattern` (or ``DensePattern``);
+    :meth:`to_pattern` is the one conversion, made once per head when the plan is written. The search keeps its
+    own lightweight candidate because it needs something else from it: a frozen, hashable value that grids of
+    hundreds can build, sort and dedupe cheaply (no validation per candidate), whose :meth:`span` is capped by the
+    input length n (the kept keys the search costs at length n) where the pattern's run-time span is not, and
+    with no ``min_span`` until the plan's shortest target length is known (``to_pattern(floor_length=...)``).
+    """
 
     kind: Literal["dense", "sink_window"] = "sink_window"
     sink: int = 0
@@ -45,7 +53,7 @@ class Candidate:
     def raw_span(self, n: int) -> float:
         return float(n) if self.kind == "dense" else self.alpha + self.beta * n
 
-    def to_pattern(self, block: int | None = None, floor_length: int | None = None):
+    def to_pattern(self, block: int | None = None, floor_length: int | None = None) -> DensePattern | SinkWindowPattern:
         """The plan pattern (plans.schema) for this candidate; ``block`` overrides the candidate's rounding.
 
         ``floor_length``: the shortest length the plan targets. The rule ``alpha + beta*N`` was chosen for lengths

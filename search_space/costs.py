@@ -43,10 +43,6 @@ def kv_density_costs(cands: Sequence[Candidate], n: int) -> np.ndarray:
     return np.array([decode_density(min(c.span(n), n), n) for c in cands], dtype=np.float64)
 
 
-def spans_at(cands: Sequence[Candidate], n: int) -> np.ndarray:
-    return np.array([min(c.span(n), n) for c in cands], dtype=np.int64)
-
-
 # ------------------------------------------------------------------------------------------------ latency
 class LatencyTable(BaseModel):
     """Measured ms of one query head's causal prefill attention, per input length N and span (sink included).
@@ -66,7 +62,7 @@ class LatencyTable(BaseModel):
     entries: dict[int, dict[int, float]]
     operators: dict[str, dict[int, float]] = Field(
         default_factory=dict, description="ms of one query head per operator (softmax, sink_window, relu_softmax, "
-                                          "linear) per N, from search_space.operators.measure_operator_costs")
+                                          "linear) per N, from search_space.operator_selection.measure_operator_costs")
     meta: dict = Field(default_factory=dict)
 
     @field_validator("entries")

@@ -20,12 +20,14 @@ from typing import Hashable, Mapping, Sequence
 import numpy as np
 
 from plans.errors import CompressError
-from search_space.milp import (
-    CostRow, MilpResult, _Layer, check_budgets, evaluate_assignment, is_feasible, make_rows, objective_vector,
+from search_space.cost_rows import (
+    CostRow, check_budgets, evaluate_assignment, is_feasible, make_rows, objective_vector,
 )
+from search_space.layer_pricing import LayerPricing
+from search_space.milp import MilpResult
 
 
-class _HeuristicLayer(_Layer):
+class _HeuristicLayer(LayerPricing):
     """Layer pricing that never enumerates (greedy + 1-swap), fast enough to call inside a bisection."""
 
     def __init__(self, heads, C, K, group):

@@ -4,232 +4,29 @@
     result.plan            # plans.schema.Plan (source="search"), predicted density/KV density/loss per length
     result.solver          # MilpResult: status, MIP gap, time
 
-Steps: candidates from the profile's lengths and sink sizes (:mod:`search_space.candidates`); per (length,
-candidate) the predicted loss of every head (``Profile.masked_loss``; dense = 0) and its costs
-(:mod:`search_space.costs`); the MILP (:mod:`search_space.milp`, or the greedy solver) picks one candidate per
-head under every budget with at most K distinct candidates per layer. With ``trials > 0`` an Optuna study
+One problem (:mod:`search_space.problem`: candidates, per-head losses and costs for the given granularity and
+sinks) solved by the MILP (:mod:`search_space.milp`, or the greedy solver): one candidate per head under every
+budget with at most K distinct candidates per layer. With ``trials > 0`` an Optuna study
 (:mod:`search_space.study`) searches what the MILP can't (budget split, K, sink, granularity, length weights).
-
-Decision heads are the model's KV heads (``granularity="kv_head"``, influence summed over each group's query
-heads) or its query heads (``"query_head"``; a KV-density or latency budget then charges each GQA group its
-widest member).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
-
-from plans.errors import CompressError
 from plans.identity import ModelIdentity
-from plans.io import save_plan
-from plans.schema import Budget, LayerPlan, Plan, Predictions
-from plans.span import split_span
-from profilers.profile_format import Profile, load_profile
-from search_space.budgets import expand_budgets, format_budget, parse_budgets
-from search_space.candidates import Candidate, candidate_grid
-from search_space.costs import LatencyTable, density_costs, kv_density_costs
-from search_space.milp import CostRow, MilpResult, solve_milp
+from plans.schema import Plan
+from profilers.profile_format import Profile, normalize_profile
+from search_space.candidates import Candidate
+from search_space.costs import LatencyTable
+from search_space.milp import MilpResult
+from search_space.outputs import write_outputs
+from search_space.problem import Granularity, SearchProblem, as_profile, build_problem, solve_problem
+from search_space.study import StudyConfig, StudyResult, run_study
 
-Granularity = Literal["kv_head", "query_head"]
-
-
-@dataclass
-class SearchProblem:
-    """Everything the solvers need, in decision-head order (layer-major: index = layer * heads + head)."""
-
-    profile_meta: object
-    granularity: str
-    candidates: list[Candidate]
-    lengths: list[int]  # target lengths (budgets, predictions)
-    profiled: list[int]  # lengths with a loss
-    n_layers: int
-    heads: int  # decision heads per layer
-    group_size: int
-    layer_of_head: np.ndarray
-    kv_group: np.ndarray  # global KV head id of each decision head
-    loss: dict  # {N: [H, C]}
-    total: dict  # {N: total influence (loss of masking everything)}
-    budgets: list[Budget]
-    latency_table: LatencyTable | None = None
-
-    def rows(self, scale: dict | None = None, lower_fraction: float = 0.9) -> list[CostRow]:
-        """Budget rows; ``scale[(kind, N)]`` multiplies a budget (the study's budget split)."""
-        H = len(self.layer_of_head)
-        out = []
-        for b, n in expand_budgets(self.budgets, self.lengths):
-            s = 1.0 if not scale else float(scale.get((b.kind, n), 1.0))
-            key = format_budget(Budget(kind=b.kind, value=b.value, length=n))
-            group = None
-            if b.kind == "density":
-                cost = np.tile(density_costs(self.candidates, n), (H, 1))
-                upper, disp, unit = b.value * s * H, H, ""
-            elif b.kind == "kv_density":
-                cost = np.tile(kv_density_costs(self.candidates, n), (H, 1))
-                if self.granularity == "query_head" and self.group_size > 1:
-                    group = self.kv_group
-                    n_kv = len(np.unique(self.kv_group))
-                    upper, disp = b.value * s * n_kv, n_kv
-                else:
-                    upper, disp = b.value * s * H, H
-                unit = ""
-            else:  # latency_ms
-                if self.latency_table is None:
-                    raise CompressError(
-                        f"budget {key} needs a latency table (pass latency_table=, or --latency-table from `compress bench`)"
-                    )
-                per_q = self.latency_table.costs(self.candidates, n)
-                cost = np.tile(per_q * self.group_size, (H, 1))
-                if self.granularity == "query_head" and self.group_size > 1:
-                    group = self.kv_group
-                upper, disp, unit = b.value * s, 1.0, " ms"
-            out.append(CostRow(key=key, cost=cost, upper=upper, lower=None if group is not None else lower_fraction * upper,
-                               group=group, length=n, display_scale=disp, unit=unit, kind=b.kind))
-        return out
-
-    def plan(self, assignment: np.ndarray, result: MilpResult | None = None, budgets: Sequence[Budget] | None = None) -> Plan:
-        layers = []
-        for li in range(self.n_layers):
-            heads = [self.candidates[int(c)].to_pattern(floor_length=min(self.lengths))
-                     for c in assignment[li * self.heads : (li + 1) * self.heads]]
-            layers.append(LayerPlan(heads=heads))
-        plan = Plan(
-            source="search", model=self.profile_meta.model, granularity=self.granularity, lengths=list(self.lengths),
-            budgets=list(budgets if budgets is not None else self.budgets), layers=layers,
-        )
-        idx = np.arange(len(assignment))
-        plan.predicted = Predictions(
-            density={n: round(plan.density(n), 6) for n in self.lengths},
-            kv_density={n: round(plan.kv_density(n), 6) for n in self.lengths},
-            loss={n: float(self.loss[n][idx, assignment].sum()) for n in self.profiled},
-            latency_ms={n: round(self.latency_ms(assignment, n), 4) for n in self.lengths} if self.latency_table else {},
-            solver={} if result is None else {
-                **result.summary(), "candidates": len(self.candidates), "K": getattr(result, "K", None)},
-            # an extra field (not in the schema): str keys, as they read back from JSON
-            loss_fraction={str(n): self.loss_fraction(assignment, n) for n in self.profiled},
-        )
-        return plan
-
-    def loss_fraction(self, assignment: np.ndarray, n: int) -> float:
-        """Predicted masked influence / total influence at profiled length n."""
-        v = float(self.loss[n][np.arange(len(assignment)), assignment].sum())
-        return v / self.total[n] if self.total[n] > 0 else 0.0
-
-    def latency_ms(self, assignment: np.ndarray, n: int) -> float:
-        """Table latency at length n: sum over query heads (a GQA group at its widest member's span)."""
-        per_q = self.latency_table.costs(self.candidates, n)
-        t = per_q[assignment] * self.group_size
-        if self.granularity == "query_head" and self.group_size > 1:
-            return float(sum(t[self.kv_group == g].max() for g in np.unique(self.kv_group)))
-        return float(t.sum())
-
-
-def _as_profile(profile: Profile | str | Path) -> Profile:
-    return profile if isinstance(profile, Profile) else load_profile(profile)
-
-
-def build_problem(
-    profile: Profile | str | Path,
-    budgets,
-    *,
-    granularity: Granularity = "kv_head",
-    sinks: Sequence[int] | None = None,
-    lengths: Sequence[int] | None = None,
-    latency_table: LatencyTable | str | Path | None = None,
-    grid: "str | Sequence[Candidate]" = "auto",
-    model: ModelIdentity | None = None,
-) -> SearchProblem:
-    """Candidates, per-head losses and the model geometry for one (granularity, sinks) choice."""
-    profile = _as_profile(profile)
-    meta = profile.meta
-    if model is not None:
-        meta.model.check_matches(model, "profile")
-    if not meta.complete:
-        raise CompressError("the profile is incomplete (its profiling run did not finish); re-run `compress profile`")
-    if granularity not in ("kv_head", "query_head"):
-        raise CompressError(f"granularity must be kv_head or query_head, got {granularity!r}")
-    budgets = parse_budgets(budgets)
-    if not budgets:
-        raise CompressError("no budget given; e.g. --budget 0.5 or --budget density@4096=0.25")
-    if isinstance(latency_table, (str, Path)):
-        latency_table = LatencyTable.load(latency_table)
-    profiled = sorted(meta.lengths)
-    if not profiled:
-        raise CompressError("the profile has no lengths")
-    target = sorted(set(int(n) for n in (lengths or profiled)) | {b.length for b in budgets if b.length is not None})
-    if any(n <= 0 for n in target):
-        raise CompressError(f"lengths must be positive, got {target}")
-    sinks = list(sinks) if sinks else list(meta.sink_sizes)
-    for s in sinks:
-        if s != 0 and s not in meta.sink_sizes:
-            raise CompressError(f"sink {s} was not profiled (profile sink sizes: {meta.sink_sizes})")
-    extra = [n for n in target if n not in profiled]
-    cands = candidate_grid(profiled, extra, block=meta.block, sinks=sinks, grid=grid)
-    ident = meta.model
-    per = "kv" if granularity == "kv_head" else "q"
-    L = ident.num_layers
-    heads = ident.num_kv_heads if granularity == "kv_head" else ident.num_heads
-    G = ident.group_size
-    loss, total = {}, {}
-    for n in profiled:
-        cols = []
-        d = profile.dist(n, per)
-        if tuple(d.shape[:2]) != (L, heads):
-            raise CompressError(f"profile tensor dist.{per}.{n} has shape {tuple(d.shape)}, expected [{L}, {heads}, ...]")
-        for c in cands:
-            if c.kind == "dense":
-                cols.append(np.zeros(L * heads))
-                continue
-            sink_eff, window = split_span(c.span(n), c.sink)
-            cols.append(profile.masked_loss(n, sink_eff, window, per).double().reshape(-1).numpy())
-        m = np.stack(cols, 1)
-        loss[n] = np.clip(m, 0.0, None)
-        total[n] = float(d.double().sum())
-    layer_of_head = np.repeat(np.arange(L), heads)
-    if granularity == "kv_head":
-        kv_group = np.arange(L * heads)
-    else:
-        kv_group = layer_of_head * ident.num_kv_heads + np.tile(np.arange(heads), L) // G
-    return SearchProblem(
-        profile_meta=meta, granularity=granularity, candidates=cands, lengths=target, profiled=profiled,
-        n_layers=L, heads=heads, group_size=G, layer_of_head=layer_of_head, kv_group=kv_group, loss=loss,
-        total=total, budgets=budgets, latency_table=latency_table,
-    )
-
-
-def solve_problem(
-    problem: SearchProblem,
-    *,
-    K: int | None = 2,
-    solver: str = "milp",
-    time_limit: float = 60.0,
-    objective_weights: dict | None = None,
-    budget_scale: dict | None = None,
-    lower_fraction: float = 0.9,
-) -> MilpResult:
-    """Run the chosen solver on a built problem; ``milp`` falls back to greedy when HiGHS finds no solution in time."""
-    from search_space.greedy import solve_greedy
-
-    rows = problem.rows(budget_scale, lower_fraction)
-    weights = objective_weights or {n: 1.0 for n in problem.profiled}
-    kw = dict(layer_of_head=problem.layer_of_head, K=K, objective_weights=weights, lower_fraction=lower_fraction)
-    if solver == "greedy":
-        res = solve_greedy(problem.loss, rows, **kw)
-    elif solver == "milp":
-        res = solve_milp(problem.loss, rows, time_limit=time_limit, **kw)
-        if not res.ok or "no feasible" in res.status:
-            g = solve_greedy(problem.loss, rows, **kw)
-            g.message = f"MILP {res.status}; greedy fallback. " + g.message
-            res = g
-    else:
-        raise CompressError(f"unknown solver {solver!r}: use milp or greedy")
-    if res.status == "infeasible":
-        raise CompressError("no assignment meets the budgets with at most K distinct candidates per layer; raise K or the budgets")
-    res.K = K
-    return res
+__all__ = ["SearchResult", "search", "write_outputs", "build_problem", "solve_problem", "SearchProblem"]
 
 
 @dataclass
@@ -238,7 +35,7 @@ class SearchResult:
     solver: MilpResult
     problem: SearchProblem
     files: dict = field(default_factory=dict)
-    study: object | None = None  # search_space.study.StudyResult when trials > 0
+    study: StudyResult | None = None  # when trials > 0
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -276,17 +73,13 @@ def search(
     With ``trials > 0`` runs the Optuna study (see :func:`search_space.study.run_study`) and returns its chosen
     plan. With ``out_dir`` writes ``plan.json`` and ``spans.png`` there (plus the study's files).
     """
-    from profilers.profile_format import normalize_profile
-
-    profile = normalize_profile(_as_profile(profile), normalize)
+    profile = normalize_profile(as_profile(profile), normalize)
     if trials and trials > 0:
-        from search_space.study import run_study
-
-        st = run_study(
-            profile, budgets, trials=trials, evaluate=evaluate, seed=seed, storage=storage, study_name=study_name,
-            resume=resume, out_dir=out_dir, sinks=sinks, lengths=lengths, latency_table=latency_table,
-            time_limit=time_limit, model=model, grid=grid, lower_fraction=lower_fraction, solver=solver,
-        )
+        st = run_study(profile, budgets, StudyConfig(
+            trials=trials, evaluate=evaluate, seed=seed, storage=storage, study_name=study_name, resume=resume,
+            out_dir=out_dir, sinks=sinks, lengths=lengths, latency_table=latency_table, time_limit=time_limit,
+            model=model, grid=grid, lower_fraction=lower_fraction, solver=solver,
+        ))
         return SearchResult(plan=st.plan, solver=st.solver, problem=st.problem, files=st.files, study=st)
     problem = build_problem(
         profile, budgets, granularity=granularity, sinks=sinks, lengths=lengths, latency_table=latency_table,
@@ -299,15 +92,3 @@ def search(
     if out_dir is not None:
         files = write_outputs(plan, out_dir)
     return SearchResult(plan=plan, solver=res, problem=problem, files=files)
-
-
-def write_outputs(plan: Plan, out_dir: str | Path, stem: str = "plan") -> dict:
-    """``<stem>.json`` and a span heatmap ``spans.png`` at the longest target length."""
-    from search_space.plots import span_heatmap
-
-    out = Path(out_dir)
-    files = {"plan": save_plan(plan, out / f"{stem}.json")}
-    n = max(plan.lengths) if plan.lengths else None
-    if n:
-        files["spans_png"] = span_heatmap(plan, n, out / "spans.png")
-    return files

@@ -10,7 +10,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import compressor
-from kernels.kv_cache import PlanCache, dense_cache_bytes
+from compressor.hf.plan_cache import PlanCache, dense_cache_bytes
 from plans.identity import identity_from_config
 from plans.schema import DensePattern, LayerPlan, Plan, SinkWindowPattern
 from plans.span import visible
@@ -138,9 +138,9 @@ def _recompute_greedy(model, ids, steps, am=None):
 
 @pytest.mark.parametrize("arch,slack", [("llama", 0), ("llama", 32), ("qwen2", 3), ("gpt_neox", 0)])
 def test_generate_with_bounded_cache_equals_recompute(arch, slack, monkeypatch):
-    import kernels.kv_cache
+    import kernels.kv_groups
 
-    monkeypatch.setattr(kernels.kv_cache, "EVICT_SLACK", slack)  # compaction every step ... every 32 steps
+    monkeypatch.setattr(kernels.kv_groups, "EVICT_SLACK", slack)  # compaction every step ... every 32 steps
     model = tiny_model(arch)
     compressor.apply(model, mixed_plan(model, seed=3))
     ids = torch.randint(1, 90, (1, 33))
@@ -205,5 +205,7 @@ def test_mixed_operator_plan_applies_and_generates():
                          cache=cache, pad_token_id=0)
     assert torch.equal(gen, want)
     # the all-linear KV head of layer 0 holds a D x D state, not its tokens
-    linear_group = [g for g in cache.layers[0].groups if "state" in g]
-    assert len(linear_group) == 1 and linear_group[0]["state"].S.shape[-2:] == (16, 16)
+    from kernels.kv_groups import LinearGroup
+
+    linear_group = [g for g in cache.layers[0].groups if isinstance(g, LinearGroup)]
+    assert len(linear_group) == 1 and linear_group[0].state.S.shape[-2:] == (16, 16)

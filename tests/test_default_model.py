@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from compressor.cli import app
-from kernels.kv_cache import PlanCache, dense_cache_bytes
+from compressor.hf.plan_cache import PlanCache, dense_cache_bytes
 
 pytestmark = pytest.mark.real_model
 runner = CliRunner()

@@ -1,4 +1,5 @@
-"""profilers.gates: gates find the long-range head of a hand-built model; profile encoding; model state restored."""
+"""Gates (profilers.gates, compressor.gate_profile, compressor.hf.gate_attention): gates find the long-range head of
+a hand-built model; profile encoding; model state restored."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from compressor.gate_profile import run_gates
+from compressor.hf.gate_attention import GATES_ATTN
+from compressor.hf.modules import attention_modules, module_state
 from plans.errors import CompressError
-from profilers.gates import GATES_ATTN, PAIRS, profile_gates, run_gates
+from profilers.gates import PAIRS, profile_gates
 from profilers.profile_format import load_profile
 from profilers.samples import Sample
 from tests.conftest import tiny_model
@@ -99,7 +103,8 @@ def test_gates_find_the_long_range_head(tmp_path):
     assert m.config._attn_implementation == impl
     assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
-    assert not any("_compress_gate_controller" in mod.__dict__ for mod in m.modules())
+    assert len(attention_modules(m)) == 2
+    assert all(module_state(mod).controller is None for mod in attention_modules(m))
 
     g = prof.tensors["gate.kv"]
     assert g.shape == (2, 2)

@@ -31,7 +31,7 @@ if not CUDA and not tp.INTERPRET:  # imported earlier in this process without th
 if not CUDA and not td.INTERPRET:
     td = importlib.reload(td)
 
-from kernels.reference import reference_attention  # noqa: E402
+from kernels.reference import decode_reference, reference_attention  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -198,9 +198,9 @@ def _decode_inputs(b, hq, hkv, lmax, d, seed=0):
 def test_decode_reference_matches_reference_attention():
     q, k, v = _decode_inputs(2, 6, 3, 70, 16)
     kv_len = torch.tensor([[70, 1, 33], [0, 69, 5]])
-    got = td.decode_reference(q, k, v, kv_len)
+    got = decode_reference(q, k, v, kv_len)
     assert (got - _decode_oracle(q, k, v, kv_len)).abs().max() < 1e-12
-    got32 = td.decode_reference(q.float(), k.float(), v.float(), kv_len)
+    got32 = decode_reference(q.float(), k.float(), v.float(), kv_len)
     assert got32.dtype == torch.float32 and (got32.double() - _decode_oracle(q, k, v, kv_len)).abs().max() < 1e-5
 
 
@@ -222,7 +222,7 @@ def test_sparse_decode_mha_zero_length_and_scale():
     kv_len = torch.tensor([[0, 40, 17]])
     out = td.sparse_decode(q.float().to(DEV), k.float().to(DEV), v.float().to(DEV), kv_len.to(DEV), scale=0.7,
                            num_splits=4, block_n=16)
-    ref = td.decode_reference(q, k, v, kv_len, scale=0.7)
+    ref = decode_reference(q, k, v, kv_len, scale=0.7)
     assert torch.isfinite(out).all()
     assert (out.double().cpu() - ref).abs().max() < 1e-5
 
@@ -233,16 +233,16 @@ def test_sparse_decode_default_splits_and_garbage_slots():
     v[:, :, 100:] = float("inf")
     kv_len = torch.tensor([[100]])
     out = td.sparse_decode(q.float().to(DEV), k.float().to(DEV), v.float().to(DEV), kv_len.to(DEV))
-    ref = td.decode_reference(q[:, :, :], k[:, :, :100], v[:, :, :100], kv_len)
+    ref = decode_reference(q[:, :, :], k[:, :, :100], v[:, :, :100], kv_len)
     assert (out.double().cpu() - ref).abs().max() < 1e-5
 
 
 def test_decode_bad_inputs():
     q, k, v = _decode_inputs(1, 4, 2, 10, 16)
     with pytest.raises(ValueError, match="kv_len"):
-        td.decode_reference(q, k, v, torch.tensor([10, 10]))
+        decode_reference(q, k, v, torch.tensor([10, 10]))
     with pytest.raises(ValueError, match="multiple"):
-        td.decode_reference(q[:, :3], k, v, torch.tensor([[10, 10]]))
+        decode_reference(q[:, :3], k, v, torch.tensor([[10, 10]]))
     with pytest.raises(ValueError, match="expected"):
         td.sparse_decode(q[:, :, None], k, v, torch.tensor([[10, 10]]))
 

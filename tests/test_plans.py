@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import compressor
 from compressor.cli import app
 from plans.errors import CompressError
 from plans.identity import identity_from_config
-from plans.importers import from_duo, from_moa, to_moa
+from plans.atomic import write_text_atomic
+from plans.importers import from_duo, from_moa
 from plans.io import SCHEMA_PATH, load_plan, plan_json_schema, save_plan
 from plans.schema import DensePattern, LayerPlan, Plan, SinkWindowPattern, span_for_density, uniform_plan
 from plans.span import decode_density, kept_entries, prefill_density, span_at, split_span, visibility_mask
@@ -45,6 +47,11 @@ def test_span_semantics():
 
 
 def test_shipped_schema_is_current():
+    """plans/plan.schema.json matches the Plan model. After changing the model, regenerate the file with
+    ``COMPRESS_WRITE_SCHEMA=1 python -m pytest tests/test_plans.py -k shipped_schema`` (the same text as
+    ``compress plan schema``)."""
+    if os.environ.get("COMPRESS_WRITE_SCHEMA") == "1":
+        write_text_atomic(SCHEMA_PATH, json.dumps(plan_json_schema(), indent=2) + "\n")
     assert json.loads(SCHEMA_PATH.read_text()) == plan_json_schema()
 
 
@@ -79,6 +86,21 @@ def test_plan_for_another_model_is_refused(tiny_llama):
     plan = uniform_plan(identity_from_config(other.config), 8)
     with pytest.raises(CompressError, match="num_layers=3"):
         compressor.apply(tiny_llama, plan)
+
+
+def to_moa(plan: Plan) -> dict:
+    """Plan -> MoA alphas/betas (per query head; dense heads become alpha=0, beta=1): the test's inverse of
+    :func:`plans.importers.from_moa`."""
+    alphas, betas = [], []
+    for li in range(plan.model.num_layers):
+        ra, rb = [], []
+        for h in range(plan.model.num_heads):
+            p = plan.pattern(li, h)
+            ra.append(0.0 if isinstance(p, DensePattern) else p.alpha)
+            rb.append(1.0 if isinstance(p, DensePattern) else p.beta)
+        alphas.append(ra)
+        betas.append(rb)
+    return {"alphas": alphas, "betas": betas}
 
 
 def test_moa_import_semantics_and_apply(tiny_llama):

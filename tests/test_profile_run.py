@@ -1,4 +1,4 @@
-"""The profile driver (profilers.profile_run): output format, resume, errors, model state restored."""
+"""The profile driver (compressor.influence_profile): output format, resume, errors, model state restored."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from compressor.hf.modules import attention_modules, module_state
+from compressor.influence_profile import partial_paths, run_profile
 from plans.errors import CompressError
 from profilers.profile_format import load_profile
-from profilers.profile_run import partial_paths, run_profile
 from profilers.taylor import kv_aggregate
 from tests.test_profile_taylor import make_sample, tiny
 
@@ -32,7 +33,8 @@ def test_output_format_and_state_restored(tmp_path):
                        model_name="tiny-llama")
     assert model.config._attn_implementation == impl and model.training
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not any(hasattr(m, "_compress_profile_collector") for m in model.modules())
+    assert len(attention_modules(model)) == 2
+    assert all(module_state(m).collector is None for m in attention_modules(model))
 
     loaded = load_profile(tmp_path / "prof")
     m = loaded.meta
@@ -147,12 +149,11 @@ def test_gqa_window_model_runs_and_warns(tmp_path):
 
 
 def test_registered_function_is_plain_sdpa_without_collector():
-    from profilers.taylor import PROFILE_ATTN, register_profile_attention
+    from compressor.hf.profile_attention import PROFILE_ATTN  # registers it at import
 
     model = tiny("llama")
     ids = make_sample(40, 10).input_ids[None]
     ref = model(ids).logits
-    register_profile_attention()
     model.set_attn_implementation(PROFILE_ATTN)
     assert torch.equal(model(ids).logits, ref)
     model.set_attn_implementation("sdpa")

@@ -1,4 +1,4 @@
-"""The streamed Taylor influence (profilers.taylor): exactness vs an explicit eager A and dL/dA, first-order
+"""The streamed Taylor influence (profilers.taylor, compressor.hf.profile_attention): exactness vs an explicit eager A and dL/dA, first-order
 validity vs real masking, the per-distance reduction vs dense bucket sums, and peak memory."""
 
 from __future__ import annotations
@@ -17,15 +17,26 @@ import torch.nn.functional as F
 
 from profilers.samples import Sample
 from profilers.taylor import (
+    FP32_EPS,
     InfluenceCollector,
     dense_bucket_sums,
     kv_aggregate,
-    moa_influence,
     reduce_layer_influence,
     tile_bucket_sums,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+def moa_influence(A: torch.Tensor, G: torch.Tensor, eps: float = FP32_EPS, take_abs: bool = True) -> torch.Tensor:
+    """Test oracle: dense per-entry influence [..., N, N] from A and G = dL/dA (MoA's formula, row 0 = -A*G).
+
+    It holds N x N tensors (small N only)."""
+    AG = A * G
+    D = AG.sum(-1, keepdim=True)
+    eff = -A * (G - D) / (eps + 1 - A)
+    eff[..., 0, :] = -AG[..., 0, :]
+    return eff.abs() if take_abs else eff
+
+
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128, vocab_size=128)
 
 
@@ -70,7 +81,8 @@ def eager_reference(model, sample: Sample):
 
 
 def streamed(model, sample: Sample, *, block, sink_sizes, row_block):
-    from profilers.profile_run import profiling_mode, sample_loss
+    from compressor.hf.profile_attention import profiling_mode
+    from compressor.influence_profile import sample_loss
 
     cfg = model.config
     coll = InfluenceCollector(cfg.num_hidden_layers, cfg.num_attention_heads, block=block, sink_sizes=sink_sizes,
@@ -112,7 +124,7 @@ def test_streamed_matches_eager_reference(kind):
 @pytest.mark.parametrize("kind", ["llama", "mistral_window"])
 def test_profiled_backward_gives_sdpa_gradients(kind):
     """The profiled attention's own backward (blockwise dq, dk, dv) reproduces autograd through sdpa."""
-    from profilers.profile_run import profiling_mode
+    from compressor.hf.profile_attention import profiling_mode
 
     model = tiny(kind)
     s = make_sample(150, 60)
@@ -275,7 +287,7 @@ _MEM_SCRIPT = textwrap.dedent(
     import json, sys, tempfile, torch
     sys.path.insert(0, {repo!r})
     from tests.test_profile_taylor import tiny, make_sample
-    from profilers.profile_run import run_profile, sample_loss
+    from compressor.influence_profile import run_profile, sample_loss
     torch.set_num_threads(2)
     def hwm():
         for line in open("/proc/self/status"):
@@ -322,7 +334,7 @@ def test_largest_intermediate_is_one_row_block():
     """Count the largest tensor any op produces (forward and backward) with a dispatch mode."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from profilers.profile_run import run_profile
+    from compressor.influence_profile import run_profile
 
     class Largest(TorchDispatchMode):
         biggest = 0

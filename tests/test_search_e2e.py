@@ -11,7 +11,8 @@ from plans.io import load_plan
 from plans.schema import DensePattern
 from search_space.candidates import block_grid
 from search_space.costs import LatencyTable
-from search_space.search import build_problem, search
+from search_space.problem import build_problem
+from search_space.search import search
 from tests.test_search_synthetic import head_kind, make_profile
 
 GRID = block_grid([512, 1024], block=32, sinks=(32, 64), alpha_step=128, betas=(0, 0.25, 0.5, 0.75, 1))

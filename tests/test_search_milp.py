@@ -1,13 +1,78 @@
 import itertools
+from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import pytest
 
 from plans.errors import CompressError
+from search_space.cost_rows import CostRow, evaluate_assignment, is_feasible, make_rows
 from search_space.greedy import solve_greedy
-from search_space.milp import (
-    CostRow, evaluate_assignment, is_feasible, make_rows, non_dominated, pareto_front, solve_milp,
-)
+from search_space.milp import MilpResult, solve_milp
+from search_space.pareto import non_dominated
+
+
+def pareto_front(
+    loss: Mapping[int, np.ndarray],
+    cost: Mapping[Hashable, np.ndarray] | Sequence[CostRow],
+    budgets: Mapping[Hashable, float] | None = None,
+    *,
+    method: str = "epsilon",
+    n_bands: int = 4,
+    n_weights: int = 5,
+    time_limit: float = 60.0,
+    **kw,
+) -> list[MilpResult]:
+    """Non-dominated plans over the per-length losses, deduplicated, sorted by the first length's loss (an oracle
+    for the solver under loss bounds and weights; the library's own front is the study's, over loss and latency).
+
+    ``epsilon`` (MoA): minimise each length alone (anchors), split every other length's range over the anchors
+    into ``n_bands`` and minimise each length under every combination of caps: M + M*n_bands^(M-1) MILPs.
+    ``weights``: minimise weighted sums over a simplex grid with ``n_weights`` steps per axis.
+    """
+    lengths = list(loss)
+    results: list[MilpResult] = []
+
+    def solve(**extra):
+        try:
+            r = solve_milp(loss, cost, budgets, time_limit=time_limit, **kw, **extra)
+        except CompressError as e:
+            if "cannot be met together" in str(e) and "loss bounds" in str(e):
+                return None
+            raise
+        if r.status.startswith(("optimal", "time_limit")) and "no feasible" not in r.status:
+            results.append(r)
+        return r
+
+    if len(lengths) == 1 or method == "weights":
+        if len(lengths) == 1:
+            solve(objective_weights={lengths[0]: 1.0})
+        else:
+            for combo in itertools.product(range(n_weights + 1), repeat=len(lengths)):
+                if sum(combo) != n_weights:
+                    continue
+                solve(objective_weights={n: c / n_weights for n, c in zip(lengths, combo)})
+    elif method == "epsilon":
+        anchors = [solve(objective_weights={n: 1.0}) for n in lengths]
+        anchors = [a for a in anchors if a is not None]
+        lo = {n: min(a.losses[n] for a in anchors) for n in lengths}
+        hi = {n: max(a.losses[n] for a in anchors) for n in lengths}
+        for p in lengths:
+            others = [n for n in lengths if n != p]
+            caps = {n: np.linspace(lo[n], hi[n], n_bands + 1)[1:] for n in others}
+            for combo in itertools.product(*[caps[n] for n in others]):
+                bounds = {n: float(v) * (1 + 1e-9) + 1e-12 for n, v in zip(others, combo)}
+                solve(objective_weights={p: 1.0}, loss_bounds=bounds)
+    else:
+        raise CompressError(f"unknown Pareto method {method!r}: use epsilon or weights")
+    seen, uniq = set(), []
+    for r in results:
+        key = r.assignment.tobytes()
+        if key not in seen:
+            seen.add(key)
+            uniq.append(r)
+    keep = non_dominated([[r.losses[n] for n in lengths] for r in uniq])
+    front = [uniq[i] for i in keep]
+    return sorted(front, key=lambda r: r.losses[lengths[0]])
 
 
 def small_problem(seed=0, H=6, C=4, lengths=(1, 2)):

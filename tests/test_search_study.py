@@ -65,6 +65,6 @@ def test_study_evaluate_hook_and_latency_constraint(tmp_path):
                grid=GRID, time_limit=10, seed=1, storage=f"sqlite:///{tmp_path}/s.db", study_name="hook")
     assert len(seen) >= 1
     assert r.plan.predicted.validation["latency_ms"] <= 45
-    assert all(row["feasible"] == (row["latency"] <= 45) for row in r.study.rows)
+    assert all(row.feasible == (row.latency <= 45) for row in r.study.rows)
     with pytest.raises(CompressError, match="must return a dict with loss and latency_ms"):
         search(prof, "density=0.6", trials=1, evaluate=lambda p: {"loss": 1.0}, grid=GRID)

@@ -7,7 +7,8 @@
   (``lower_relaxed`` with a non-empty ``lower_relaxed_reason``).
 
 The brute force below enumerates every assignment with itertools.product and evaluates the objective and the
-constraints from the problem statement; it shares no code with search_space.milp.
+constraints from the problem statement; it shares no code with the solvers (search_space.milp and the modules
+it dispatches to).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import search_space.layer_pricing as pricing_mod
 import search_space.milp as milp_mod
 from plans.errors import CompressError
-from search_space.milp import CostRow, solve_milp
+from search_space.cost_rows import CostRow
+from search_space.milp import solve_milp
 
 CASE = Path(__file__).parent / "data" / "exact_search_lower_bound.json"
 ABS_GAP = 1e-6  # HiGHS' default mip_abs_gap
@@ -286,7 +289,7 @@ def test_bruteforce_colgen():
 
 def test_bruteforce_colgen_heuristic_pricing(monkeypatch):
     """K-subsets too many to enumerate: greedy pricing, the bound certified by the per-layer pricing MILP."""
-    monkeypatch.setattr(milp_mod, "_MAX_ENUM", 0)
+    monkeypatch.setattr(pricing_mod, "MAX_ENUM", 0)
     taken = run_path(500, N_SIDE, "k_binds", [2], groups_every=5, method="colgen")
     assert taken["highs-colgen"] >= N_SIDE // 2, taken
 
@@ -296,20 +299,20 @@ def test_bruteforce_colgen_without_integer_solution_falls_back(monkeypatch):
     def no_plan(*args, **kw):
         return None, "time_limit", None, -np.inf, {"method": "colgen", "columns": 0}
 
-    monkeypatch.setattr(milp_mod, "_solve_colgen", no_plan)
+    monkeypatch.setattr(milp_mod, "solve_colgen", no_plan)
     taken = run_path(600, N_SIDE, "k_binds", [2], groups_every=5, method="colgen")
     assert taken["highs-milp"] >= N_SIDE // 2, taken
 
 
 def test_bruteforce_colgen_open_gap_closed_by_direct(monkeypatch):
     """A colgen plan without a certified gap is refined by the direct model's branch and bound."""
-    real = milp_mod._solve_colgen
+    real = milp_mod.solve_colgen
 
     def uncertified(*args, **kw):
         a, status, gap, lb, info = real(*args, **kw)
         return a, ("feasible" if a is not None else status), None, -np.inf, info
 
-    monkeypatch.setattr(milp_mod, "_solve_colgen", uncertified)
+    monkeypatch.setattr(milp_mod, "solve_colgen", uncertified)
     taken = run_path(700, N_SIDE, "k_binds", [2], groups_every=5, method="colgen")
     assert taken["highs-colgen"] >= N_SIDE // 2, taken
 

@@ -1,9 +1,10 @@
 """`compress profile`'s driver: run the streamed Taylor influence over calibration samples and write a profile.
 
 One sample at a time (batch 1), for each length: embeddings require grad (parameters are frozen, so no parameter
-gradient is stored), forward through :data:`profilers.taylor.PROFILE_ATTN`, loss = mean CE over the sample's target
-tokens (``loss_mask``; HF shift: token t is predicted from position t - 1), backward; each layer's attention
-backward (profilers.taylor) recomputes its attention blockwise and adds the layer's influence to the sums.
+gradient is stored), forward through :data:`compressor.hf.profile_attention.PROFILE_ATTN`, loss = mean CE over the
+sample's target tokens (``loss_mask``; HF shift: token t is predicted from position t - 1), backward; each layer's
+attention backward recomputes its attention blockwise and adds the layer's influence to the sums
+(:class:`profilers.taylor.InfluenceCollector`, math in :mod:`profilers.taylor`).
 
 Resumable: after every sample the float64 running sums and the progress (samples done per length, recipe hash)
 are written atomically to ``<out_stem>.partial.safetensors`` (authoritative: the progress is also in its metadata)
@@ -13,20 +14,20 @@ gives bit-for-bit the result of an uninterrupted run; both files are deleted onc
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import inspect
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from compressor.hf.modules import accepts_logits_to_keep, check_model_supported
+from compressor.hf.profile_attention import profiling_mode
 from plans.atomic import atomic_path, write_text_atomic
 from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
@@ -37,10 +38,8 @@ from profilers.samples import Sample
 from profilers.taylor import (
     DEFAULT_MAX_BLOCK_ELEMS,
     FP32_EPS,
-    PROFILE_ATTN,
     InfluenceCollector,
     kv_aggregate,
-    register_profile_attention,
 )
 
 PARTIAL_FORMAT = 1
@@ -50,71 +49,6 @@ def partial_paths(out_stem: str | Path) -> tuple[Path, Path]:
     """(``<out_stem>.partial.safetensors``, ``<out_stem>.partial.json``)."""
     s = str(out_stem)
     return Path(s + ".partial.safetensors"), Path(s + ".partial.json")
-
-
-
-
-# --------------------------------------------------------------------------------------------------------------
-# model checks and state
-
-
-def check_model_supported(model, purpose: str = "profiled") -> str:
-    """Raise CompressError unless the model routes attention through transformers' AttentionInterface
-    (the library's own test, ``_can_set_attn_implementation``); returns the model type."""
-    mt = getattr(text_config(model.config), "model_type", None) or getattr(model.config, "model_type", "?")
-    can = getattr(model, "_can_set_attn_implementation", None)
-    if can is None or not can():
-        raise CompressError(
-            f"model type {mt!r} ({type(model).__name__}) does not route attention through transformers' "
-            f"AttentionInterface, so it cannot be {purpose} (supported: Llama, Mistral, Qwen2/3, Gemma, Phi3, GPT-NeoX, "
-            "GPT-2, OPT, ...)"
-        )
-    return mt
-
-
-@contextlib.contextmanager
-def frozen_attention_mode(model, impl: str, what: str):
-    """Switch the model to the registered attention ``impl``, eval mode and frozen parameters; restore the
-    implementation, training mode and requires_grad flags afterwards. Yields the model type."""
-    mt = check_model_supported(model)
-    orig_impl = model.config._attn_implementation
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        try:
-            model.set_attn_implementation(impl)
-        except Exception as e:  # noqa: BLE001 -- transformers raises ValueError/KeyError/... here
-            raise CompressError(f"model type {mt!r}: cannot switch to the {what} attention: {e}") from None
-        if model.config._attn_implementation != impl:
-            raise CompressError(f"model type {mt!r}: the attention implementation cannot be switched to the {what} one")
-        model.eval()
-        model.requires_grad_(False)
-        yield mt
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        model.train(was_training)
-        if model.config._attn_implementation != orig_impl:
-            model.set_attn_implementation(orig_impl)
-
-
-@contextlib.contextmanager
-def profiling_mode(model, collector: InfluenceCollector):
-    """Switch the model to the profiling attention, eval mode and frozen parameters; restore everything after."""
-    register_profile_attention()
-    with frozen_attention_mode(model, PROFILE_ATTN, "profiling"):
-        collector.attach(model)
-        try:
-            yield
-        finally:
-            collector.detach()
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def sample_loss(model, sample: Sample, use_logits_to_keep: bool | None = None) -> torch.Tensor:
@@ -128,7 +62,7 @@ def sample_loss(model, sample: Sample, use_logits_to_keep: bool | None = None) -
         raise CompressError("sample has no target tokens (loss_mask is all False after position 0)")
     emb = model.get_input_embeddings()(ids[None]).detach().requires_grad_(True)
     if use_logits_to_keep is None:
-        use_logits_to_keep = _accepts_logits_to_keep(model)
+        use_logits_to_keep = accepts_logits_to_keep(model)
     if use_logits_to_keep:
         logits = model(inputs_embeds=emb, use_cache=False, logits_to_keep=tgt).logits[0]
     else:
@@ -208,7 +142,7 @@ def _load_partial(st: Path, js: Path, recipe: str) -> tuple[dict[str, torch.Tens
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the driver
+# the driver, step by step
 
 
 def _native_window(model) -> dict:
@@ -222,6 +156,117 @@ def _native_window(model) -> dict:
         if n_sliding == 0:
             sw = None
     return {"sliding_window": sw, "layer_types": list(layer_types) if layer_types is not None else None}
+
+
+def _check_settings(block: int, sink_sizes: tuple[int, ...], samples_by_length) -> None:
+    if block <= 0:
+        raise CompressError(f"block must be positive (got {block})")
+    if any(s < 0 for s in sink_sizes) or len(set(sink_sizes)) != len(sink_sizes):
+        raise CompressError(f"sink sizes must be distinct and >= 0 (got {list(sink_sizes)})")
+    if not samples_by_length:
+        raise CompressError("no calibration samples given")
+
+
+def _check_samples(samples_by_length, lengths: list[int], identity, allow_extrapolation: bool) -> None:
+    for n in lengths:
+        ss = samples_by_length[n]
+        if n <= 1:
+            raise CompressError(f"length {n}: profiling needs at least 2 tokens")
+        if not ss:
+            raise CompressError(f"length {n}: no samples")
+        for i, s in enumerate(ss):
+            if s.length != n:
+                raise CompressError(f"length {n}: sample {i} has {s.length} tokens, not {n}")
+            if not bool(s.loss_mask[1:].any()):
+                raise CompressError(f"length {n}: sample {i} has no target tokens in its loss_mask")
+        if identity.max_positions and n > identity.max_positions and not allow_extrapolation:
+            raise CompressError(
+                f"length {n} is beyond the model's max_position_embeddings ({identity.max_positions}); "
+                "pass allow_extrapolation to profile it anyway"
+            )
+
+
+def _warn_native_window(model, mt: str, lengths: list[int]) -> dict:
+    """The model's native window (see :func:`_native_window`), with a warning when it is shorter than a length."""
+    window = _native_window(model)
+    if window["sliding_window"] is not None and window["sliding_window"] < max(lengths):
+        warnings.warn(
+            f"model type {mt!r} has a native sliding window of {window['sliding_window']} tokens "
+            f"(layer types: {window['layer_types'] or 'all layers'}); the profile respects it: influence outside "
+            "the native window is zero on those layers", stacklevel=3)
+    return window
+
+
+def _open_partial(out_stem, recipe: str, resume: bool, samples_by_length, lengths):
+    """(st, js, sums, done): the partial files and their progress (discarded first unless ``resume``)."""
+    st, js = partial_paths(out_stem)
+    if not resume:
+        for p in (st, js):
+            p.unlink(missing_ok=True)
+    sums, done = _load_partial(st, js, recipe)
+    for n in lengths:
+        if done.get(n, 0) > len(samples_by_length[n]):
+            raise CompressError(f"{st}: corrupt partial profile ({done[n]} samples done at length {n}, "
+                                f"only {len(samples_by_length[n])} given)")
+    return st, js, sums, done
+
+
+def _progress_bar(samples_by_length, lengths, done, enabled: bool):
+    """One line/bar for all lengths; the ETA is weighted by tokens (a sample of length N costs ~N)."""
+    return progress_helper("profile", total=sum(len(samples_by_length[n]) for n in lengths), unit="samples",
+                           done=sum(done.get(n, 0) for n in lengths),
+                           work_total=sum(len(samples_by_length[n]) * n for n in lengths),
+                           work_done=sum(done.get(n, 0) * n for n in lengths), enabled=enabled)
+
+
+def _profile_one(model, coll: InfluenceCollector, sample: Sample, n: int, i: int, use_ltk: bool):
+    """Forward + backward of one sample; returns its (dist, sinkdist)."""
+    coll.begin_sample(n)
+    with torch.enable_grad():
+        loss = sample_loss(model, sample, use_ltk)
+        if not torch.isfinite(loss):
+            raise CompressError(f"length {n}: sample {i} has a non-finite loss ({loss.item()})")
+        loss.backward()
+    del loss
+    return coll.end_sample()
+
+
+def _profile_samples(model, coll, samples_by_length, lengths, partial, recipe, tick, on_sample) -> dict[str, float]:
+    """Profile every sample not done yet, saving the running sums after each; returns seconds per length."""
+    st, js, sums, done = partial
+    use_ltk = accepts_logits_to_keep(model)
+    info = {"lengths": lengths, "samples": {str(m): len(samples_by_length[m]) for m in lengths}}
+    seconds: dict[str, float] = {}
+    for n in lengths:
+        ss = samples_by_length[n]
+        tick(0, stage=f"profile N={n}")
+        t0 = time.perf_counter()
+        for i in range(done.get(n, 0), len(ss)):
+            d, sd = _profile_one(model, coll, ss[i], n, i, use_ltk)
+            kd, ks = f"sum.dist.{n}", f"sum.sinkdist.{n}"
+            sums[kd] = sums[kd] + d if kd in sums else d
+            sums[ks] = sums[ks] + sd if ks in sums else sd
+            done[n] = i + 1
+            _save_partial(st, js, sums, done, recipe, info)
+            tick(1, work=n)
+            if on_sample is not None:
+                on_sample(n, i + 1)
+        seconds[str(n)] = time.perf_counter() - t0
+    return seconds
+
+
+def _profile_tensors(sums, done, lengths, num_kv_heads: int) -> dict[str, torch.Tensor]:
+    """Means over samples, per query head and summed into KV heads."""
+    tensors: dict[str, torch.Tensor] = {}
+    for n in lengths:
+        cnt = done[n]
+        dq = sums[f"sum.dist.{n}"] / cnt
+        sq = sums[f"sum.sinkdist.{n}"] / cnt
+        tensors[f"dist.q.{n}"] = dq
+        tensors[f"sinkdist.q.{n}"] = sq
+        tensors[f"dist.kv.{n}"] = kv_aggregate(dq, num_kv_heads, 1)
+        tensors[f"sinkdist.kv.{n}"] = kv_aggregate(sq, num_kv_heads, 1)
+    return tensors
 
 
 def run_profile(
@@ -247,94 +292,22 @@ def run_profile(
     and leaves the partial files for a later resume. ``resume=False`` discards any partial progress."""
     block = int(block)
     sink_sizes = tuple(int(s) for s in sink_sizes)
-    if block <= 0:
-        raise CompressError(f"block must be positive (got {block})")
-    if any(s < 0 for s in sink_sizes) or len(set(sink_sizes)) != len(sink_sizes):
-        raise CompressError(f"sink sizes must be distinct and >= 0 (got {list(sink_sizes)})")
-    if not samples_by_length:
-        raise CompressError("no calibration samples given")
+    _check_settings(block, sink_sizes, samples_by_length)
     mt = check_model_supported(model)
     identity = identity_from_config(model.config, name=model_name)
     lengths = sorted(int(n) for n in samples_by_length)
-    for n in lengths:
-        ss = samples_by_length[n]
-        if n <= 1:
-            raise CompressError(f"length {n}: profiling needs at least 2 tokens")
-        if not ss:
-            raise CompressError(f"length {n}: no samples")
-        for i, s in enumerate(ss):
-            if s.length != n:
-                raise CompressError(f"length {n}: sample {i} has {s.length} tokens, not {n}")
-            if not bool(s.loss_mask[1:].any()):
-                raise CompressError(f"length {n}: sample {i} has no target tokens in its loss_mask")
-        if identity.max_positions and n > identity.max_positions and not allow_extrapolation:
-            raise CompressError(
-                f"length {n} is beyond the model's max_position_embeddings ({identity.max_positions}); "
-                "pass allow_extrapolation to profile it anyway"
-            )
-    window = _native_window(model)
-    if window["sliding_window"] is not None and window["sliding_window"] < max(lengths):
-        warnings.warn(
-            f"model type {mt!r} has a native sliding window of {window['sliding_window']} tokens "
-            f"(layer types: {window['layer_types'] or 'all layers'}); the profile respects it: influence outside "
-            "the native window is zero on those layers", stacklevel=2)
+    _check_samples(samples_by_length, lengths, identity, allow_extrapolation)
+    window = _warn_native_window(model, mt, lengths)
 
     recipe = recipe_hash(model, identity, {n: samples_by_length[n] for n in lengths},
                          block=block, sink_sizes=sink_sizes, loss_mode=loss_mode)
-    st, js = partial_paths(out_stem)
-    if not resume:
-        for p in (st, js):
-            p.unlink(missing_ok=True)
-    sums, done = _load_partial(st, js, recipe)
+    partial = _open_partial(out_stem, recipe, resume, samples_by_length, lengths)
+    st, js, sums, done = partial
+    coll = InfluenceCollector(identity.num_layers, identity.num_heads, block=block, sink_sizes=sink_sizes,
+                              row_block=row_block, max_block_elems=max_block_elems)
+    with profiling_mode(model, coll), _progress_bar(samples_by_length, lengths, done, progress) as tick:
+        seconds = _profile_samples(model, coll, samples_by_length, lengths, partial, recipe, tick, on_sample)
 
-    L, H, Hkv = identity.num_layers, identity.num_heads, identity.num_kv_heads
-    coll = InfluenceCollector(L, H, block=block, sink_sizes=sink_sizes, row_block=row_block,
-                              max_block_elems=max_block_elems)
-    use_ltk = _accepts_logits_to_keep(model)
-    seconds: dict[str, float] = {}
-    for n in lengths:
-        if done.get(n, 0) > len(samples_by_length[n]):
-            raise CompressError(f"{st}: corrupt partial profile ({done[n]} samples done at length {n}, "
-                                f"only {len(samples_by_length[n])} given)")
-    # one line/bar for all lengths; the ETA is weighted by tokens (a sample of length N costs ~N)
-    prog = progress_helper("profile", total=sum(len(samples_by_length[n]) for n in lengths), unit="samples",
-                           done=sum(done.get(n, 0) for n in lengths),
-                           work_total=sum(len(samples_by_length[n]) * n for n in lengths),
-                           work_done=sum(done.get(n, 0) * n for n in lengths), enabled=progress)
-    with profiling_mode(model, coll), prog as tick:
-        for n in lengths:
-            ss = samples_by_length[n]
-            k0 = done.get(n, 0)
-            tick(0, stage=f"profile N={n}")
-            t0 = time.perf_counter()
-            for i in range(k0, len(ss)):
-                coll.begin_sample(n)
-                with torch.enable_grad():
-                    loss = sample_loss(model, ss[i], use_ltk)
-                    if not torch.isfinite(loss):
-                        raise CompressError(f"length {n}: sample {i} has a non-finite loss ({loss.item()})")
-                    loss.backward()
-                del loss
-                d, sd = coll.end_sample()
-                kd, ks = f"sum.dist.{n}", f"sum.sinkdist.{n}"
-                sums[kd] = sums[kd] + d if kd in sums else d
-                sums[ks] = sums[ks] + sd if ks in sums else sd
-                done[n] = i + 1
-                _save_partial(st, js, sums, done, recipe, {"lengths": lengths, "samples": {str(m): len(samples_by_length[m]) for m in lengths}})
-                tick(1, work=n)
-                if on_sample is not None:
-                    on_sample(n, i + 1)
-            seconds[str(n)] = time.perf_counter() - t0
-
-    tensors: dict[str, torch.Tensor] = {}
-    for n in lengths:
-        cnt = done[n]
-        dq = sums[f"sum.dist.{n}"] / cnt
-        sq = sums[f"sum.sinkdist.{n}"] / cnt
-        tensors[f"dist.q.{n}"] = dq
-        tensors[f"sinkdist.q.{n}"] = sq
-        tensors[f"dist.kv.{n}"] = kv_aggregate(dq, Hkv, 1)
-        tensors[f"sinkdist.kv.{n}"] = kv_aggregate(sq, Hkv, 1)
     meta = ProfileMeta(
         tool_version=tool_version(), method="taylor", model=identity, lengths=lengths,
         samples={n: done[n] for n in lengths}, loss_mode=loss_mode, block=block, sink_sizes=list(sink_sizes),
@@ -345,8 +318,11 @@ def run_profile(
             "seconds_this_run": seconds, "recipe": recipe,
         },
     )
-    profile = Profile(meta=meta, tensors=tensors)
+    profile = Profile(meta=meta, tensors=_profile_tensors(sums, done, lengths, identity.num_kv_heads))
     save_profile(profile, out_stem)
     for p in (st, js):
         p.unlink(missing_ok=True)
     return profile
+
+
+__all__ = ["PARTIAL_FORMAT", "partial_paths", "recipe_hash", "run_profile", "sample_loss"]

@@ -1,6 +1,6 @@
 """Operator selection from gates (MPCViT's discretisation, DuoAttention's thresholding) and operator cost entries.
 
-    prof = load_profile("out/gates")                   # profilers.gates.run_gates(..., pair="softmax_vs_linear")
+    prof = load_profile("out/gates")                   # compressor.gate_profile.run_gates(..., pair="softmax_vs_linear")
     plan = select_operators(prof, 0.25)                # top 25% of heads by gate keep softmax, the rest go linear
     plan = select_operators(prof, cost_budget=0.4, length=4096)   # or: total cost <= 40% of all-softmax at N=4096
 
@@ -19,7 +19,7 @@ Costs (:data:`OPERATOR_COSTS`) are analytic cost entries: multiply-adds of ONE q
 length N with head dim D -- ``2 D x kept_entries`` for softmax-type operators (QK^T and PV over the kept
 entries; dense kept = N(N+1)/2, sink_window kept = :func:`plans.span.kept_entries`), the same for relu_softmax,
 and ``2 N D^2 + 2 D x N (C + 1) / 2`` for linear attention (state update and read-out, plus the intra-chunk
-causal part with C = kernels.operators.DEFAULT_CHUNK rows). :func:`measure_operator_costs` times the real
+causal part with C = kernels.cheap_operators.DEFAULT_CHUNK rows). :func:`measure_operator_costs` times the real
 operators on this device instead and returns ``{operator: {N: ms}}`` (usable as ``cost_table``).
 """
 
@@ -35,17 +35,17 @@ import torch
 
 from plans.errors import CompressError
 from plans.identity import ModelIdentity
-from plans.schema import DensePattern, LayerPlan, LinearPattern, Plan, Predictions, SinkWindowPattern
+from plans.schema import COST_KINDS, DensePattern, LayerPlan, LinearPattern, Plan, Predictions, SinkWindowPattern
 from plans.span import kept_entries
+from profilers.gates import DEFAULT_WINDOW, PAIRS
 
-OPERATORS = ("softmax", "sink_window", "relu_softmax", "linear")
-CHEAP_PATTERN_OF_PAIR = {"full_vs_window": "sink_window", "softmax_vs_relu": "relu_softmax", "softmax_vs_linear": "linear"}
-DEFAULT_WINDOW = (64, 256)
+OPERATORS = COST_KINDS  # the cost-entry vocabulary (plans.schema.COST_KINDS): softmax, sink_window, relu_softmax, linear
+CHEAP_PATTERN_OF_PAIR = dict(zip(PAIRS, ("sink_window", "relu_softmax", "linear")))  # the cheap side of each gate pair
 
 
 # ------------------------------------------------------------------------------------------------ cost entries
 def _chunk() -> int:
-    from kernels.operators import DEFAULT_CHUNK
+    from kernels.cheap_operators import DEFAULT_CHUNK
 
     return DEFAULT_CHUNK
 
@@ -186,7 +186,7 @@ def select_operators(
 ) -> Plan:
     """Plan keeping the highest-gate heads on dense softmax and giving the rest the pair's cheap operator.
 
-    ``source``: a gates Profile (:func:`profilers.gates.run_gates`), the dict of
+    ``source``: a gates Profile (:func:`compressor.gate_profile.run_gates`), the dict of
     :func:`profilers.gates.profile_gates` (plus ``identity``), or a gates tensor [L, Hkv or Hq] (pass
     ``identity``, ``pair``, ``window``). Exactly one budget:
 
@@ -266,9 +266,9 @@ def measure_operator_costs(
 ) -> dict[str, dict[int, float]]:
     """Median ms (after one warm-up) of ONE query head's causal prefill for each operator at each length:
     ``softmax`` and ``sink_window`` (``window=(sink, span)``) through kernels.dispatch.sparse_attention (the
-    reference when dispatch is missing), ``relu_softmax`` and ``linear`` through kernels.operators.
+    reference when dispatch is missing), ``relu_softmax`` and ``linear`` through kernels.cheap_operators.
     Returns ``{operator: {N: ms}}`` (a ``cost_table`` for :func:`select_operators`)."""
-    from kernels.operators import linear_attention, relu_softmax_attention
+    from kernels.cheap_operators import linear_attention, relu_softmax_attention
 
     try:
         from kernels.dispatch import sparse_attention

@@ -1,0 +1,103 @@
+"""Mask to key layout: where each query and key of one attention call sits in its sequence.
+
+Our mask builder (registered in ``AttentionMaskInterface`` under the plan's implementation name) turns HF's mask
+arguments (2D padding mask, query offset, key-slot offset and length from the cache) into a :class:`KeyLayout` of
+real positions, so the attention function never needs a (q, kv) mask for padding, static or sliding caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.masking_utils import sdpa_mask
+
+from plans.errors import CompressError
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Real positions of one attention call's queries and key slots (per sample), from the mask builder.
+
+    q_pos (B, q) and k_pos (B, kv): positions among the sequence's real tokens (pads excluded), -1 for a pad
+    or a slot not written yet (static caches); ``q_start``: absolute index of the first query in its sequence
+    (0 = this call starts the sequence); ``written``: key slots holding tokens (the rest are empty cache slots);
+    ``allowed`` (B, 1, q, kv) bool or None: a mask the caller adds on top of causality (packed sequences,
+    modality overlays), materialised only in those cases, intersected with the plan; ``source``: "builder" (our
+    mask builder, positions derived from the padding mask), "plain" (no mask: a causal call whose queries are the
+    last q keys) or "custom" (a 4D mask the caller made).
+    """
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    q_start: int
+    written: int
+    allowed: torch.Tensor | None = None
+    source: str = "builder"
+
+
+def key_layout_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, attention_mask=None,
+                    mask_function=None, allow_is_causal_skip=True, **kw):
+    """Registered in AttentionMaskInterface: key validity (B, 1, 1, kv) bool carrying a :class:`KeyLayout` as
+    ``.compress_layout``, or None for a plain causal call (no padding, every key slot written, no offsets).
+
+    The pattern itself (causal, sink, windows, a native sliding window) is applied by the attention function
+    from real positions, so no (q, kv) mask is built except where HF adds a mask function of its own (packed
+    sequences, modality overlays, compiled decode), which is materialised as stock sdpa would and intersected.
+    """
+    q_offset, kv_offset = int(q_offset), int(kv_offset)
+    total = q_offset + q_length  # tokens in the sequence once this call is done (pads included)
+    am = None if attention_mask is None else attention_mask.to(torch.bool)
+    plain = (am is None or bool(am[:, :total].all())) and kv_offset == 0 and kv_length == total
+    if plain and allow_is_causal_skip:
+        return None
+    device = kw.get("device") or (am.device if am is not None else None)
+    if am is None:
+        am = torch.ones(batch_size, total, dtype=torch.bool, device=device)
+    elif am.shape[-1] < total:  # HF may pass the 2D mask shorter than the sequence: the rest is real
+        am = torch.cat([am, am.new_ones(am.shape[0], total - am.shape[-1])], dim=-1)
+    am = am[:, :total].expand(batch_size, total)
+    pos = torch.where(am, am.long().cumsum(-1) - 1, -1)
+    written = max(0, min(kv_length, total - kv_offset))
+    k_pos = torch.full((batch_size, kv_length), -1, dtype=torch.long, device=am.device)
+    k_pos[:, :written] = pos[:, kv_offset : kv_offset + written]
+    allowed = None
+    if not allow_is_causal_skip:  # a mask function beyond causal + padding: let HF evaluate it
+        allowed = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                            allow_is_causal_skip=False, **{k: v for k, v in kw.items() if k in ("device", "use_vmap")})
+    out = (k_pos >= 0)[:, None, None, :]
+    out.compress_layout = KeyLayout(q_pos=pos[:, q_offset:total], k_pos=k_pos, q_start=q_offset, written=written,
+                                    allowed=allowed)
+    return out
+
+
+def call_layout(attention_mask, query, key, position_ids=None) -> KeyLayout:
+    """The :class:`KeyLayout` of one call: from our mask builder, a plain causal call, or a caller's 4D mask.
+
+    A 4D mask given by the caller (bool, or additive float) is intersected with the plan; its positions are the
+    call's ``position_ids`` when queries and keys are the same tokens (packed documents then keep their own
+    sinks), else the slot indices.
+    """
+    b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
+    layout = getattr(attention_mask, "compress_layout", None)
+    if layout is not None:
+        return layout
+    dev = query.device
+    if attention_mask is None:
+        k_pos = torch.arange(nk, device=dev).expand(b, nk)
+        return KeyLayout(q_pos=k_pos[:, nk - nq :], k_pos=k_pos, q_start=nk - nq, written=nk, source="plain")
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    if allowed.ndim != 4 or allowed.shape[-1] != nk:
+        raise CompressError(f"compress attention: a mask of shape {tuple(attention_mask.shape)} for {nk} keys; "
+                            "expected a 2D padding mask or a 4D (B, 1, q, kv) mask")
+    allowed = allowed[:, :1].expand(b, 1, nq, nk)
+    if position_ids is not None and nq == nk:
+        pos = position_ids.to(dev).long().expand(b, nk)
+        return KeyLayout(q_pos=pos, k_pos=pos, q_start=0, written=nk, allowed=allowed, source="custom")
+    k_pos = torch.arange(nk, device=dev).expand(b, nk)
+    return KeyLayout(q_pos=k_pos[:, nk - nq :], k_pos=k_pos, q_start=nk - nq, written=nk, allowed=allowed,
+                     source="custom")

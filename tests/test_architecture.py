@@ -1,0 +1,109 @@
+"""The shape of the code: one direction of imports, no cycles, pure kernels, short functions.
+
+Every import statement in the five packages is read with ``ast`` (module level and inside functions alike):
+
+* a package imports only itself and those to its left: ``plans <- kernels <- profilers <- search_space <- compressor``;
+* no import cycle between modules (graphlib's topological sort over module -> imported-module edges);
+* ``kernels/`` imports nothing from transformers (pure tensor code; the one seam to transformers is ``compressor/hf``);
+* no function is longer than 100 lines.
+"""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["plans", "kernels", "profilers", "search_space", "compressor"]
+MAX_FUNCTION_LINES = 100
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in ORDER:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT).with_suffix("")
+            parts = list(rel.parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def imports_of(name: str, path: Path) -> list[tuple[str, int]]:
+    """(imported module, line) for every import statement in the file, relative imports resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    here = name.split(".") if is_pkg else name.split(".")[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(here[: len(here) - node.level + 1] + ([base] if base else []))
+            found.append((base, node.lineno))
+            found += [(f"{base}.{a.name}", node.lineno) for a in node.names]  # `from pkg import module`
+    return found
+
+
+def internal_edges() -> dict[str, set[str]]:
+    mods = modules()
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        for target, _ in imports_of(name, path):
+            if target in mods and target != name:
+                edges[name].add(target)
+    return edges
+
+
+def test_imports_follow_the_package_order():
+    mods = modules()
+    bad = []
+    for name, path in mods.items():
+        rank = ORDER.index(name.split(".")[0])
+        for target, line in imports_of(name, path):
+            top = target.split(".")[0]
+            if top in ORDER and ORDER.index(top) > rank:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target} ({top} is right of {name.split('.')[0]})")
+    assert not bad, "imports against plans <- kernels <- profilers <- search_space <- compressor:\n" + "\n".join(bad)
+
+
+def test_no_import_cycles():
+    edges = internal_edges()
+    # `from pkg import name` also adds an edge to pkg's __init__; a package importing its own submodules from
+    # __init__ is how a package exposes its API, so edges from a submodule to its own parent package are dropped.
+    for m, targets in edges.items():
+        edges[m] = {t for t in targets if not m.startswith(t + ".")}
+    try:
+        list(graphlib.TopologicalSorter(edges).static_order())
+    except graphlib.CycleError as e:
+        pytest.fail(f"import cycle: {' -> '.join(e.args[1])}")
+
+
+def test_kernels_are_pure_tensor_code():
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {t}" for n, p in modules().items() if n.startswith("kernels")
+           for t, line in imports_of(n, p) if t.split(".")[0] in ("transformers", "accelerate")]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_function_over_100_lines():
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "functions over 100 lines:\n" + "\n".join(long)
+
+
+def test_the_checker_sees_function_level_imports(tmp_path):
+    """The walk must catch an import hidden inside a function (the kind that made today's cycles)."""
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from compressor.patching import apply\n    return apply\n")
+    assert ("compressor.patching", 2) in imports_of("kernels.m", f)
