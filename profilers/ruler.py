@@ -155,6 +155,13 @@ class Haystack:
         return cls("text", "\n\n".join(split.heldout), f"heldout:{name}")
 
     @classmethod
+    def calibration_side(cls, corpus, heldout_fraction: float = 0.2, data_dir=None, fetch: bool = True) -> Haystack:
+        """The held-in (calibration) side of a corpus: for scoring heads on needles, never for evaluation."""
+        name = str(corpus) if isinstance(corpus, (str, os.PathLike)) else ",".join(map(str, corpus))
+        split = corpora.split_corpus(list(corpora.load_corpus(corpus, data_dir, fetch)), heldout_fraction, "auto", 0)
+        return cls("text", "\n\n".join(split.calibration), f"heldin:{name}")
+
+    @classmethod
     def from_corpus(cls, corpus, heldout_fraction: float = 0.2, data_dir=None, fetch: bool = True) -> Haystack:
         """The held-out side of a corpus name (``"austen"``, ``"wikipedia"``) or file path(s)."""
         name = str(corpus) if isinstance(corpus, (str, os.PathLike)) else ",".join(map(str, corpus))

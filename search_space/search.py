@@ -21,6 +21,7 @@ from plans.schema import Plan
 from profilers.profile_format import Profile, normalize_profile
 from search_space.candidates import Candidate
 from search_space.costs import LatencyTable
+from search_space.keep_dense import check_kept_dense, force_dense
 from search_space.milp import MilpResult
 from search_space.outputs import write_outputs
 from search_space.problem import Granularity, SearchProblem, as_profile, build_problem, solve_problem
@@ -65,29 +66,35 @@ def search(
     normalize: str = "layer",
     lower_fraction: float = 0.9,
     objective_weights: dict | None = None,
+    keep_dense: Sequence[tuple[int, int]] = (),
 ) -> SearchResult:
     """Search a plan for ``profile`` under ``budgets`` (strings like ``"density@4096=0.5"``, Budget objects, a number).
 
     ``normalize="layer"`` rescales each layer's influence to sum 1 before solving (see
     :func:`profilers.profile_format.normalize_profile`); ``"none"`` uses the raw first-order influence.
     With ``trials > 0`` runs the Optuna study (see :func:`search_space.study.run_study`) and returns its chosen
-    plan. With ``out_dir`` writes ``plan.json`` and ``spans.png`` there (plus the study's files).
+    plan. ``keep_dense``: (layer, KV head) pairs kept dense (e.g. the top retrieval heads,
+    :func:`search_space.keep_dense.force_dense`); the rest is solved around them. With ``out_dir`` writes ``plan.json`` and ``spans.png`` there (plus the study's files).
     """
     profile = normalize_profile(as_profile(profile), normalize)
     if trials and trials > 0:
         st = run_study(profile, budgets, StudyConfig(
             trials=trials, evaluate=evaluate, seed=seed, storage=storage, study_name=study_name, resume=resume,
             out_dir=out_dir, sinks=sinks, lengths=lengths, latency_table=latency_table, time_limit=time_limit,
-            model=model, grid=grid, lower_fraction=lower_fraction, solver=solver,
+            model=model, grid=grid, lower_fraction=lower_fraction, solver=solver, keep_dense=tuple(keep_dense),
         ))
+        check_kept_dense(st.plan, keep_dense)
         return SearchResult(plan=st.plan, solver=st.solver, problem=st.problem, files=st.files, study=st)
     problem = build_problem(
         profile, budgets, granularity=granularity, sinks=sinks, lengths=lengths, latency_table=latency_table,
         grid=grid, model=model,
     )
+    if keep_dense:
+        problem = force_dense(problem, keep_dense)
     res = solve_problem(problem, K=K, solver=solver, time_limit=time_limit, objective_weights=objective_weights,
                         lower_fraction=lower_fraction)
     plan = problem.plan(res.assignment, res)
+    check_kept_dense(plan, keep_dense)
     files = {}
     if out_dir is not None:
         files = write_outputs(plan, out_dir)

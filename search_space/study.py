@@ -15,7 +15,9 @@ predicted loss fraction averaged over profiled lengths, and the table latency at
 
 Two objectives (loss, latency), both minimised; a latency budget is an Optuna constraint (``latency - budget
 <= 0``). Storage: ``sqlite:///<out_dir>/optuna.db`` by default, any RDB URL via ``storage``; ``resume=True``
-continues a stored study. Writes ``pareto.csv`` (Pareto-optimal feasible trials), ``trials.csv`` (all),
+continues a stored study, and workers on many machines may run it at once (heartbeats, per-trial seeds, each
+worker waits for the others' running trials before choosing; see :mod:`search_space.storage`). Writes
+``pareto.csv`` (Pareto-optimal feasible trials), ``trials.csv`` (all),
 ``plan.json`` (lowest loss among feasible Pareto trials), ``pareto.png`` and ``spans.png``.
 """
 
@@ -25,6 +27,7 @@ import csv
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,6 +48,7 @@ from search_space.milp import MilpResult
 from search_space.outputs import write_outputs
 from search_space.pareto import non_dominated
 from search_space.plots import pareto_plot
+from search_space.keep_dense import force_dense
 from search_space.problem import SearchProblem, as_profile, build_problem, solve_problem
 
 
@@ -84,6 +88,7 @@ class StudyConfig:
     scale_min: float = 0.5
     sampler: str = "tpe"  # tpe | nsga2
     progress: bool = True
+    keep_dense: Sequence[tuple[int, int]] = ()  # (layer, KV head) pairs every trial keeps dense (retrieval heads)
 
 
 @dataclass
@@ -131,8 +136,8 @@ def run_study(profile: Profile | str | Path, budgets, config: StudyConfig) -> St
     """Run (or resume) the study for ``profile`` under ``budgets`` and return the chosen trial's plan.
 
     Steps: check the inputs and open the storage; build the trials' search space; create the Optuna study and
-    run ``config.trials`` trials; collect the completed ones, mark the feasible Pareto front and choose its
-    lowest-loss plan; write the files when ``config.out_dir`` is set.
+    run ``config.trials`` trials; collect the completed ones (with a stored study: every worker's), mark the
+    feasible Pareto front and choose its lowest-loss plan; write the files when ``config.out_dir`` is set.
     """
     import optuna  # noqa: F401  (a missing optuna fails here, before anything is checked or written)
 
@@ -150,44 +155,65 @@ def run_study(profile: Profile | str | Path, budgets, config: StudyConfig) -> St
     out = Path(config.out_dir) if config.out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    storage, study_name = _open_storage(config, out)
+    url, storage, study_name = _open_storage(config, out)
     space = _TrialSpace(profile, user_budgets, config, latency_table)
     study = _create_study(config, storage, study_name, space, user_budgets)
     with progress_helper("search", total=config.trials, unit="trials", enabled=config.progress) as tick:
         study.optimize(space.objective, n_trials=config.trials, catch=(), callbacks=[lambda _study, _trial: tick()])
-
-    rows = _collect_rows(study)
-    pareto, chosen = _choose(rows, len(study.trials))
-    ft = study.trials[chosen.trial]
-    plan = plan_from_dict(json.loads(ft.user_attrs["plan"]), f"trial {ft.number}")
-    solver_res = _solver_result(ft)
-    prob = space.problem(chosen.granularity, chosen.sink)
-    files: dict = {}
-    if out is not None:
-        files = _write_files(out, rows, pareto, chosen, plan, config, space, storage)
-    return StudyResult(study=study, plan=plan, chosen_trial=chosen.trial, solver=solver_res, problem=prob,
-                       rows=rows, files=files)
+    return _choose_and_write(study, storage is not None, space, config, out, url)
 
 
-def _open_storage(config: StudyConfig, out: Path | None) -> tuple[str | None, str]:
-    """(storage URL, study name); without ``resume`` a study of that name must not exist there yet."""
+def _choose_and_write(study, shared: bool, space: "_TrialSpace", config: StudyConfig, out: Path | None,
+                      url: str | None) -> StudyResult:
+    """Choose the plan among all completed trials and write the files. With a stored study (``shared``: other
+    workers may run it too) first wait for the trials they are running, and choose again whenever trials appeared
+    meanwhile: whichever worker writes last writes the best feasible trial of the whole study."""
+    from search_space.storage import others_running, wait_for_running
+
+    say = (lambda nums: sys.stderr.write(f"search: waiting for trials {nums} of other workers\n")) \
+        if config.progress else None
+    while True:
+        if shared:
+            wait_for_running(study, on_wait=say)
+        seen = len(study.get_trials(deepcopy=False))
+        rows = _collect_rows(study)
+        pareto, chosen = _choose(rows, len(study.trials))
+        ft = study.trials[chosen.trial]
+        plan = plan_from_dict(json.loads(ft.user_attrs["plan"]), f"trial {ft.number}")
+        files: dict = {}
+        if out is not None:
+            files = _write_files(out, rows, pareto, chosen, plan, config, space, url)
+        if not shared or (len(study.get_trials(deepcopy=False)) == seen and not others_running(study)):
+            break
+    return StudyResult(study=study, plan=plan, chosen_trial=chosen.trial, solver=_solver_result(ft),
+                       problem=space.problem(chosen.granularity, chosen.sink), rows=rows, files=files)
+
+
+def _open_storage(config: StudyConfig, out: Path | None) -> tuple[str | None, object, str]:
+    """(storage URL, the opened storage, study name); without ``resume`` a study of that name must not exist there
+    yet. The storage has heartbeats, so many workers can share it (see :mod:`search_space.storage`)."""
     import optuna
 
-    storage = config.storage
-    if storage is None and out is not None:
-        storage = default_storage(out)
+    from search_space.storage import open_storage, redacted
+
+    url = config.storage
+    if url is None and out is not None:
+        url = default_storage(out)
     study_name = config.study_name or "compress-search"
-    if storage is not None and not config.resume:
+    if url is None:
+        return None, None, study_name
+    storage = open_storage(url)
+    if not config.resume:
         try:
             names = optuna.study.get_all_study_names(storage)
-        except Exception as e:  # unreachable database, bad URL
-            raise CompressError(f"optuna storage {storage!r} cannot be opened: {e}") from None
+        except Exception as e:  # noqa: BLE001 -- the database went away, or its tables are not Optuna's
+            raise CompressError(f"optuna storage {redacted(url)} cannot be read: {e}") from None
         if study_name in names:
             raise CompressError(
-                f"study {study_name!r} already exists in {storage}; pass resume=True (--resume) to continue it, "
-                "or choose another study name / output folder"
+                f"study {study_name!r} already exists in {redacted(url)}; pass resume=True (--resume) to continue "
+                "it, or choose another study name / output folder"
             )
-    return storage, study_name
+    return url, storage, study_name
 
 
 class _TrialSpace:
@@ -213,9 +239,9 @@ class _TrialSpace:
         key = (gran, sink)
         if key not in self._problems:
             c = self.config
-            self._problems[key] = build_problem(self.profile, self.user_budgets, granularity=gran, sinks=[sink],
-                                                lengths=c.lengths, latency_table=self.latency_table, grid=c.grid,
-                                                model=c.model)
+            prob = build_problem(self.profile, self.user_budgets, granularity=gran, sinks=[sink], lengths=c.lengths,
+                                 latency_table=self.latency_table, grid=c.grid, model=c.model)
+            self._problems[key] = force_dense(prob, c.keep_dense) if c.keep_dense else prob
         return self._problems[key]
 
     def _scale_floors(self) -> dict:
@@ -234,7 +260,10 @@ class _TrialSpace:
         """One trial: choose, solve, score; (loss, latency)."""
         import optuna
 
+        from search_space.storage import WORKER_ATTR, worker_id
+
         c = self.config
+        trial.set_user_attr(WORKER_ATTR, worker_id())  # other workers wait for this trial before choosing
         gran = trial.suggest_categorical("granularity", self.grans)
         K = trial.suggest_categorical("K", list(c.Ks))
         sink = trial.suggest_categorical("sink", self.sink_choices)
@@ -288,28 +317,25 @@ def _constraints_func(ft):
     return ft.user_attrs.get("constraint", [0.0])
 
 
-def _create_study(config: StudyConfig, storage: str | None, study_name: str, space: _TrialSpace,
+def _create_study(config: StudyConfig, storage, study_name: str, space: _TrialSpace,
                   user_budgets: list[Budget]):
-    """The Optuna study (new, or the stored one with ``resume``), its sampler seeded past a resumed study's
-    trials; a resumed study must keep its budgets."""
+    """The Optuna study (new, or the stored one with ``resume``) in the opened ``storage`` (None: in memory), its
+    sampler seeded per trial number; a resumed study must keep its budgets."""
     import optuna
 
+    from search_space.storage import PerTrialSeedSampler
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    prior = 0
-    if config.resume and storage is not None:
-        try:
-            prior = len(optuna.load_study(study_name=study_name, storage=storage).trials)
-        except KeyError:
-            prior = 0
-    s = config.seed + prior  # a resumed study must not replay the first session's random draws
     # Optuna >= 5 takes constraints from trial.set_constraint; older versions through the sampler's constraints_func
     cf = _constraints_func if (space.lat_budget is not None and not _NATIVE_CONSTRAINTS) else None
     if config.sampler == "tpe":
-        smp = optuna.samplers.TPESampler(seed=s, constraints_func=cf)
+        make = lambda s: optuna.samplers.TPESampler(seed=s, constraints_func=cf)  # noqa: E731
     elif config.sampler in ("nsga2", "nsgaii"):
-        smp = optuna.samplers.NSGAIISampler(seed=s, constraints_func=cf)
+        make = lambda s: optuna.samplers.NSGAIISampler(seed=s, constraints_func=cf)  # noqa: E731
     else:
         raise CompressError(f"unknown sampler {config.sampler!r}: use tpe or nsga2")
+    # trial k draws with seed + k: workers sharing the study never repeat a draw, a resumed study never replays one
+    smp = PerTrialSeedSampler(make, config.seed)
     study = optuna.create_study(
         storage=storage, study_name=study_name, directions=["minimize", "minimize"], sampler=smp,
         load_if_exists=config.resume,

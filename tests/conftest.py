@@ -73,3 +73,21 @@ def tiny_model_dir(tmp_path):
     m.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throw-away PostgreSQL server on loopback for the session (tests/pg_server.py); skipped where none can
+    run, unless COMPRESS_REQUIRE_POSTGRES=1 (CI), where that is a failure."""
+    from tests import pg_server as pg
+
+    why = pg.unavailable()
+    if why:
+        if os.environ.get("COMPRESS_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"COMPRESS_REQUIRE_POSTGRES=1 but {why}")
+        pytest.skip(why)
+    server = pg.start()
+    try:
+        yield server
+    finally:
+        server.stop()

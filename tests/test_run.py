@@ -24,7 +24,8 @@ def test_compress_run_smoke_and_resume(tiny_model_dir, tmp_path, monkeypatch):
     r = runner.invoke(app, args + [])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout[r.stdout.index("{"):])
-    for f in ("profile.json", "profile.safetensors", "plans/0.5.json", "model/config.json", "model/plan.json",
+    for f in ("profile.json", "profile.safetensors", "retrieval.json", "retrieval.safetensors", "plans/0.5.json",
+              "model/config.json", "model/plan.json",
               "eval_passkey.json", "eval_passkey.png", "eval_ppl.json", "report.json", "report.md"):
         assert (out / f).exists(), f
     assert (out / "search_0.5" / "pareto.csv").exists()

@@ -4,12 +4,13 @@
 * :mod:`compressor.hf.layout` — HF mask arguments -> real positions of queries and keys (:class:`KeyLayout`);
 * :mod:`compressor.hf.plan_attention` — the plan's attention function (``"compress"``);
 * :mod:`compressor.hf.plan_cache` — :class:`PlanCache`, per-head bounded KV as a ``transformers.Cache``;
-* :mod:`compressor.hf.profile_attention`, :mod:`compressor.hf.gate_attention` — the attention functions used while
-  profiling influence and learning gates.
+* :mod:`compressor.hf.profile_attention`, :mod:`compressor.hf.gate_attention`,
+  :mod:`compressor.hf.retrieval_attention` — the attention functions used while profiling influence, learning gates
+  and scoring retrieval heads.
 
 Importing this package registers every attention implementation with ``AttentionInterface`` and
 ``AttentionMaskInterface`` (each module registers its own at import, one style).
 """
 
-from compressor.hf import gate_attention, plan_attention, profile_attention  # noqa: F401  (register themselves)
+from compressor.hf import gate_attention, plan_attention, profile_attention, retrieval_attention  # noqa: F401  (register themselves)
 from compressor.hf.plan_cache import PlanCache, dense_cache_bytes  # noqa: F401

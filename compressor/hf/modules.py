@@ -26,13 +26,14 @@ class ModuleState:
     runtime: the plan's view of this layer (apply), built lazily from ``config.compress_plan``;
     cache: the ``transformers.Cache`` of the forward call in flight (set by a pre-hook, cleared after the call);
     collector: the influence collector while profiling; controller: the gate controller while learning gates;
-    hooked: whether the cache hooks are installed.
+    probe: the retrieval probe while scoring retrieval heads; hooked: whether the cache hooks are installed.
     """
 
     runtime: Any = None
     cache: Any = None
     collector: Any = None
     controller: Any = None
+    probe: Any = None
     hooked: bool = False
 
 

@@ -1,0 +1,166 @@
+"""Dense accuracy of the short-name models on the RULER suite (issue 12 §4): what each model can retrieve at all.
+
+    nice -n 10 python benchmarks/dense_models.py --lengths 2048,4096 --n 20 --minutes 38
+
+Per (model, task, length) cell: up to ``--n`` items from :mod:`profilers.ruler` (noise haystack; item ``i`` of a
+cell is item ``i`` of :func:`compressor.fidelity.make_cell_items`, so depths cycle over 0.1..0.9 and a partial
+run is a prefix of the full grid), in each model's recorded prompt style (:func:`compressor.models.prompt_style`:
+plain text for all three), scored by teacher-forced greedy exact match (:func:`compressor.evaluation.answer_score`,
+as in :func:`compressor.fidelity.run_fidelity`), correct/n with the Wilson 95% interval.
+
+CPU time decides n: items go round-robin (item i of every model, length and task, then item i + 1) until ``--n``
+or the ``--minutes`` budget, so every cell ends with the same n (or one fewer). Results are rewritten after every
+item to ``benchmarks/results/dense_models.json`` / ``.md`` (command, machine, date, per-cell outcomes). A rerun
+on the same grid resumes: it keeps the items already measured and adds items ``n, n + 1, ...`` (``--fresh``: start
+over), so the table can be extended with more CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.fidelity import machine  # noqa: E402
+from compressor.evaluation import answer_score  # noqa: E402
+from compressor.fidelity import FidelityGrid, make_cell_items  # noqa: E402
+from compressor.models import KNOWN_MODELS, known_model, load_model, prompt_style  # noqa: E402
+from compressor.statistics import CellResult  # noqa: E402
+from plans.atomic import write_text_atomic  # noqa: E402
+from profilers import ruler  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
+
+
+class _Model:
+    """One model under measurement: its items per (task, length) and outcomes so far."""
+
+    def __init__(self, name: str, grid: FidelityGrid):
+        t0 = time.time()
+        self.name, self.model, self.tok = name, *load_model(name)
+        self.load_s = time.time() - t0
+        self.style = prompt_style(name) or "plain"
+        self.items = {(t, n): make_cell_items(t, self.tok, n, grid, self.style, ruler.NOISE)
+                      for n in grid.lengths for t in grid.tasks}
+        self.outcomes = {k: [] for k in self.items}
+        self.seconds = 0.0
+        self.history: list[dict] = []
+
+    def resume(self, entry: dict | None, grid: FidelityGrid) -> None:
+        """Take over the outcomes of an earlier run on the same grid (n aside): items are seeded by index, so the
+        earlier items are this run's first items."""
+        same = lambda g: {k: v for k, v in json.loads(json.dumps(g)).items() if k != "n_per_cell"}  # noqa: E731
+        if not entry or same(entry["grid"]) != same(asdict(grid)):
+            return
+        for c in entry["cells"]:
+            if (c["task"], c["n_tokens"]) in self.outcomes:
+                self.outcomes[(c["task"], c["n_tokens"])] = [bool(x) for x in c["outcomes"]][:grid.n_per_cell]
+        self.seconds = entry["seconds"]
+        self.history = entry.get("history") or [{"date": entry["date"], "command": entry["command"]}]
+
+    def score(self, key, i: int) -> None:
+        if len(self.outcomes[key]) > i:
+            return  # measured by an earlier run
+        t0 = time.time()
+        with torch.no_grad():
+            self.outcomes[key].append(answer_score(self.model, ruler.to_sample(self.items[key][i], self.tok))[0])
+        self.seconds += time.time() - t0
+
+    def entry(self, grid: FidelityGrid, command: str, started: str) -> dict:
+        spec = known_model(self.name)
+        cells = []
+        for (task, n), o in self.outcomes.items():
+            c = CellResult(self.name, task, n, None, "dense", 1.0, 1.0, sum(o), len(o))
+            cells.append({"task": task, "n_tokens": n, "correct": c.correct, "n": c.n, "accuracy": c.accuracy,
+                          "ci95": list(c.ci95), "depths": [it.depth for it in self.items[(task, n)][:len(o)]],
+                          "outcomes": [int(x) for x in o]})
+        return {"model": self.name, "title": spec.title if spec else self.name, "prompt_style": self.style,
+                "command": command, "machine": machine(), "date": started, "seconds": round(self.seconds, 1),
+                "load_seconds": round(self.load_s, 1), "grid": asdict(grid), "cells": cells,
+                "history": self.history + [{"date": started, "command": command}]}
+
+
+def measure(names: list[str], grid: FidelityGrid, minutes: float, path: Path, command: str,
+            resume: bool = True) -> dict:
+    """Round-robin over items until ``grid.n_per_cell`` or ``minutes``; rewrites the results after every item.
+    With ``resume``, a model already in ``path`` on the same grid keeps its items and goes on from there."""
+    started = datetime.now(timezone.utc).isoformat()
+    data = json.loads(path.read_text()) if path.exists() else {"models": {}}
+    deadline = time.time() + 60 * minutes
+    ms = [_Model(name, grid) for name in names]
+    if resume:
+        for m in ms:
+            m.resume(data["models"].get(m.name), grid)
+    for i in range(grid.n_per_cell):
+        for m in ms:
+            for key in m.items:
+                if time.time() > deadline:
+                    return data
+                m.score(key, i)
+                data["models"][m.name] = m.entry(grid, command, started)
+                write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+                write_text_atomic(path.with_suffix(".md"), markdown(data))
+        print(f"round {i + 1}/{grid.n_per_cell} done, {(deadline - time.time()) / 60:.1f} min left", flush=True)
+    return data
+
+
+def markdown(data: dict) -> str:
+    models = list(data["models"])
+    lines = ["# Dense accuracy of the short-name models on the RULER suite (issue 12 §4)", "",
+             "What each model retrieves *dense*: a cell where dense is below 80% is beyond the model, and no plan "
+             "can be judged there (compressor.statistics.BEYOND_MODEL_THRESHOLD).", "",
+             "- scoring: teacher-forced greedy exact match of the whole answer (== greedy decoding of it); "
+             "correct/n with the Wilson 95% interval",
+             "- items: profilers/ruler.py, noise haystack, depths cycled over the grid, seeds from ruler.item_seed "
+             "(the same items for every model up to tokenization); item i of a cell sits at depth "
+             "(0.1, 0.3, 0.5, 0.7, 0.9)[i % 5]",
+             "- n per cell: as many as the CPU time budget allowed (items round-robin over models, lengths and tasks, "
+             "so every cell of a model has the same n or one fewer)", ""]
+    for m in models:
+        e = data["models"][m]
+        lines += [f"- **{m}** ({e['title']}): prompt style {e['prompt_style']}; {e['seconds'] / 60:.1f} min "
+                  f"({e['date'][:16].replace('T', ' ')} UTC); `{e['command']}`; machine: {e['machine']}"]
+    keys = sorted({(c["task"], c["n_tokens"]) for e in data["models"].values() for c in e["cells"]},
+                  key=lambda k: (k[1], k[0]))
+    lines += ["", "| task | N | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for task, n in keys:
+        row = []
+        for m in models:
+            c = next((c for c in data["models"][m]["cells"] if (c["task"], c["n_tokens"]) == (task, n)), None)
+            row.append("-" if c is None else f"{c['correct']}/{c['n']} ({c['ci95'][0]:.2f}–{c['ci95'][1]:.2f})")
+        lines.append(f"| {task} | {n} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(KNOWN_MODELS))
+    ap.add_argument("--lengths", default="2048,4096")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--n", type=int, default=20, help="items per (task, length) cell at most")
+    ap.add_argument("--minutes", type=float, default=38.0, help="stop starting new rounds after this")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--fresh", action="store_true", help="do not resume from the items already in the results")
+    a = ap.parse_args(argv)
+    command = "python benchmarks/dense_models.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    grid = FidelityGrid(tasks=tuple(a.tasks.split(",")), lengths=tuple(int(x) for x in a.lengths.split(",")),
+                        n_per_cell=a.n, seed=a.seed, style="plain", haystack="noise")
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    data = measure(a.models.split(","), grid, a.minutes, Path(a.out) / "dense_models.json", command,
+                   resume=not a.fresh)
+    print(markdown(data), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""`compress profile --method retrieval`'s driver: score every KV head by its attention on held-in needles.
+
+For each held-in needle prompt (RULER ``niah_single``, haystack = the calibration side of the corpus, seeds of their
+own: never an evaluation item), one forward pass (no grad) through
+:data:`compressor.hf.retrieval_attention.RETRIEVAL_ATTN` records, per layer and query head, the attention mass the
+last ``query_rows`` prompt positions put on the needle (:func:`profilers.retrieval.needle_attention_mass`). Scores
+are averaged over query heads per KV head and over samples; the even/odd sample halves are kept to report how
+stable the ranking is.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from collections.abc import Sequence
+
+import torch
+
+from compressor.hf.modules import check_model_supported, text_geometry
+from compressor.hf.retrieval_attention import RetrievalProbe, retrieval_mode
+from plans.errors import CompressError
+from plans.identity import identity_from_config
+from profilers import ruler
+from profilers.progress import progress as progress_helper
+from profilers.retrieval import RetrievalScores, kv_head_scores, ranking_agreement
+
+SEED_SALT = 104729  # keeps retrieval-scoring items apart from evaluation items of the same base seed
+
+
+def retrieval_items(tokenizer, lengths: Sequence[int], samples: int, seed: int = 0, corpus: str | None = "austen"
+                    ) -> list[ruler.EvalItem]:
+    """``samples`` held-in ``niah_single`` prompts per length, depths drawn uniformly in [0.05, 0.95].
+
+    The haystack is the calibration side of ``corpus`` (``None``: RULER noise); item seeds are salted so they
+    differ from :func:`profilers.ruler.item_seed` of any evaluation cell."""
+    hay = ruler.NOISE if corpus is None else ruler.Haystack.calibration_side(corpus)
+    rng = random.Random(f"retrieval\0{seed}")
+    items = []
+    for n in lengths:
+        for i in range(samples):
+            depth = round(rng.uniform(0.05, 0.95), 3)
+            s = ruler.item_seed("retrieval-niah", int(n), depth, seed + SEED_SALT, i)
+            items.append(ruler.make_niah_single(tokenizer, int(n), depth, s, haystack=hay, style="plain"))
+    return items
+
+
+def item_needle_mass(model, item: ruler.EvalItem, query_rows: int) -> torch.Tensor:
+    """[L, Hq] needle attention mass of one prompt (the anchor needle's token span, the last ``query_rows`` rows)."""
+    a = item.anchor
+    if a is None:
+        raise CompressError(f"retrieval scoring needs a needle item, got task {item.task!r}")
+    n = len(item.prompt_ids)
+    positions = torch.arange(max(0, n - query_rows), n)
+    probe = RetrievalProbe(positions=positions, needle=a.span)
+    dev = model.get_input_embeddings().weight.device
+    with retrieval_mode(model, probe), torch.no_grad():
+        model(input_ids=torch.tensor([item.prompt_ids], device=dev), use_cache=False, logits_to_keep=1)
+    L = len(probe.mass)
+    if sorted(probe.mass) != list(range(L)) or L == 0:
+        raise CompressError(f"retrieval scoring saw layers {sorted(probe.mass)}: every layer must report once")
+    return torch.stack([probe.mass[i] for i in range(L)])
+
+
+def run_retrieval_profile(model, tokenizer, *, lengths: Sequence[int] = (1024,), samples: int = 8, seed: int = 0,
+                          corpus: str | None = "austen", query_rows: int = 6, show_progress: bool = True
+                          ) -> RetrievalScores:
+    """Retrieval scores [L, Hkv] of ``model`` over ``samples`` held-in needle prompts per length.
+
+    Raises CompressError for samples < 2, query_rows < 1, or a model the profiler does not support."""
+    if samples < 2:
+        raise CompressError(f"retrieval scoring needs at least 2 samples (two halves), got {samples}")
+    if query_rows < 1:
+        raise CompressError(f"query_rows must be >= 1, got {query_rows}")
+    check_model_supported(model, "scored")
+    _, _, n_kv = text_geometry(model.config)
+    items = retrieval_items(tokenizer, lengths, samples, seed, corpus)
+    masses = []
+    with progress_helper("retrieval scoring", total=len(items), enabled=show_progress) as tick:
+        for item in items:
+            masses.append(kv_head_scores(item_needle_mass(model, item, query_rows), n_kv))
+            tick()
+    stack = torch.stack(masses)  # [S, L, Hkv]
+    halves = torch.stack([stack[0::2].mean(0), stack[1::2].mean(0)])
+    scores = stack.mean(0)
+    k = max(1, scores.numel() // 3)
+    meta = {
+        "model": identity_from_config(model.config).model_dump(mode="json"),
+        "lengths": [int(n) for n in lengths], "samples_per_length": samples, "seed": seed, "corpus": corpus,
+        "query_rows": query_rows, "task": "niah_single (held-in)",
+        "halves_agreement": ranking_agreement(halves[0], halves[1], k),
+    }
+    return RetrievalScores(scores=scores, halves=halves, meta=meta)
+
+
+def kept_retrieval_heads(prof, retrieval: str | Path, budgets: Sequence[str], keep_dense: str = "auto",
+                         local_span: int = 256, lengths: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """The (layer, KV head) pairs to keep dense: the ``keep_dense`` top-scored heads of the retrieval scores, or
+    with ``"auto"`` as many as fit the budgets at ``lengths`` (default: the profile's) while every other head keeps
+    a sink + window of ``local_span`` tokens (:func:`search_space.keep_dense.largest_keep_dense`).
+
+    Raises CompressError when the scores do not match the profile's model or ``keep_dense`` is not auto / 0..heads."""
+    from profilers.retrieval import load_retrieval
+    from search_space.budgets import parse_budgets
+    from search_space.keep_dense import largest_keep_dense
+
+    r = load_retrieval(retrieval)
+    ident = prof.meta.model
+    if tuple(r.scores.shape) != (ident.num_layers, ident.num_kv_heads):
+        raise CompressError(f"retrieval scores {retrieval} are [{r.scores.shape[0]} x {r.scores.shape[1]}] but the "
+                            f"profile's model has {ident.num_layers} layers x {ident.num_kv_heads} KV heads")
+    ranked = r.top(r.scores.numel())
+    if keep_dense == "auto":
+        sink = int(min(prof.meta.sink_sizes or [64]))
+        k = largest_keep_dense(ident, ranked, parse_budgets(list(budgets)), sorted(lengths or prof.meta.lengths),
+                               span=local_span, sink=sink)
+    else:
+        try:
+            k = int(keep_dense)
+        except ValueError:
+            raise CompressError(f"--keep-dense must be 'auto' or a whole number, got {keep_dense!r}") from None
+        if not 0 <= k <= len(ranked):
+            raise CompressError(f"--keep-dense {k}: must be in [0, {len(ranked)}] (KV heads of the model)")
+    return ranked[:k]
