@@ -373,6 +373,9 @@ def run_cmd(
     bench_length: Optional[int] = typer.Option(None, "--bench-length", help="length of the light speed / KV bench "
                                                "(one prefill + 8 decode steps per method; default: the longest eval "
                                                "length; 0: skip)"),
+    plan_shape: str = typer.Option("keep_dense", "--plan-shape",
+                                   help="keep_dense: top retrieval heads dense, the rest at --local-span (measured "
+                                        "best) | search: influence profile + MILP/Optuna around them"),
     retrieval_samples: int = typer.Option(8, "--retrieval-samples",
                                           help="held-in needle prompts scoring retrieval heads; the top heads the "
                                                "budget affords stay dense (0: influence only)"),
@@ -389,7 +392,7 @@ def run_cmd(
                     eval_tasks=_names(eval_tasks), eval_depths=_floats(eval_depths, "--eval-depths"),
                     eval_samples=eval_samples, sources=_names(sources), seed=seed,
                     sinks=[int(x) for x in _floats(sinks, "--sinks")], block=block, bench_length=bench_length,
-                    retrieval_samples=retrieval_samples, local_span=local_span)
+                    retrieval_samples=retrieval_samples, local_span=local_span, plan_shape=plan_shape)
     summary = run(cfg)  # ends with the report table on stderr
     if as_json:
         emit_json(summary)

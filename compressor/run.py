@@ -58,6 +58,8 @@ class RunConfig:
     seed: int = 0
     time_limit: float = 30.0
     bench_length: int | None = None  # the light bench's length: None = the longest eval length, 0 = no bench
+    plan_shape: str = "keep_dense"  # keep_dense: top retrieval heads dense, the rest at local_span (measured best,
+    #                                  benchmarks/results/fidelity_method.md); search: influence profile + MILP/Optuna
     retrieval_samples: int = 8  # held-in needle prompts scoring retrieval heads (0: influence only, no heads kept dense)
     local_span: int = 256  # with retrieval heads kept dense: the span every other head must still afford
     bench_decode_steps: int = 8
@@ -151,10 +153,17 @@ def _run(cfg: RunConfig, tick) -> dict:
                                seed=cfg.seed, model=model_name)
     val_recipe = CalibrationRecipe(sources=cfg.sources, lengths=[cfg.validate_length],
                                    samples_per_length=cfg.val_samples, seed=cfg.seed + 1, model=model_name)
-    profile_fp = _profile_stage(ctx, recipe)
-    profile_fp = _retrieval_stage(ctx, profile_fp)
-    # 2. search, one study per budget
-    plans = _search_stages(ctx, val_recipe, profile_fp)
+    if cfg.plan_shape not in ("keep_dense", "search"):
+        raise CompressError(f"--plan-shape must be keep_dense or search, got {cfg.plan_shape!r}")
+    if cfg.plan_shape == "keep_dense":
+        if cfg.retrieval_samples < 2:
+            raise CompressError("--plan-shape keep_dense needs --retrieval-samples >= 2")
+        plans = _keep_dense_stages(ctx, _retrieval_stage(ctx, _fp(model_name)))
+    else:
+        profile_fp = _profile_stage(ctx, recipe)
+        profile_fp = _retrieval_stage(ctx, profile_fp)
+        # 2. search, one study per budget
+        plans = _search_stages(ctx, val_recipe, profile_fp)
     unapply(model, "sdpa")
     # 3. apply the first budget's plan into a model folder
     _apply_stage(ctx, plans)
@@ -257,6 +266,40 @@ def _retrieval_stage(ctx: _Ctx, profile_fp: str) -> str:
     else:
         console.print("retrieval heads: up to date, skipped")
     return stage.fp
+
+
+def _keep_dense_stages(ctx: _Ctx, retrieval_fp: str) -> dict:
+    """Per budget: the top retrieval heads the budget affords dense, every other KV head sink + ``local_span``,
+    budgets at the eval lengths (:func:`search_space.keep_dense.largest_keep_dense`); returns {budget tag: Plan}."""
+    from plans.identity import identity_from_config
+    from profilers.retrieval import load_retrieval
+    from search_space.budgets import parse_budgets
+    from search_space.keep_dense import keep_dense_plan, largest_keep_dense, meets
+
+    cfg, out = ctx.cfg, ctx.out
+    ident = identity_from_config(ctx.model.config)
+    ranked = load_retrieval(out / "retrieval").top(ident.num_layers * ident.num_kv_heads)
+    lengths, sink = sorted(set(cfg.eval_lengths)), int(min(cfg.sinks))
+    plans = {}
+    for b in cfg.budgets:
+        tag = _budget_tag(b)
+        st = _Stage(out, f"search_{tag}", _fp(retrieval_fp, b, lengths, cfg.local_span, sink))
+        plan_path = out / "plans" / f"{tag}.json"
+        ctx.tick(0, stage=f"run: plan {b}")
+        if not st.done() or not plan_path.exists():
+            budgets = parse_budgets([b])
+            k = largest_keep_dense(ident, ranked, budgets, lengths, span=cfg.local_span, sink=sink)
+            plan = keep_dense_plan(ident, ranked[:k], cfg.local_span, sink, lengths)
+            if not meets(plan, budgets, lengths):
+                raise CompressError(f"budget {b}: even with no head dense, span {cfg.local_span} exceeds it at "
+                                    f"lengths {lengths}; lower --local-span or raise the budget")
+            plan.budgets = budgets
+            save_plan(plan, plan_path)
+            st.finish(plan=str(plan_path), kept_dense=k)
+            console.print(f"plan {b}: {k} retrieval KV heads dense, the rest sink {sink} + span {cfg.local_span}")
+        plans[tag] = load_plan(plan_path)
+        ctx.tick()
+    return plans
 
 
 def _search_stages(ctx: _Ctx, val_recipe, profile_fp: str) -> dict:

@@ -20,7 +20,7 @@ def test_compress_run_smoke_and_resume(tiny_model_dir, tmp_path, monkeypatch):
     args = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--profile-lengths", "256,512",
             "--validate-length", "640", "--eval-lengths", "512", "--budget", "0.5", "--budget", "density@512=0.3",
             "--samples", "2", "--trials", "2", "--eval-tasks", "passkey,ppl", "--eval-depths", "0.5",
-            "--sources", f"{DATA},passkey", "--sinks", "8", "--block", "16", "--json"]
+            "--sources", f"{DATA},passkey", "--sinks", "8", "--block", "16", "--plan-shape", "search", "--json"]
     r = runner.invoke(app, args + [])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout[r.stdout.index("{"):])
@@ -36,6 +36,34 @@ def test_compress_run_smoke_and_resume(tiny_model_dir, tmp_path, monkeypatch):
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 0, r2.output
     assert json.loads(r2.stdout[r2.stdout.index("{"):])["stage_seconds"] == {}
+
+
+def test_compress_run_default_keeps_retrieval_heads_dense(tiny_model_dir, tmp_path, monkeypatch):
+    """The default plan shape: no influence profile; per budget the largest k whose top-k-dense + local-span plan
+    meets the budget at the eval lengths (checked here by recomputing densities with k and k + 1)."""
+    from plans.io import load_plan
+    from plans.schema import DensePattern
+    from profilers.retrieval import load_retrieval
+    from search_space.keep_dense import keep_dense_plan
+
+    monkeypatch.setenv("COMPRESS_HOME", str(tmp_path / "home"))
+    out = tmp_path / "run"
+    args = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--profile-lengths", "256",
+            "--validate-length", "320", "--eval-lengths", "512", "--budget", "density@512=0.6", "--eval-tasks", "ppl",
+            "--eval-samples", "1", "--sinks", "8", "--local-span", "64", "--retrieval-samples", "2",
+            "--bench-length", "0", "--json"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert not (out / "profile.safetensors").exists()
+    plan = load_plan(out / "plans" / "density_512_0.6.json")
+    ranked = load_retrieval(out / "retrieval").top(4)
+    k = sum(isinstance(h, DensePattern) for layer in plan.layers for h in layer.heads)
+    assert plan.density(512) <= 0.6 + 1e-9
+    assert all(isinstance(plan.layers[li].heads[h], DensePattern) for li, h in ranked[:k])
+    if k < 4:
+        assert keep_dense_plan(plan.model, ranked[:k + 1], 64, 8).density(512) > 0.6
+    bad = runner.invoke(app, args[:-1] + ["--local-span", "512", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "lower --local-span" in bad.output
 
 
 def test_cli_profile_search_and_gates_distill(tiny_model_dir, tmp_path, monkeypatch):

@@ -122,7 +122,8 @@ def test_compress_run_writes_the_report(tiny_model_dir, tmp_path, monkeypatch):
     args = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--profile-lengths", "256",
             "--validate-length", "320", "--eval-lengths", "256,384", "--budget", "0.5", "--samples", "2",
             "--trials", "1", "--eval-tasks", "passkey,ppl", "--eval-depths", "0.25,0.75", "--eval-samples", "2",
-            "--sources", f"{DATA},passkey", "--sinks", "8", "--block", "16"]
+            "--sources", f"{DATA},passkey", "--sinks", "8", "--block", "16", "--local-span", "64",
+            "--retrieval-samples", "2"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "compress run: plan vs dense vs the uniform window" in r.output  # the table on screen
