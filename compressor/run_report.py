@@ -196,7 +196,12 @@ def print_report(rep: dict, console) -> None:
         t.add_column(h, justify="left" if i == 0 else "right", no_wrap="CI" not in h)
     for r in rows:
         t.add_row(*r)
-    console.print(t)
+    if console.is_terminal:
+        console.print(t)
+    else:  # a log file or a pipe has no width: print the whole table rather than rich's 80-column default
+        from rich.console import Console
+
+        Console(file=console.file, width=160, soft_wrap=False).print(t)
 
 
 def markdown_section(rep: dict) -> list[str]:
