@@ -270,11 +270,11 @@ def _retrieval_stage(ctx: _Ctx, profile_fp: str) -> str:
 
 def _keep_dense_stages(ctx: _Ctx, retrieval_fp: str) -> dict:
     """Per budget: the top retrieval heads the budget affords dense, every other KV head sink + ``local_span``,
-    budgets at the eval lengths (:func:`search_space.keep_dense.largest_keep_dense`); returns {budget tag: Plan}."""
+    budgets at the eval lengths (:func:`search_space.keep_dense.fit_keep_dense_plan`); returns {budget tag: Plan}."""
     from plans.identity import identity_from_config
     from profilers.retrieval import load_retrieval
     from search_space.budgets import parse_budgets
-    from search_space.keep_dense import keep_dense_plan, largest_keep_dense, meets
+    from search_space.keep_dense import fit_keep_dense_plan
 
     cfg, out = ctx.cfg, ctx.out
     ident = identity_from_config(ctx.model.config)
@@ -287,13 +287,11 @@ def _keep_dense_stages(ctx: _Ctx, retrieval_fp: str) -> dict:
         plan_path = out / "plans" / f"{tag}.json"
         ctx.tick(0, stage=f"run: plan {b}")
         if not st.done() or not plan_path.exists():
-            budgets = parse_budgets([b])
-            k = largest_keep_dense(ident, ranked, budgets, lengths, span=cfg.local_span, sink=sink)
-            plan = keep_dense_plan(ident, ranked[:k], cfg.local_span, sink, lengths)
-            if not meets(plan, budgets, lengths):
-                raise CompressError(f"budget {b}: even with no head dense, span {cfg.local_span} exceeds it at "
-                                    f"lengths {lengths}; lower --local-span or raise the budget")
-            plan.budgets = budgets
+            try:
+                plan = fit_keep_dense_plan(ident, ranked, parse_budgets([b]), lengths, cfg.local_span, sink)
+            except CompressError as e:
+                raise CompressError(f"budget {b}: {e}") from None
+            k = sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
             save_plan(plan, plan_path)
             st.finish(plan=str(plan_path), kept_dense=k)
             console.print(f"plan {b}: {k} retrieval KV heads dense, the rest sink {sink} + span {cfg.local_span}")

@@ -17,6 +17,7 @@ A head that keeps its needle attention is served by a dense span; the search kee
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,8 +113,6 @@ class RetrievalScores:
 def save_retrieval(r: RetrievalScores, stem: str | Path) -> tuple[Path, Path]:
     """Write ``STEM.safetensors`` (scores, halves) and ``STEM.json`` (meta), each atomically."""
     st, js = Path(str(stem) + ".safetensors"), Path(str(stem) + ".json")
-    import json
-
     with atomic_path(st) as tmp:
         save_file({"scores": r.scores.double().contiguous(), "halves": r.halves.double().contiguous()}, str(tmp),
                   metadata={"format": str(RETRIEVAL_FORMAT), "kind": "retrieval"})
@@ -125,8 +124,6 @@ def load_retrieval(stem: str | Path) -> RetrievalScores:
     """Read what :func:`save_retrieval` wrote (``STEM``, ``STEM.json`` or ``STEM.safetensors``).
 
     Raises CompressError when the files are missing or are not retrieval scores."""
-    import json
-
     s = str(stem)
     for suffix in (".safetensors", ".json"):
         if s.endswith(suffix):

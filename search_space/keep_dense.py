@@ -116,3 +116,16 @@ def largest_keep_dense(identity: ModelIdentity, ranked: Sequence[tuple[int, int]
         else:
             hi = mid - 1
     return lo
+
+
+def fit_keep_dense_plan(identity: ModelIdentity, ranked: Sequence[tuple[int, int]], budgets: Sequence[Budget],
+                        lengths: Sequence[int], span: int, sink: int = 64) -> Plan:
+    """:func:`keep_dense_plan` with the first :func:`largest_keep_dense` heads of ``ranked`` dense and ``budgets``
+    recorded. Raises CompressError when even no dense head meets the budgets (the local span is too wide)."""
+    k = largest_keep_dense(identity, ranked, budgets, lengths, span, sink)
+    plan = keep_dense_plan(identity, ranked[:k], span, sink, lengths)
+    if not meets(plan, budgets, lengths):
+        raise CompressError(f"even with no head dense, span {span} exceeds the budgets at lengths {list(lengths)}; "
+                            "lower --local-span or raise the budget")
+    plan.budgets = list(budgets)
+    return plan

@@ -21,7 +21,7 @@ from profilers.retrieval import (
     top_heads,
 )
 from search_space.budgets import parse_budgets
-from search_space.keep_dense import check_kept_dense, force_dense, keep_dense_plan, largest_keep_dense
+from search_space.keep_dense import check_kept_dense, fit_keep_dense_plan, force_dense, keep_dense_plan, largest_keep_dense
 from search_space.problem import build_problem, solve_problem
 from tests.conftest import tiny_model_with_tokenizer
 from tests.test_search_synthetic import make_profile
@@ -149,6 +149,11 @@ def test_largest_keep_dense_is_the_largest_feasible():
     assert _density_by_counting(keep_dense_plan(ident, ranked[:k], 128, 32), 1024) <= 0.45 + 1e-9
     assert _density_by_counting(keep_dense_plan(ident, ranked[:k + 1], 128, 32), 1024) > 0.45
     assert largest_keep_dense(ident, ranked, parse_budgets("density@1024=0.01"), [1024], span=128, sink=32) == 0
+    plan = fit_keep_dense_plan(ident, ranked, budgets, [1024], span=128, sink=32)
+    assert [(li, h) for li, layer in enumerate(plan.layers) for h, p in enumerate(layer.heads) if p.kind == "dense"] \
+        == sorted(ranked[:k]) and plan.budgets == budgets
+    with pytest.raises(CompressError, match="lower --local-span"):
+        fit_keep_dense_plan(ident, ranked, parse_budgets("density@1024=0.01"), [1024], span=128, sink=32)
 
 
 def test_force_dense_keeps_heads_dense_and_is_optimal_around_them():
