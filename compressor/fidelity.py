@@ -18,10 +18,15 @@ pooled headline comparisons (it is still reported).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from compressor.evaluation import answer_score
 from compressor.statistics import BEYOND_MODEL_THRESHOLD, CellResult, Comparison, beyond_model
+from plans.atomic import write_text_atomic
 from plans.errors import CompressError
 from plans.schema import Plan, span_for_density, uniform_plan
 from profilers import ruler
@@ -138,13 +143,21 @@ def _haystack(name: str):
     return ruler.NOISE if name == "noise" else ruler.Haystack.from_corpus(name)
 
 
-def run_fidelity(model, tokenizer, plans: dict[str, Plan], grid: FidelityGrid, model_name: str) -> FidelityReport:
+def run_fidelity(model, tokenizer, plans: dict[str, Plan], grid: FidelityGrid, model_name: str,
+                 checkpoint: str | os.PathLike | None = None) -> FidelityReport:
     """Measure every method on identical items for every (task, length) cell; returns the report with cells and
-    comparisons filled (:func:`compare`). The model's attention implementation is restored afterwards."""
+    comparisons filled (:func:`compare`). The model's attention implementation is restored afterwards.
+
+    ``checkpoint``: a JSON file rewritten atomically after every (length, method, task) cell; a rerun with the same
+    grid, plans and model resumes from it (cells already measured are not measured again). A checkpoint of another
+    grid, plan set or model is refused (CompressError) rather than mixed in."""
     from compressor.patching import apply, unapply
 
     haystack = _haystack(grid.haystack)
-    style, probe = choose_style(model, tokenizer, grid, haystack)
+    key = _checkpoint_key(grid, plans, model_name, model)
+    done, style, probe = _load_checkpoint(checkpoint, key)
+    if style is None:
+        style, probe = choose_style(model, tokenizer, grid, haystack)
     rep = FidelityReport(model=model_name, style=style, grid=grid, style_probe=probe)
     impl = model.config._attn_implementation if model.config._attn_implementation != "compress" else "sdpa"
     total = len(grid.tasks) * len(grid.lengths) * grid.n_per_cell * len(methods_at(plans, grid.lengths[0]))
@@ -157,13 +170,40 @@ def run_fidelity(model, tokenizer, plans: dict[str, Plan], grid: FidelityGrid, m
                 for m in methods_at(plans, n):
                     apply(model, m.plan) if m.plan is not None else unapply(model, impl)
                     for t, items in cells.items():
+                        if f"{t}|{n}|{m.name}" in done:
+                            rep.outcomes[(t, n, m.name)] = [bool(x) for x in done[f"{t}|{n}|{m.name}"]]
+                            tick(len(items))
+                            continue
                         rep.outcomes[(t, n, m.name)] = [answer_score(model, ruler.to_sample(it, tokenizer))[0]
                                                         for it in items if tick(1) or True]
+                        done[f"{t}|{n}|{m.name}"] = [int(x) for x in rep.outcomes[(t, n, m.name)]]
+                        _save_checkpoint(checkpoint, key, style, probe, done)
                     rep.cells += [_cell(rep, t, n, m) for t in grid.tasks]
     finally:
         unapply(model, impl)
     rep.comparisons = compare(rep, plans)
     return rep
+
+
+def _checkpoint_key(grid: FidelityGrid, plans: dict[str, Plan], model_name: str, model) -> dict:
+    plan_fp = {name: hashlib.sha256(p.model_dump_json().encode()).hexdigest()[:16] for name, p in plans.items()}
+    return {"grid": json.loads(json.dumps(asdict(grid))), "plans": plan_fp, "model": model_name,
+            "dtype": str(next(model.parameters()).dtype)}
+
+
+def _load_checkpoint(path, key: dict) -> tuple[dict[str, list[int]], str | None, dict]:
+    if path is None or not Path(path).exists():
+        return {}, None, {}
+    data = json.loads(Path(path).read_text())
+    if data.get("key") != key:
+        raise CompressError(f"checkpoint {path} was written for another grid, plan set, model or dtype; "
+                            "delete it or pass another --checkpoint")
+    return data["outcomes"], data["style"], data.get("style_probe", {})
+
+
+def _save_checkpoint(path, key: dict, style: str, probe: dict, done: dict) -> None:
+    if path is not None:
+        write_text_atomic(path, json.dumps({"key": key, "style": style, "style_probe": probe, "outcomes": done}))
 
 
 def _cell(rep: FidelityReport, task: str, n: int, m: Method) -> CellResult:

@@ -2,8 +2,8 @@
 
 ``COMPRESS_ATTENTION`` (read on every call) forces one: ``reference`` (the masked-SDPA oracle), ``banded``
 (CPU SDPA composition) or ``triton``; unset, empty or ``auto`` means Triton for CUDA tensors and banded on the
-CPU. Decode has no banded variant: ``reference``/``banded`` use ``decode_reference``, ``triton`` the
-split-K kernel. Triton modules are imported lazily, so ``TRITON_INTERPRET`` can still be set before the
+CPU. Decode: ``triton`` the split-K kernel, ``banded`` one SDPA call over the valid slots
+(:func:`kernels.cpu_decode.sdpa_decode`), ``reference`` the fp32 oracle ``decode_reference``. Triton modules are imported lazily, so ``TRITON_INTERPRET`` can still be set before the
 first Triton call.
 """
 
@@ -87,11 +87,17 @@ def decode_attention(
     kv_len: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """One decode step: q (B, Hq, D), caches (B, Hkv, Lmax, D), kv_len (B, Hkv) valid slots -> (B, Hq, D)."""
-    if backend(q) == "triton":
+    """One decode step: q (B, Hq, D), caches (B, Hkv, Lmax, D), kv_len (B, Hkv) valid slots (a prefix of each
+    head's slots; only those are read) -> (B, Hq, D)."""
+    which = backend(q)
+    if which == "triton":
         from kernels.triton_decode import sparse_decode
 
         return sparse_decode(q, k_cache, v_cache, kv_len, scale)
+    if which == "banded":
+        from kernels.cpu_decode import sdpa_decode
+
+        return sdpa_decode(q, k_cache, v_cache, kv_len, scale)
     from kernels.reference import decode_reference
 
     return decode_reference(q, k_cache, v_cache, kv_len, scale)

@@ -4,13 +4,15 @@ A layer's KV heads are stored in groups, each a contiguous ``(B, Hg, L, D)`` ten
 transformers' ``DynamicLayer`` / ``DynamicSlidingWindowLayer``, one class per retention policy):
 
 * :class:`DenseGroup` keeps every token (a KV head with any dense query head);
-* :class:`BoundedGroup` keeps its sink tokens plus the recent window the next query can still see
-  (``sink_eff + window - 1`` slots), compacted every ``EVICT_SLACK`` steps;
+* :class:`RingGroup` keeps its sink tokens plus the recent window as a ring (``sink_eff + window`` slots, a new
+  token overwrites the one leaving the window), so a decode step reads only kept tokens;
 * :class:`LinearGroup` keeps a D x D state instead of tokens (every query head of the KV head is linear).
 
 Slots carry real token positions (``pos``, -1 = empty); RoPE is applied before caching, so slot order does not
 matter. :class:`PlanKV` is one layer's store: it builds the groups from a prefill (:meth:`PlanKV.store`), appends
-new tokens, attends new queries over what each group kept and evicts. The HF ``Cache`` around it lives in
+new tokens and attends new queries over what each group kept. A decode step (one new token, softmax heads, no
+softcap / attention-sink logits / native window) goes through :func:`kernels.dispatch.decode_attention` over the
+kept slots only; everything else through the masked path of :meth:`DenseGroup.attend`. The HF ``Cache`` around it lives in
 ``compressor/hf/plan_cache.py``. The visibility rule is :func:`plans.span.sees`.
 """
 
@@ -28,9 +30,6 @@ from kernels.cheap_operators import (
 )
 from kernels.reference import masked_attention, repeat_kv
 from plans.span import sees
-
-EVICT_SLACK = 32  # decode steps between compactions of a bounded group
-
 
 @dataclass(frozen=True)
 class AttendSpec:
@@ -76,8 +75,19 @@ class DenseGroup:
         self.pos = torch.cat([self.pos, new_pos[:, None, :].expand(-1, self.kv.numel(), -1)], dim=2)
 
     def attend(self, query: torch.Tensor, q_pos: torch.Tensor, spec: AttendSpec, n_rep: int) -> torch.Tensor:
-        """Queries (B, Hq, q, D) of the whole layer at real positions q_pos (B, q) -> (B, Hqg, q, D) for this group."""
+        """Queries (B, Hq, q, D) of the whole layer at real positions q_pos (B, q) -> (B, Hqg, q, D) for this group.
+
+        A decode step whose query heads all see every slot (no padding slot, dense patterns, softmax, none of
+        softcap / attention-sink logits / dropout / native window) is one :func:`kernels.dispatch.decode_attention`
+        call without a mask; anything else builds the :func:`plans.span.sees` mask over the group's slots."""
         qi = self.query_heads(n_rep)
+        if (query.shape[2] == 1 and spec.softcap is None and spec.s_aux is None and not spec.dropout
+                and spec.native_window is None and not (set(qi.tolist()) & (spec.relu_heads | spec.linear_heads))
+                and bool((self.pos >= 0).all()) and bool((spec.window_q.index_select(1, qi) > q_pos).all())):
+            from kernels.dispatch import decode_attention
+
+            kv_len = torch.full(self.pos.shape[:2], self.pos.shape[-1], device=query.device)
+            return decode_attention(query[:, qi, 0], self.k, self.v, kv_len, spec.scale)[:, :, None]
         pos = self.pos.repeat_interleave(n_rep, dim=1)  # (B, Hqg, L)
         kp, qp = pos[:, :, None, :], q_pos[:, None, :, None]
         valid = kp >= 0
@@ -103,30 +113,109 @@ class DenseGroup:
 
 
 @dataclass
-class BoundedGroup(DenseGroup):
-    """KV heads that keep their sink plus the recent window; ``cap`` = the most slots a sample needs."""
+class RingGroup:
+    """Bounded KV heads stored as a ring: exactly the slots the next query can see, nothing more.
 
-    cap: int = 0
+    KV head h of sequence b keeps its ``sink`` (B, Hg) first tokens at slots ``p`` and the rest at slot
+    ``sink + (p - sink) mod window`` (``window`` (B, Hg)), so ``sink + window`` slots hold every key a query can
+    see under :func:`plans.span.sees` (its sinks and the ``window`` most recent positions, itself included) and a
+    new token overwrites the one that just left the window: no compaction, no stale slot. After a decode step's
+    write the valid slots of a head are the prefix ``[0, min(n_real, sink + window))``, so the attention reads only
+    kept tokens through :func:`kernels.dispatch.decode_attention` (CPU SDPA or the Triton split-K kernel).
+
+    k/v (B, Hg, L, D) with ``L <= max(sink + window)`` (grown on demand), pos (B, Hg, L) real positions (-1 empty);
+    ``uniform``: every query head of each KV head has the KV head's (sink, window), the condition of the fast path.
+    Other calls (several new tokens, softcap, attention-sink logits, dropout, a native window, non-softmax
+    operators) attend over ring + new tokens with the masked path of :class:`DenseGroup`, then write.
+    """
+
+    kv: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    sink: torch.Tensor
+    window: torch.Tensor
+    uniform: bool
+    pending: tuple | None = None  # (k, v, pos) of the new tokens, (B, Hg, q, D) / (B, Hg, q)
+
+    query_heads = DenseGroup.query_heads
+
+    @classmethod
+    def from_prefill(cls, kv, keys, values, pos, sink, window, uniform: bool) -> RingGroup:
+        """keys/values (B, Hg, N, D) at real positions pos (B, Hg, N) (-1 pad); keeps what position n_real sees."""
+        g = cls(kv, keys[:, :, :0], values[:, :, :0], pos[:, :, :0], sink, window, uniform)
+        n_real = (pos >= 0).sum(-1, keepdim=True)
+        g._write(keys, values, pos, horizon=n_real)
+        return g
+
+    def slot(self, p: torch.Tensor) -> torch.Tensor:
+        """Ring slot of real positions p (B, Hg, q)."""
+        s, w = self.sink[..., None], self.window[..., None]
+        return torch.where(p < s, p, s + (p - s).remainder(w))
+
+    def _write(self, keys, values, p, horizon) -> None:
+        """Write new tokens (B, Hg, q, D) at positions p (B, Hg, q); only those a query at ``horizon`` (B, Hg, 1)
+        or later can see are written (so no two written tokens share a slot)."""
+        s, w = self.sink[..., None], self.window[..., None]
+        keep = (p >= 0) & ((p < s) | (p > horizon - w))
+        slot = torch.where(keep, self.slot(p.clamp(min=0)), -1)
+        need = int(slot.max()) + 1 if slot.numel() else 0
+        if need > self.k.shape[2]:  # grow (at most to sink + window)
+            cap = int((self.sink + self.window).max())
+            length = min(cap, max(need, 2 * self.k.shape[2], 64))
+            grow = length - self.k.shape[2]
+            self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], grow, self.k.shape[3])], dim=2)
+            self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], grow, self.v.shape[3])], dim=2)
+            self.pos = torch.cat([self.pos, self.pos.new_full((*self.pos.shape[:2], grow), -1)], dim=2)
+        if p.shape[-1] == 1 and bool(keep.all()):  # a decode step: one in-place scatter per tensor
+            gi = slot[..., None].expand(-1, -1, -1, self.k.shape[-1])
+            self.k.scatter_(2, gi, keys.to(self.k.dtype))
+            self.v.scatter_(2, gi, values.to(self.v.dtype))
+            self.pos.scatter_(2, slot, p)
+            return
+        spare = self.k.shape[2]  # one spare slot takes every token not written
+        slot = torch.where(keep, slot, spare)
+        gi = slot[..., None].expand(-1, -1, -1, self.k.shape[-1])
+        pad = lambda t, fill: torch.cat([t, t.new_full((*t.shape[:2], 1, *t.shape[3:]), fill)], dim=2)  # noqa: E731
+        self.k = pad(self.k, 0).scatter_(2, gi, keys.to(self.k.dtype))[:, :, :spare]
+        self.v = pad(self.v, 0).scatter_(2, gi, values.to(self.v.dtype))[:, :, :spare]
+        self.pos = pad(self.pos, -1).scatter_(2, slot, p)[:, :, :spare]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def index_batch(self, fn) -> None:
+        self.k, self.v, self.pos, self.sink, self.window = (fn(self.k), fn(self.v), fn(self.pos), fn(self.sink),
+                                                            fn(self.window))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, new_pos: torch.Tensor) -> None:
+        """keys/values (B, Hkv, q, D) of the whole layer, new_pos (B, q): held until :meth:`attend`."""
+        hg = self.kv.numel()
+        self.pending = (keys.index_select(1, self.kv), values.index_select(1, self.kv),
+                        new_pos[:, None, :].expand(-1, hg, -1))
+
+    def attend(self, query: torch.Tensor, q_pos: torch.Tensor, spec: AttendSpec, n_rep: int) -> torch.Tensor:
+        """Queries (B, Hq, q, D) of the whole layer at real positions q_pos (B, q) -> (B, Hqg, q, D)."""
+        k_new, v_new, p_new = self.pending
+        self.pending = None
+        qi = self.query_heads(n_rep)
+        simple = (self.uniform and query.shape[2] == 1 and spec.softcap is None and spec.s_aux is None
+                  and not spec.dropout and spec.native_window is None
+                  and not (set(qi.tolist()) & (spec.relu_heads | spec.linear_heads)) and bool((q_pos >= 0).all()))
+        if simple:
+            self._write(k_new, v_new, p_new, horizon=p_new)
+            from kernels.dispatch import decode_attention
+
+            kv_len = torch.minimum(q_pos + 1, self.sink + self.window).clamp(max=self.k.shape[2])
+            return decode_attention(query[:, qi, 0], self.k, self.v, kv_len, spec.scale)[:, :, None]
+        seen = DenseGroup(self.kv, torch.cat([self.k, k_new.to(self.k.dtype)], 2),
+                          torch.cat([self.v, v_new.to(self.v.dtype)], 2), torch.cat([self.pos, p_new], 2))
+        out = seen.attend(query, q_pos, spec, n_rep)
+        self._write(k_new, v_new, p_new, horizon=p_new.amax(-1, keepdim=True) + 1)
+        return out
 
     def evict(self, sink_kv: torch.Tensor, window_kv: torch.Tensor, cur: torch.Tensor, force: bool = False) -> None:
-        """Drop slots no future query can see: not a sink and older than every window of the KV head.
-
-        sink_kv/window_kv (B, Hkv) per KV head of the layer (widest query head), cur (B,) the newest real position.
-        While decoding, the group is compacted only once it holds ``EVICT_SLACK`` slots beyond its capacity, so the
-        gather runs every EVICT_SLACK steps instead of every step (the mask already hides stale slots)."""
-        if not force and self.pos.shape[-1] < self.cap + EVICT_SLACK:
-            return
-        s = sink_kv.index_select(1, self.kv)[:, :, None]
-        w = window_kv.index_select(1, self.kv)[:, :, None]
-        pos = self.pos
-        keep = (pos >= 0) & ((pos < s) | (pos >= cur[:, None, None] + 2 - w))
-        n_keep = int(keep.sum(-1).max()) if keep.numel() else 0
-        if n_keep == pos.shape[-1] and bool(keep.all()):
-            return
-        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :n_keep]
-        self.pos = torch.where(keep.gather(-1, order), pos.gather(-1, order), torch.full_like(order, -1))
-        gi = order[..., None].expand(-1, -1, -1, self.k.shape[-1])
-        self.k, self.v = self.k.gather(2, gi), self.v.gather(2, gi)
+        """A ring never holds a token no query can see (the write replaces it)."""
 
 
 @dataclass
@@ -168,7 +257,7 @@ class PlanKV:
 
     def __init__(self, n_rep: int):
         self.n_rep = n_rep
-        self.groups: list[DenseGroup | BoundedGroup | LinearGroup] = []
+        self.groups: list[DenseGroup | RingGroup | LinearGroup] = []
         self.n_real: torch.Tensor | None = None
         self.sink_q: torch.Tensor | None = None
         self.window_q: torch.Tensor | None = None
@@ -217,11 +306,19 @@ class PlanKV:
             self.groups.append(LinearGroup(idx, LinearState.from_prefill(keys.index_select(1, idx),
                                                                          values.index_select(1, idx), k_pos >= 0)))
             caps = [None if bool(linear_kv[h]) else c for h, c in enumerate(caps)]
-        for cap in sorted({c for c in caps if c is not None}):
-            idx = torch.tensor([h for h in range(hkv) if caps[h] == cap], device=keys.device)
-            parts = (idx, keys.index_select(1, idx), values.index_select(1, idx), pos.index_select(1, idx).contiguous())
-            self.groups.append(DenseGroup(*parts) if cap < 0 else BoundedGroup(*parts, cap=cap))
-        self.evict(force=True)
+        q_pattern = (sink_q.view(b, hkv, self.n_rep), window_q.view(b, hkv, self.n_rep))
+        uniform = [bool((q_pattern[0][:, h] == sink_kv[:, h, None]).all() and (q_pattern[1][:, h] == window_kv[:, h, None]).all())
+                   for h in range(hkv)]
+        dense = [h for h in range(hkv) if caps[h] == -1]
+        if dense:
+            idx = torch.tensor(dense, device=keys.device)
+            self.groups.append(DenseGroup(idx, keys.index_select(1, idx), values.index_select(1, idx),
+                                          pos.index_select(1, idx).contiguous()))
+        for cap, uni in sorted({(c, uniform[h]) for h, c in enumerate(caps) if c is not None and c >= 0}):
+            idx = torch.tensor([h for h in range(hkv) if caps[h] == cap and uniform[h] == uni], device=keys.device)
+            self.groups.append(RingGroup.from_prefill(idx, keys.index_select(1, idx), values.index_select(1, idx),
+                                                      pos.index_select(1, idx), sink_kv.index_select(1, idx),
+                                                      window_kv.index_select(1, idx), uni))
 
     def append(self, keys, values, new_pos) -> None:
         """Add new tokens (B, Hkv, q, D) with real positions new_pos (B, q) to every group."""
@@ -242,4 +339,4 @@ class PlanKV:
             g.evict(sink_kv, window_kv, self.n_real - 1, force)
 
 
-__all__ = ["AttendSpec", "DenseGroup", "BoundedGroup", "LinearGroup", "PlanKV", "EVICT_SLACK"]
+__all__ = ["AttendSpec", "DenseGroup", "RingGroup", "LinearGroup", "PlanKV"]

@@ -53,3 +53,27 @@ def test_run_fidelity_cells_and_paired_comparisons():
     assert {r["axis"] for r in rows["comparisons"]} == {"prefill_density", "kv_density", "none"}
     assert all(0 <= r["p_value"] <= 1 for r in rows["comparisons"])
     assert all(r["ci95"][0] <= r["correct"] / r["n"] <= r["ci95"][1] for r in rows["cells"])
+
+
+def test_checkpoint_resumes_measured_cells_and_refuses_another_grid(tmp_path):
+    import json
+
+    from plans.errors import CompressError
+
+    model, tok = tiny_model_with_tokenizer(max_position_embeddings=2048)
+    plan = mixed_plan(model)
+    grid = FidelityGrid(tasks=("niah_single",), lengths=(320,), n_per_cell=2, style="plain")
+    ck = tmp_path / "ck.json"
+    first = run_fidelity(model, tok, {"p": plan}, grid, "tiny", checkpoint=ck)
+    saved = json.loads(ck.read_text())
+    assert saved["outcomes"]["niah_single|320|dense"] == [int(x) for x in first.outcomes[("niah_single", 320, "dense")]]
+    # a resumed run takes the stored outcomes as measured: flip them and they come back flipped
+    flipped = [1 - x for x in saved["outcomes"]["niah_single|320|p"]]
+    saved["outcomes"]["niah_single|320|p"] = flipped
+    ck.write_text(json.dumps(saved))
+    again = run_fidelity(model, tok, {"p": plan}, grid, "tiny", checkpoint=ck)
+    assert again.outcomes[("niah_single", 320, "p")] == [bool(x) for x in flipped]
+    assert again.outcomes[("niah_single", 320, "dense")] == first.outcomes[("niah_single", 320, "dense")]
+    with pytest.raises(CompressError, match="another grid"):
+        run_fidelity(model, tok, {"p": plan}, FidelityGrid(tasks=("niah_single",), lengths=(320,), n_per_cell=3,
+                                                            style="plain"), "tiny", checkpoint=ck)
