@@ -145,6 +145,7 @@ def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_ste
                 if "model" in times[m]:
                     res[m].model_prefill_ms = statistics.median(times[m]["model"])
             d = res["dense"]
+            share = attention_share(d.attn_prefill_ms, d.model_prefill_ms)
             for m in methods:
                 r = res[m]
                 for key in ("attn_prefill_ms", "model_prefill_ms", "decode_step_ms"):
@@ -153,11 +154,104 @@ def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_ste
                         r.ratios[key.replace("_ms", "_speedup")] = a / b
                 if d.kv_bytes and r.kv_bytes:
                     r.ratios["kv_bytes_fraction"] = r.kv_bytes / d.kv_bytes
+                if share is not None and "model_prefill_speedup" in r.ratios:
+                    ideal = ideal_model_speedup(share, r.density)
+                    r.ratios.update(attention_share=share, ideal_model_speedup=ideal,
+                                    fraction_of_ideal=r.ratios["model_prefill_speedup"] / ideal)
             results.extend(res.values())
             _set(model, None, apply, unapply)
     if plan is not None:
         apply(model, plan)
     return results
+
+
+def attention_share(attn_ms: float | None, model_ms: float | None) -> float | None:
+    """``a``: the share of dense whole-model prefill time spent in attention (dense attention alone over the same
+    layers ÷ the whole-model prefill, both measured in the same run), clipped to [0, 1]; None when not measured."""
+    if not attn_ms or not model_ms:
+        return None
+    return min(1.0, attn_ms / model_ms)
+
+
+def ideal_model_speedup(share: float, density: float) -> float:
+    """Amdahl's bound for a whole-model prefill when only attention gets cheaper, in proportion to its density:
+    ``1 / ((1 - a) + a * density)`` with ``a`` the attention share of dense time."""
+    return 1.0 / ((1.0 - share) + share * density)
+
+
+@dataclass
+class ThroughputResult:
+    """Decode throughput at a KV memory budget (MoA's metric): ``batch`` = the most sequences of context ``n`` whose
+    KV cache fits ``kv_budget_bytes`` (capped at ``max_batch``), ``tok_s`` = decoded tokens per second at that batch."""
+
+    method: str
+    n: int
+    kv_density: float
+    kv_bytes_per_seq: int
+    kv_budget_bytes: int
+    batch: int
+    max_batch: int
+    step_ms: float | None = None
+    tok_s: float | None = None
+    ratios: dict = field(default_factory=dict)
+
+
+def throughput(model, plan: Plan, lengths: list[int], kv_budget_bytes: int, *, max_batch: int = 64,
+               decode_steps: int = 8, progress: bool = False) -> list[ThroughputResult]:
+    """For dense, ``plan`` and the uniform plan of the plan's KV density: the largest batch of length-``n``
+    sequences whose KV cache (measured: ``PlanCache.nbytes`` / a dense cache, after ``decode_steps`` steps of one
+    sequence) fits ``kv_budget_bytes``, and the decode tokens/s that batch reaches (median step time over
+    ``decode_steps`` steps; the batch's cache is one real prefill repeated ``batch`` times, which leaves the cost
+    of a step unchanged). Ratios are against dense in the same run. Raises ValueError for a non-positive budget."""
+    from compressor.fidelity import uniform_matched
+    from compressor.hf.plan_cache import PlanCache, dense_cache_bytes
+    from compressor.patching import apply, unapply
+    from profilers.progress import progress as progress_helper
+
+    if kv_budget_bytes <= 0 or max_batch < 1:
+        raise ValueError(f"need a positive KV budget and max batch; got {kv_budget_bytes} bytes, {max_batch}")
+    out: list[ThroughputResult] = []
+    vocab = model.get_input_embeddings().num_embeddings
+    with progress_helper("throughput", total=3 * len(lengths), unit="cases", enabled=progress) as tick:
+        for n in lengths:
+            methods = {"dense": None, "plan": plan, "uniform": uniform_matched(plan, n, "kv_density")}
+            ids = torch.randint(min(100, vocab // 2), vocab, (1, n), generator=torch.Generator().manual_seed(n))
+            rows = {}
+            for m, p in methods.items():
+                tick(0, stage=f"throughput N={n}", method=m)
+                _set(model, p, apply, unapply)
+                cache = PlanCache(model) if p is not None else None
+                with torch.no_grad():
+                    o = model(ids, use_cache=True, **({"cache": cache} if cache is not None else {}))
+                    cache = o.past_key_values if cache is None else cache
+                    nxt = o.logits[:, -1:].argmax(-1)
+                    for _ in range(decode_steps):
+                        nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    per_seq = cache.nbytes() if p is not None else dense_cache_bytes(model, n + 2 * decode_steps)
+                    batch = min(max_batch, kv_budget_bytes // per_seq)
+                    r = ThroughputResult(m, n, 1.0 if p is None else p.kv_density(n), per_seq, kv_budget_bytes,
+                                         int(batch), max_batch)
+                    if batch > 0:
+                        cache.batch_repeat_interleave(int(batch))
+                        tok = nxt.repeat_interleave(int(batch), dim=0)
+                        step = []
+                        for _ in range(decode_steps):
+                            t = time.perf_counter()
+                            tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                            step.append((time.perf_counter() - t) * 1000)
+                        r.step_ms = statistics.median(step)
+                        r.tok_s = batch * 1000 / r.step_ms
+                rows[m] = r
+                del cache
+                tick(1)
+            for r in rows.values():
+                if rows["dense"].tok_s and r.tok_s:
+                    r.ratios["tok_s_vs_dense"] = r.tok_s / rows["dense"].tok_s
+                r.ratios["batch_vs_dense"] = r.batch / max(rows["dense"].batch, 1)
+            out.extend(rows.values())
+            _set(model, None, apply, unapply)
+    apply(model, plan)
+    return out
 
 
 def _set(model, plan, apply, unapply):
@@ -180,10 +274,11 @@ class BenchReport:
     threads: int
     repeats: int
     results: list[MethodResult]
+    throughput: list[ThroughputResult] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "plan": self.plan, "threads": self.threads, "repeats": self.repeats,
-                "results": results_as_dicts(self.results)}
+                "results": results_as_dicts(self.results), "throughput": [asdict(r) for r in self.throughput]}
 
 
 def kernel_table(lengths: list[int], head_dim: int):
@@ -200,4 +295,5 @@ def kernel_table(lengths: list[int], head_dim: int):
     return table
 
 
-__all__ = ["bench", "BenchReport", "MethodResult", "kernel_table", "results_as_dicts"]
+__all__ = ["bench", "BenchReport", "MethodResult", "ThroughputResult", "throughput", "attention_share",
+           "ideal_model_speedup", "kernel_table", "results_as_dicts"]

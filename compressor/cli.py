@@ -480,28 +480,52 @@ def bench_cmd(
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
     offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
+    throughput: bool = typer.Option(False, "--throughput", help="decode tokens/s at the largest batch whose KV cache "
+                                    "fits --kv-budget (MoA's metric), for dense, the plan and uniform at its KV density"),
+    kv_budget: float = typer.Option(2.0, "--kv-budget", help="KV cache budget in GiB for --throughput"),
+    max_batch: int = typer.Option(64, "--max-batch", help="largest batch --throughput tries"),
+    decode_steps: int = typer.Option(8, "--decode-steps", help="decode steps timed per method"),
 ):
-    """Prefill/decode time and KV bytes: dense vs plan vs uniform at the same density (ratios, one run)."""
+    """Prefill/decode time and KV bytes: dense vs plan vs uniform at the same density (ratios, one run); prints the
+    attention share a of dense prefill, the ideal whole-model speed-up 1/((1-a)+a*density) and the fraction reached.
+    With --throughput: decode throughput at a KV memory budget instead."""
     from compressor.pipeline import bench
 
     report = bench(model, plan=plan, density=density, lengths=_lengths(lengths), repeats=repeats, threads=threads,
                    whole_model=whole_model, decode=decode, kernel_table=kernel_table, out=out, device_map=device_map,
-                   max_memory=max_memory, offload_folder=offload_folder)
+                   max_memory=max_memory, offload_folder=offload_folder,
+                   kv_budget_gib=kv_budget if throughput else None, max_batch=max_batch, decode_steps=decode_steps)
     if as_json:
         emit_json(report.to_dict())
         return
-    t = Table(title="compress bench (speedup = dense time / method time, same run)")
-    for c in ("N", "method", "density", "kv density", "attn ms", "attn ×", "model ms", "model ×", "decode ms",
-              "decode ×", "tok/s", "KV MiB", "KV frac"):
-        t.add_column(c, justify="right")
     f = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
+    if throughput:
+        t = Table(title=f"compress bench --throughput (KV budget {kv_budget:g} GiB; ratios vs dense, same run)")
+        for c in ("N", "method", "KV density", "KV MiB / seq", "batch", "batch ×", "step ms", "tok/s", "tok/s ×"):
+            t.add_column(c, justify="right")
+        for r in report.throughput:
+            t.add_row(str(r.n), r.method, f"{r.kv_density:.3f}", f"{r.kv_bytes_per_seq / 2**20:.1f}",
+                      f"{r.batch}{'+' if r.batch == r.max_batch else ''}", f(r.ratios.get("batch_vs_dense"), ".2f"),
+                      f(r.step_ms, ".1f"), f(r.tok_s, ".1f"), f(r.ratios.get("tok_s_vs_dense"), ".2f"))
+        out_console.print(t)
+        return
+    t = Table(title="compress bench (speedup = dense time / method time, same run)")
+    for c in ("N", "method", "density", "kv density", "attn ms", "attn ×", "model ms", "model ×", "ideal ×",
+              "% ideal", "decode ms", "decode ×", "tok/s", "KV MiB", "KV frac"):
+        t.add_column(c, justify="right")
     for r in report.results:
         t.add_row(str(r.n), r.method, f(r.density, ".3f"), f(r.kv_density, ".3f"), f(r.attn_prefill_ms, ".0f"),
                   f(r.ratios.get("attn_prefill_speedup"), ".2f"), f(r.model_prefill_ms, ".0f"),
-                  f(r.ratios.get("model_prefill_speedup"), ".2f"), f(r.decode_step_ms, ".1f"),
+                  f(r.ratios.get("model_prefill_speedup"), ".2f"), f(r.ratios.get("ideal_model_speedup"), ".2f"),
+                  f(None if "fraction_of_ideal" not in r.ratios else 100 * r.ratios["fraction_of_ideal"], ".0f"),
+                  f(r.decode_step_ms, ".1f"),
                   f(r.ratios.get("decode_step_speedup"), ".2f"), f(r.decode_tok_s, ".1f"),
                   f(None if r.kv_bytes is None else r.kv_bytes / 2**20, ".1f"), f(r.ratios.get("kv_bytes_fraction"), ".3f"))
     out_console.print(t)
+    for r in report.results:
+        if r.method == "dense" and "attention_share" in r.ratios:
+            out_console.print(f"N={r.n}: attention share of dense prefill a = {r.ratios['attention_share']:.3f}; "
+                              "ideal whole-model speed-up = 1/((1-a)+a*density)")
 
 
 def main():  # pragma: no cover

@@ -360,11 +360,13 @@ def evaluate(task: str = "passkey", plans: Sequence[str | Path] = (), model: str
 def bench(model: str | None = None, *, plan: str | Path | None = None, density: float = 0.25,
           lengths: Sequence[int] = (4096,), repeats: int = 3, threads: int | None = None, whole_model: bool = True,
           decode: bool = True, kernel_table: str | Path | None = None, out: str | Path | None = None,
-          progress: bool = True, device_map=None, max_memory=None, offload_folder=None):
+          progress: bool = True, device_map=None, max_memory=None, offload_folder=None,
+          kv_budget_gib: float | None = None, max_batch: int = 64, decode_steps: int = 8):
     """Prefill/decode time and KV bytes: dense vs ``plan`` (default: uniform at ``density``) vs uniform at the
     plan's density. ``threads`` sets torch's threads; ``kernel_table`` also writes the latency table for search;
-    ``out`` writes the results JSON. Returns the :class:`compressor.bench.BenchReport`. ``device_map``…: the model
-    split across devices (:mod:`compressor.placement`)."""
+    ``out`` writes the results JSON. ``kv_budget_gib``: instead, decode throughput at that KV memory budget
+    (:func:`compressor.bench.throughput`). Returns the :class:`compressor.bench.BenchReport`. ``device_map``…:
+    the model split across devices (:mod:`compressor.placement`). Raises CompressError for a non-positive budget."""
     import torch
 
     from compressor.bench import BenchReport, bench as measure, kernel_table as measure_kernels
@@ -380,9 +382,20 @@ def bench(model: str | None = None, *, plan: str | Path | None = None, density: 
         table = measure_kernels(lengths, p.model.head_dim)
         write_text_atomic(kernel_table, table.model_dump_json(indent=2))
         console.print(f"wrote latency table {kernel_table}")
-    res = measure(m, p, lengths, repeats=repeats, whole_model=whole_model, decode=decode, progress=progress)
-    report = BenchReport(model=p.model.model_dump(), plan=str(plan) if plan else f"uniform density {density}",
-                         threads=torch.get_num_threads(), repeats=repeats, results=res)
+    if kv_budget_gib is not None:
+        from compressor.bench import throughput
+
+        if kv_budget_gib <= 0 or max_batch < 1:
+            raise CompressError(f"--kv-budget must be > 0 GiB and --max-batch >= 1 (got {kv_budget_gib}, {max_batch})")
+        tp = throughput(m, p, lengths, int(kv_budget_gib * 2**30), max_batch=max_batch, decode_steps=decode_steps,
+                        progress=progress)
+        report = BenchReport(model=p.model.model_dump(), plan=str(plan) if plan else f"uniform density {density}",
+                             threads=torch.get_num_threads(), repeats=repeats, results=[], throughput=tp)
+    else:
+        res = measure(m, p, lengths, repeats=repeats, whole_model=whole_model, decode=decode,
+                      decode_steps=decode_steps, progress=progress)
+        report = BenchReport(model=p.model.model_dump(), plan=str(plan) if plan else f"uniform density {density}",
+                             threads=torch.get_num_threads(), repeats=repeats, results=res)
     if out:
         write_text_atomic(out, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
