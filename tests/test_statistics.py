@@ -124,3 +124,36 @@ def test_cell_and_comparison_rows_are_fidelity_json_rows():
     assert cmp.to_row() == {"plan": "plan@0.5", "baseline": "uniform@0.5", "axis": "all", "cells": 2,
                             "diff": pytest.approx(8 / 21), "p_value": pytest.approx(22 / 1024), "scope": "pooled",
                             "n": 21}
+
+
+def _readme_schema() -> dict[str, list[str]]:
+    """The row keys the README's "Fidelity results file" table documents, per top-level key."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Fidelity results file", 1)[1].split("\n## ", 1)[0]
+    out = {}
+    for key in ("cells", "comparisons"):
+        row = re.search(rf"\| `{key}` \| `\{{([^}}]*)\}}`", section)
+        out[key] = [k.strip() for k in row.group(1).split(",")]
+    return out
+
+
+def test_committed_fidelity_json_follows_the_readme_schema():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fidelity.json"
+    if not path.exists():
+        pytest.skip("benchmarks/results/fidelity.json not produced yet")
+    data = json.loads(path.read_text())
+    schema = _readme_schema()
+    assert schema["cells"] == list(CellResult("m", "t", 1, None, "x", 1, 1, 0, 1).to_row())
+    for key in ("cells", "comparisons"):
+        assert data[key] and all(list(r) == schema[key] for r in data[key]), key
+    for r in data["cells"]:
+        lo, hi = wilson_interval(r["correct"], r["n"])
+        assert r["ci95"] == pytest.approx([lo, hi]) and r["n"] >= 50
+    assert {r["axis"] for r in data["comparisons"]} >= {"prefill_density", "kv_density"}
+    for key in ("model", "prompt_style", "grid", "items", "command", "machine", "date", "dtype"):
+        assert key in data, key
