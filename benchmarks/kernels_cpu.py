@@ -1,8 +1,11 @@
-"""CPU prefill benchmark: kernels.banded.banded_attention vs dense causal SDPA (paired ratios, 1 thread).
+"""CPU prefill benchmark: kernels.banded.banded_attention vs FlexAttention vs dense causal SDPA (paired ratios).
 
 For every (N, density) the heads get sink 64 and power-of-two windows spread over three octaves (as in
-docs/cpu-kernels.md ``make_windows``); each repeat times dense and banded back to back in
-alternating order, and the reported speedup is the median of the per-repeat ratios.
+docs/cpu-kernels.md ``make_windows``); each repeat times dense, banded and FlexAttention back to back in
+rotating order, and each reported speedup is the median of the per-repeat ratios against dense. FlexAttention
+(``torch.nn.attention.flex_attention``, the peer a user would pick) runs the same per-head sink+window pattern
+through a block mask (``create_block_mask``, block 128) under ``torch.compile``; its compile time (first call)
+is reported apart and every output is checked against the banded kernel.
 
     python benchmarks/kernels_cpu.py                 # full run, writes benchmarks/results/kernels_cpu.{json,md}
     python benchmarks/kernels_cpu.py --quick --no-write
@@ -77,7 +80,31 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
-def bench(n: int, h: int, d: int, target: float, repeats: int, dtype=torch.float32) -> dict:
+def flex_runner(q, k, v, sink: torch.Tensor, span: torch.Tensor):
+    """(run, compile_s, mask_s): FlexAttention over the same per-head sink+window pattern (plans.span.sees)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from plans.span import split_span_tensor
+
+    n = q.shape[2]
+    sink_eff, window = split_span_tensor(sink, span)
+    full = span >= n
+    sink_eff, window = torch.where(full, 0, sink_eff), torch.where(full, n, window)
+
+    def mask_mod(b, hh, qi, ki):
+        return (ki <= qi) & ((ki < sink_eff[hh]) | (qi - ki < window[hh]))
+
+    t = time.perf_counter()
+    block_mask = create_block_mask(mask_mod, 1, q.shape[1], n, n, device="cpu")
+    mask_s = time.perf_counter() - t
+    compiled = torch.compile(flex_attention, dynamic=False)
+    t = time.perf_counter()
+    compiled(q, k, v, block_mask=block_mask)
+    compile_s = time.perf_counter() - t
+    return (lambda: compiled(q, k, v, block_mask=block_mask)), compile_s, mask_s
+
+
+def bench(n: int, h: int, d: int, target: float, repeats: int, dtype=torch.float32, flex: bool = True) -> dict:
     spans = make_windows(n, h, target)
     density = sum(prefill_density(s, n) for s in spans) / h
     g = torch.Generator().manual_seed(0)
@@ -96,42 +123,59 @@ def bench(n: int, h: int, d: int, target: float, repeats: int, dtype=torch.float
         fn()
         return time.perf_counter() - t
 
-    dense(), banded()  # warm-up
-    td, tb, ratios = [], [], []
+    fns = {"dense": dense, "banded": banded}
+    extra = {}
+    if flex:
+        run, compile_s, mask_s = flex_runner(q, k, v, sink, span)
+        err = float((run() - banded()).abs().max())
+        if err > 1e-3:
+            raise AssertionError(f"FlexAttention differs from the banded kernel by {err} at N={n}")
+        fns["flex"] = run
+        extra = {"flex_compile_s": round(compile_s, 1), "flex_block_mask_s": round(mask_s, 2), "flex_max_abs_diff": err}
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {m: [] for m in fns}
+    names = list(fns)
     for r in range(repeats):
-        if r % 2 == 0:
-            a, b = timed(dense), timed(banded)
-        else:
-            b, a = timed(banded), timed(dense)
-        td.append(a)
-        tb.append(b)
-        ratios.append(a / b)
-    speed = statistics.median(ratios)
-    return {
+        for m in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
+            times[m].append(timed(fns[m]))
+    med = lambda m: statistics.median(times["dense"][i] / times[m][i] for i in range(repeats))  # noqa: E731
+    speed = med("banded")
+    row = {
         "N": n, "H": h, "D": d, "dtype": str(dtype).replace("torch.", ""), "sink": SINK, "spans": spans,
         "density": round(density, 4), "ideal": round(1 / density, 2),
-        "dense_ms": round(1000 * statistics.median(td), 1), "banded_ms": round(1000 * statistics.median(tb), 1),
+        "dense_ms": round(1000 * statistics.median(times["dense"]), 1),
+        "banded_ms": round(1000 * statistics.median(times["banded"]), 1),
         "speedup": round(speed, 2), "pct_of_ideal": round(100 * speed * density, 1),
-        "ratios": [round(x, 3) for x in ratios],
+        "ratios": [round(times["dense"][i] / times["banded"][i], 3) for i in range(repeats)],
     }
+    if flex:
+        fs = med("flex")
+        row.update(flex_ms=round(1000 * statistics.median(times["flex"]), 1), flex_speedup=round(fs, 2),
+                   flex_pct_of_ideal=round(100 * fs * density, 1), banded_vs_flex=round(speed / fs, 2), **extra)
+    return row
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
-        "# CPU prefill: banded_attention vs dense causal SDPA",
+        "# CPU prefill: banded_attention vs FlexAttention vs dense causal SDPA",
         "",
         f"- command: `{meta['command']}`",
         f"- machine: {meta['machine']}",
         f"- date: {meta['date']}, load average (1/5/15 min) at start {meta['loadavg']}, at end {meta['loadavg_end']}",
         f"- method: {meta['method']}",
         "",
-        "| N | H | D | density | ideal 1/density | dense ms | banded ms | speedup | % of ideal |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| N | H | D | density | ideal 1/density | dense ms | banded ms | banded × | banded % of ideal | "
+        "flex ms | flex × | flex % of ideal | banded ÷ flex | flex compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    g = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['N']} | {r['H']} | {r['D']} | {r['density']:.3f} | {r['ideal']:.2f} | {r['dense_ms']:.0f} | "
-            f"{r['banded_ms']:.0f} | {r['speedup']:.2f} | {r['pct_of_ideal']:.0f}% |"
+            f"{r['banded_ms']:.0f} | {r['speedup']:.2f} | {r['pct_of_ideal']:.0f}% | {g(r, 'flex_ms', '.0f')} | "
+            f"{g(r, 'flex_speedup', '.2f')} | {g(r, 'flex_pct_of_ideal', '.0f')}% | {g(r, 'banded_vs_flex', '.2f')} | "
+            f"{g(r, 'flex_compile_s', '.1f')} |"
         )
     lines += ["", "Spans per configuration (sink 64 included; N = full head):", ""]
     for r in rows:
@@ -147,31 +191,34 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--n", type=int, nargs="*", help="override the lengths")
-    ap.add_argument("--density", type=float, nargs="*", default=[0.1, 0.25, 0.5])
+    ap.add_argument("--density", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    plan = {4096: (16, 7), 8192: (16, 5), 16384: (8, 5)}  # N -> (heads, repeats)
+    plan = {8192: (16, 5), 16384: (16, 3)}  # N -> (heads, repeats): the issue's lengths, Hq 16
     if args.quick:
         plan = {4096: (16, 3)}
     if args.n:
         plan = {n: plan.get(n, (8 if n > 8192 else 16, 3)) for n in args.n}
     load = os.getloadavg()
     rows = []
-    print(f"{'N':>6} {'H':>3} {'D':>4} {'density':>8} {'ideal':>6} {'dense ms':>9} {'banded ms':>10} {'speedup':>8} {'%ideal':>7}")
+    print(f"{'N':>6} {'H':>3} {'D':>4} {'density':>8} {'ideal':>6} {'dense ms':>9} {'banded ms':>10} {'speedup':>8} {'%ideal':>7} {'flex x':>7}")
     for n, (h, reps) in plan.items():
         for dens in args.density:
-            r = bench(n, h, args.d, dens, args.repeats or reps)
+            r = bench(n, h, args.d, dens, args.repeats or reps, flex=not args.no_flex)
             rows.append(r)
             print(f"{r['N']:>6} {r['H']:>3} {r['D']:>4} {r['density']:>8.3f} {r['ideal']:>6.2f} {r['dense_ms']:>9.0f} "
-                  f"{r['banded_ms']:>10.0f} {r['speedup']:>8.2f} {r['pct_of_ideal']:>6.0f}%", flush=True)
+                  f"{r['banded_ms']:>10.0f} {r['speedup']:>8.2f} {r['pct_of_ideal']:>6.0f}% {r.get('flex_speedup', '-'):>7}",
+                  flush=True)
     meta = {
         "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "machine": machine(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg": " ".join(f"{x:.2f}" for x in load),
-        "method": "fp32, batch 1, one warm-up, paired repeats in alternating order, median of dense/banded ratios",
+        "method": "fp32, batch 1, one warm-up, repeats in rotating order, median of per-repeat dense/method ratios; "
+                  "FlexAttention compiled once per configuration (compile time apart), block mask built once",
     }
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)

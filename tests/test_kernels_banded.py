@@ -124,3 +124,21 @@ def test_bad_inputs():
         banded_attention(q, k[:, :, :8], v[:, :, :8], s, s)
     with pytest.raises(ValueError, match="differ"):
         banded_attention(q, k, v[..., :4], s, s)
+
+
+def test_benchmark_flex_attention_runs_the_same_pattern():
+    """benchmarks/kernels_cpu.py compares against FlexAttention: its block mask must encode plans.span.sees."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from kernels_cpu import flex_runner
+
+    from kernels.reference import reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 256, 16, generator=g) for _ in range(3))
+    sink, span = torch.tensor([0, 4, 64, 2]), torch.tensor([256, 40, 100, 9])
+    run, compile_s, _ = flex_runner(q, k, v, sink, span)
+    want = reference_attention(q.double(), k.double(), v.double(), sink, span)
+    assert (run().double() - want).abs().max() < 1e-4 and compile_s >= 0
