@@ -363,7 +363,8 @@ def run_cmd(
     budget: list[str] = typer.Option(["0.5", "0.25"], "--budget", help="one search per budget"),
     samples: int = typer.Option(6, "--samples", help="calibration samples per profiled length"),
     trials: int = typer.Option(4, "--trials", help="Optuna trials per budget"),
-    eval_tasks: str = typer.Option("passkey,ppl", "--eval-tasks"),
+    eval_tasks: str = typer.Option("niah_single,ppl", "--eval-tasks", help="ppl, passkey, retrieval or a RULER "
+                                   "task (niah_single, niah_multikey, …; plain-text prompts, held-out text haystack)"),
     eval_depths: str = typer.Option("0.1,0.5,0.9", "--eval-depths"),
     eval_samples: int = typer.Option(1, "--eval-samples"),
     sources: str = typer.Option("austen,passkey,qa", "--sources"),
@@ -426,7 +427,8 @@ def distill_cmd(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    task: str = typer.Option("passkey", "--task", help="retrieval | passkey | ppl"),
+    task: str = typer.Option("passkey", "--task", help="retrieval | passkey | ppl | a RULER task (niah_single, "
+                             "niah_multikey, niah_multivalue, niah_multiquery, variable_tracking)"),
     plan: list[Path] = typer.Option([], "--plan", help="plan.json (repeatable)"),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     lengths: str = typer.Option("2048,4096", "--lengths"),

@@ -18,7 +18,8 @@ from plans.errors import CompressError
 from plans.schema import Plan, span_for_density, uniform_plan
 from profilers.samples import Sample
 
-TASKS = ("retrieval", "passkey", "ppl")
+RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
+TASKS = ("retrieval", "passkey", "ppl") + RULER_TASKS
 
 
 @dataclass
@@ -113,11 +114,23 @@ def text_loss(model, ids: torch.Tensor, chunk: int = 1024) -> tuple[float, int]:
     return total, count
 
 
-def make_samples(task: str, tokenizer, lengths, depths, n_per_cell: int, seed: int, haystack: list[str]):
-    """{(n, depth): [Sample]} for retrieval/passkey; {(n, None): [Sample]} for ppl (held-out text windows)."""
-    from profilers import synthetic
+def make_samples(task: str, tokenizer, lengths, depths, n_per_cell: int, seed: int, haystack: list[str],
+                 style: str = "plain"):
+    """{(n, depth): [Sample]} for retrieval/passkey and the RULER tasks (:mod:`profilers.ruler`: needles in the
+    held-out ``haystack`` documents, or RULER's noise when none; ``style`` plain or chat prompt); {(n, None):
+    [Sample]} for ppl (held-out text windows)."""
+    from profilers import ruler, synthetic
 
     out = {}
+    if task in RULER_TASKS:
+        hs = ruler.Haystack("text", "\n\n".join(haystack), "heldout") if haystack else ruler.NOISE
+        kw = {"haystack": hs} if task.startswith(("niah", "variable")) else {}
+        for n in lengths:
+            for d in depths:
+                out[(n, d)] = [ruler.to_sample(ruler.make_item(task, tokenizer, n, d, ruler.item_seed(task, n, d, seed, i),
+                                                               style=style, **kw), tokenizer)
+                               for i in range(n_per_cell)]
+        return out
     for n in lengths:
         if task == "ppl":
             text = "\n\n".join(haystack)

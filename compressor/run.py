@@ -51,7 +51,7 @@ class RunConfig:
     K: int = 2
     sinks: list[int] = field(default_factory=lambda: [64])
     block: int = 64
-    eval_tasks: list[str] = field(default_factory=lambda: ["passkey", "ppl"])
+    eval_tasks: list[str] = field(default_factory=lambda: ["niah_single", "ppl"])  # RULER single needle, plain prompt
     eval_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     eval_samples: int = 1
     corpus: str = "austen"

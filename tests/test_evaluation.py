@@ -81,3 +81,21 @@ def test_cli_eval_json(tiny_model_dir, tmp_path):
     assert (tmp_path / "ev" / "eval_retrieval.png").exists()
     r = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--task", "ppl", "--lengths", "99999"])
     assert r.exit_code == 2
+
+
+def test_evaluate_ruler_task_scores_the_generated_items():
+    """A RULER task through `compress eval`: the items are profilers.ruler's (same seeds) in held-out text, and
+    each outcome is answer_score recomputed on that item."""
+    from compressor.evaluation import make_samples
+    from profilers import ruler
+
+    model, tok = tiny_model_with_tokenizer(max_position_embeddings=2048)
+    docs = [DATA.read_text()]
+    rep = evaluate(model, tok, {}, "niah_single", [300], depths=[0.5], samples=2, seed=3, haystack=docs)
+    samples = make_samples("niah_single", tok, [300], [0.5], 2, 3, docs)[(300, 0.5)]
+    item = ruler.make_item("niah_single", tok, 300, 0.5, ruler.item_seed("niah_single", 300, 0.5, 3, 0), style="plain",
+                           haystack=ruler.Haystack("text", docs[0], "heldout"))
+    assert torch.equal(samples[0].input_ids, ruler.to_sample(item, tok).input_ids)
+    with torch.no_grad():
+        want = [answer_score(model, s)[0] for s in samples]
+    assert [c.outcomes for c in rep.cells if c.method == "dense"] == [want]
