@@ -6,8 +6,18 @@ plans.span.sees, kernels.reference.decode_reference in float64, and uncached gre
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # the Triton decode kernel runs in the interpreter on CPU
+    _mod = sys.modules.get("kernels.triton_decode")
+    if _mod is not None and not _mod.INTERPRET:  # imported before the variable was set: redo
+        importlib.reload(_mod)
 
 import compressor
 import kernels.dispatch
@@ -41,10 +51,15 @@ def _history_attention(q, keys, values, p, sink, window, scale):
     return torch.softmax(s, -1) @ values[..., ok, :].double()
 
 
-@pytest.mark.parametrize("sink,window,prompt", [(4, 8, 30), (0, 5, 3), (3, 16, 10), (2, 1, 9)])
-def test_ring_group_decode_reads_only_the_kept_slots(sink, window, prompt, monkeypatch):
+@pytest.mark.parametrize("sink,window,prompt,backend", [(4, 8, 30, "banded"), (0, 5, 3, "banded"),
+                                                        (3, 16, 10, "banded"), (2, 1, 9, "banded"),
+                                                        (4, 8, 30, "reference"), (3, 16, 10, "triton")])
+def test_ring_group_decode_reads_only_the_kept_slots(sink, window, prompt, backend, monkeypatch):
+    """Every decode step of a ring equals softmax over the whole history under sees(), through each backend of
+    kernels.dispatch.decode_attention (Triton under the interpreter on CPU), and hands it only the kept slots."""
+    monkeypatch.setenv(kernels.dispatch.ENV, backend)
     torch.manual_seed(1)
-    steps, d, n_rep = 25, 8, 2
+    steps, d, n_rep = (25, 16, 2) if backend != "triton" else (12, 16, 2)
     total = prompt + steps
     keys, values = torch.randn(1, 1, total, d), torch.randn(1, 1, total, d)
     queries = torch.randn(1, n_rep, total, d)
