@@ -60,7 +60,16 @@ class DenseGroup:
     pos: torch.Tensor
 
     def query_heads(self, n_rep: int) -> torch.Tensor:
-        return (self.kv[:, None] * n_rep + torch.arange(n_rep, device=self.kv.device)).flatten()
+        """Query heads (Hqg,) of this group's KV heads (computed once per group)."""
+        cached = self.__dict__.get("_qi")
+        if cached is None or cached[0] != n_rep:
+            qi = (self.kv[:, None] * n_rep + torch.arange(n_rep, device=self.kv.device)).flatten()
+            cached = self.__dict__["_qi"] = (n_rep, qi, frozenset(qi.tolist()))
+        return cached[1]
+
+    def query_head_set(self, n_rep: int) -> frozenset:
+        self.query_heads(n_rep)
+        return self.__dict__["_qi"][2]
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -82,7 +91,7 @@ class DenseGroup:
         call without a mask; anything else builds the :func:`plans.span.sees` mask over the group's slots."""
         qi = self.query_heads(n_rep)
         if (query.shape[2] == 1 and spec.softcap is None and spec.s_aux is None and not spec.dropout
-                and spec.native_window is None and not (set(qi.tolist()) & (spec.relu_heads | spec.linear_heads))
+                and spec.native_window is None and not (self.query_head_set(n_rep) & (spec.relu_heads | spec.linear_heads))
                 and bool((self.pos >= 0).all()) and bool((spec.window_q.index_select(1, qi) > q_pos).all())):
             from kernels.dispatch import decode_attention
 
@@ -107,9 +116,6 @@ class DenseGroup:
                 o[:, r] = linear_attention(qg[:, r : r + 1], kg[:, r : r + 1], vg[:, r : r + 1], spec.scale,
                                            k_valid=pos[:, r] >= 0)[:, 0]
         return o
-
-    def evict(self, sink_kv: torch.Tensor, window_kv: torch.Tensor, cur: torch.Tensor, force: bool = False) -> None:
-        """A dense group never evicts."""
 
 
 @dataclass
@@ -139,6 +145,14 @@ class RingGroup:
     pending: tuple | None = None  # (k, v, pos) of the new tokens, (B, Hg, q, D) / (B, Hg, q)
 
     query_heads = DenseGroup.query_heads
+    query_head_set = DenseGroup.query_head_set
+
+    def __post_init__(self):
+        # one (sink, window) for every sequence and KV head of the group: a decode write is plain int arithmetic
+        self.same = (self.sink.numel() > 0 and bool((self.sink == self.sink.flatten()[0]).all())
+                     and bool((self.window == self.window.flatten()[0]).all()))
+        self.s0 = int(self.sink.flatten()[0]) if self.same else None
+        self.w0 = int(self.window.flatten()[0]) if self.same else None
 
     @classmethod
     def from_prefill(cls, kv, keys, values, pos, sink, window, uniform: bool) -> RingGroup:
@@ -181,6 +195,23 @@ class RingGroup:
         self.v = pad(self.v, 0).scatter_(2, gi, values.to(self.v.dtype))[:, :, :spare]
         self.pos = pad(self.pos, -1).scatter_(2, slot, p)[:, :, :spare]
 
+    def _decode_one(self, query, p: int, k_new, v_new, qi, scale) -> torch.Tensor:
+        """One sequence, one new token at position p, one (sink, window) for the group: write its slot, attend over
+        the valid prefix of the ring (``min(p + 1, sink + window)`` slots, all of them visible)."""
+        s, w = self.s0, self.w0
+        slot = p if p < s else s + (p - s) % max(w, 1)
+        if slot >= self.k.shape[2]:
+            self._write(k_new, v_new, torch.full_like(k_new[..., 0], p, dtype=torch.long), horizon=p)
+        else:
+            self.k[:, :, slot] = k_new[:, :, 0]
+            self.v[:, :, slot] = v_new[:, :, 0]
+            self.pos[:, :, slot] = p
+        from kernels.dispatch import decode_attention
+
+        valid = min(p + 1, s + w, self.k.shape[2])
+        kv_len = torch.full(self.k.shape[:2], valid, dtype=torch.long, device=self.k.device)
+        return decode_attention(query[:, qi, 0], self.k[:, :, :valid], self.v[:, :, :valid], kv_len, scale)[:, :, None]
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
@@ -201,8 +232,10 @@ class RingGroup:
         qi = self.query_heads(n_rep)
         simple = (self.uniform and query.shape[2] == 1 and spec.softcap is None and spec.s_aux is None
                   and not spec.dropout and spec.native_window is None
-                  and not (set(qi.tolist()) & (spec.relu_heads | spec.linear_heads)) and bool((q_pos >= 0).all()))
-        if simple:
+                  and not (self.query_head_set(n_rep) & (spec.relu_heads | spec.linear_heads)))
+        if simple and self.same and q_pos.shape[0] == 1 and int(q_pos[0, 0]) >= 0:  # one sequence: int arithmetic
+            return self._decode_one(query, int(q_pos[0, 0]), k_new, v_new, qi, spec.scale)
+        if simple and bool((q_pos >= 0).all()):
             self._write(k_new, v_new, p_new, horizon=p_new)
             from kernels.dispatch import decode_attention
 
@@ -213,9 +246,6 @@ class RingGroup:
         out = seen.attend(query, q_pos, spec, n_rep)
         self._write(k_new, v_new, p_new, horizon=p_new.amax(-1, keepdim=True) + 1)
         return out
-
-    def evict(self, sink_kv: torch.Tensor, window_kv: torch.Tensor, cur: torch.Tensor, force: bool = False) -> None:
-        """A ring never holds a token no query can see (the write replaces it)."""
 
 
 @dataclass
@@ -243,9 +273,6 @@ class LinearGroup:
         o, self.state = linear_decode_step(self.state, query.index_select(1, self.query_heads(n_rep)), k_new, v_new,
                                            spec.scale, k_valid=valid_new)
         return o.to(query.dtype)
-
-    def evict(self, sink_kv, window_kv, cur, force: bool = False) -> None:
-        """A linear group holds no tokens."""
 
 
 class PlanKV:
@@ -290,7 +317,7 @@ class PlanKV:
     def store(self, keys, values, k_pos, sink_q, window_q, dense_kv: torch.Tensor, linear_kv: torch.Tensor | None = None):
         """Keep a prefill's keys/values (B, Hkv, N, D) at real positions k_pos (B, N) (-1 = pad).
 
-        sink_q/window_q (B, Hq) per query head; dense_kv (Hkv,) bool marks KV heads that never evict;
+        sink_q/window_q (B, Hq) per query head; dense_kv (Hkv,) bool marks KV heads that keep every token;
         linear_kv (Hkv,) bool marks KV heads whose query heads are all linear: they keep only a D x D state.
         """
         b, hkv = keys.shape[:2]
@@ -332,11 +359,6 @@ class PlanKV:
         for g in self.groups:
             out[:, g.query_heads(self.n_rep)] = g.attend(query, q_pos, spec, self.n_rep)
         return out
-
-    def evict(self, force: bool = False) -> None:
-        sink_kv, window_kv = self.kv_limits()
-        for g in self.groups:
-            g.evict(sink_kv, window_kv, self.n_real - 1, force)
 
 
 __all__ = ["AttendSpec", "DenseGroup", "RingGroup", "LinearGroup", "PlanKV"]

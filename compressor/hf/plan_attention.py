@@ -181,7 +181,6 @@ def _attend_plan_cache(rt, plan_layer, query, key, value, layout: KeyLayout, fea
     spec = AttendSpec(plan_layer.sink_q, plan_layer.window_q, feats.scaling, feats.native_window,
                       frozenset(rt.relu_heads), frozenset(rt.linear_heads), feats.softcap, feats.s_aux, feats.dropout)
     out = plan_layer.attend(query, new_pos, spec)
-    plan_layer.evict()
     return out.transpose(1, 2).contiguous()
 
 

@@ -3,7 +3,7 @@
 Each layer is a :class:`PlanCacheLayer`: transformers' ``CacheLayerMixin`` over the pure per-layer store
 :class:`kernels.kv_groups.PlanKV` (dense / bounded / linear groups of KV heads). The cache is storage; the plan's
 attention function (:mod:`compressor.hf.plan_attention`) owns the policy and calls ``store`` / ``append`` /
-``attend`` / ``evict``. ``update`` only counts slots and passes the new states through. The pattern of each
+``attend``. ``update`` only counts slots and passes the new states through. The pattern of each
 sequence (``S = span(N0 + length_offset)``) is fixed at its prompt and held by the layer while decoding.
 
     >>> cache = PlanCache(model)                                   # doctest: +SKIP
