@@ -28,6 +28,8 @@ plan_app = typer.Typer(no_args_is_help=True, help="Create, import and inspect pl
 app.add_typer(plan_app, name="plan")
 console = Console(stderr=True)
 out_console = Console()
+if not out_console.is_terminal:  # a log or a pipe: whole tables, not rich's 80 columns
+    out_console = Console(width=200, soft_wrap=False)
 
 from compressor.placement import DEVICE_MAP_HELP, MAX_MEMORY_HELP, OFFLOAD_HELP, placement_kwargs  # noqa: E402
 
