@@ -85,7 +85,7 @@ def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_ste
     cache) also counts as a whole-model prefill sample, so ``repeats=0`` gives a light bench, one prefill and
     ``decode_steps`` decode steps per method."""
     from compressor.patching import apply, unapply
-    from compressor.hf.plan_cache import PlanCache, dense_cache_bytes
+    from compressor.hf.plan_cache import dense_cache_bytes
 
     from compressor.evaluation import method_plans
     from profilers.progress import progress as progress_helper
@@ -121,20 +121,12 @@ def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_ste
                 for m, p in methods.items():
                     tick(0, method=m)
                     _set(model, p, apply, unapply)
-                    cache = PlanCache(model) if p is not None else None
                     with torch.no_grad():
                         t = time.perf_counter()
-                        out = model(ids, use_cache=True, **({"cache": cache} if cache is not None else {}))
+                        cache, nxt = _prefill(model, ids, p is not None)
                         if time_decode_prefill and whole_model:
                             times[m].setdefault("model", []).append((time.perf_counter() - t) * 1000)
-                        cache = out.past_key_values if cache is None else cache
-                        nxt = out.logits[:, -1:].argmax(-1)
-                        step = []
-                        for _ in range(decode_steps):
-                            t = time.perf_counter()
-                            out = model(nxt, cache=cache, use_cache=True)
-                            step.append((time.perf_counter() - t) * 1000)
-                            nxt = out.logits[:, -1:].argmax(-1)
+                        _, step = _decode_steps(model, nxt, cache, decode_steps)
                     res[m].decode_step_ms = statistics.median(step)
                     res[m].decode_tok_s = 1000 / res[m].decode_step_ms
                     res[m].kv_bytes = cache.nbytes() if p is not None else dense_cache_bytes(model, n + decode_steps)
@@ -204,7 +196,7 @@ def throughput(model, plan: Plan, lengths: list[int], kv_budget_bytes: int, *, m
     ``decode_steps`` steps; the batch's cache is one real prefill repeated ``batch`` times, which leaves the cost
     of a step unchanged). Ratios are against dense in the same run. Raises ValueError for a non-positive budget."""
     from compressor.fidelity import uniform_matched
-    from compressor.hf.plan_cache import PlanCache, dense_cache_bytes
+    from compressor.hf.plan_cache import dense_cache_bytes
     from compressor.patching import apply, unapply
     from profilers.progress import progress as progress_helper
 
@@ -220,25 +212,16 @@ def throughput(model, plan: Plan, lengths: list[int], kv_budget_bytes: int, *, m
             for m, p in methods.items():
                 tick(0, stage=f"throughput N={n}", method=m)
                 _set(model, p, apply, unapply)
-                cache = PlanCache(model) if p is not None else None
                 with torch.no_grad():
-                    o = model(ids, use_cache=True, **({"cache": cache} if cache is not None else {}))
-                    cache = o.past_key_values if cache is None else cache
-                    nxt = o.logits[:, -1:].argmax(-1)
-                    for _ in range(decode_steps):
-                        nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    cache, nxt = _prefill(model, ids, p is not None)
+                    nxt, _ = _decode_steps(model, nxt, cache, decode_steps)
                     per_seq = cache.nbytes() if p is not None else dense_cache_bytes(model, n + 2 * decode_steps)
                     batch = min(max_batch, kv_budget_bytes // per_seq)
                     r = ThroughputResult(m, n, 1.0 if p is None else p.kv_density(n), per_seq, kv_budget_bytes,
                                          int(batch), max_batch)
                     if batch > 0:
                         cache.batch_repeat_interleave(int(batch))
-                        tok = nxt.repeat_interleave(int(batch), dim=0)
-                        step = []
-                        for _ in range(decode_steps):
-                            t = time.perf_counter()
-                            tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-                            step.append((time.perf_counter() - t) * 1000)
+                        _, step = _decode_steps(model, nxt.repeat_interleave(int(batch), dim=0), cache, decode_steps)
                         r.step_ms = statistics.median(step)
                         r.tok_s = batch * 1000 / r.step_ms
                 rows[m] = r
@@ -252,6 +235,26 @@ def throughput(model, plan: Plan, lengths: list[int], kv_budget_bytes: int, *, m
             _set(model, None, apply, unapply)
     apply(model, plan)
     return out
+
+
+def _prefill(model, ids: torch.Tensor, planned: bool):
+    """One prefill of ``ids`` (B, N) filling a PlanCache (``planned``) or the model's default dense cache;
+    returns (cache, greedy next token (B, 1))."""
+    from compressor.hf.plan_cache import PlanCache
+
+    cache = PlanCache(model) if planned else None
+    out = model(ids, use_cache=True, **({"cache": cache} if planned else {}))
+    return (cache if planned else out.past_key_values), out.logits[:, -1:].argmax(-1)
+
+
+def _decode_steps(model, tok: torch.Tensor, cache, steps: int) -> tuple[torch.Tensor, list[float]]:
+    """``steps`` greedy decode steps from ``tok`` (B, 1) on ``cache``; returns (last token, per-step ms)."""
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        times.append((time.perf_counter() - t) * 1000)
+    return tok, times
 
 
 def _set(model, plan, apply, unapply):

@@ -124,12 +124,11 @@ def make_samples(task: str, tokenizer, lengths, depths, n_per_cell: int, seed: i
     out = {}
     if task in RULER_TASKS:
         hs = ruler.Haystack("text", "\n\n".join(haystack), "heldout") if haystack else ruler.NOISE
-        kw = {"haystack": hs} if task.startswith(("niah", "variable")) else {}
+        kw = ruler.haystack_options(task, hs)
         for n in lengths:
             for d in depths:
-                out[(n, d)] = [ruler.to_sample(ruler.make_item(task, tokenizer, n, d, ruler.item_seed(task, n, d, seed, i),
-                                                               style=style, **kw), tokenizer)
-                               for i in range(n_per_cell)]
+                out[(n, d)] = [ruler.to_sample(it, tokenizer) for it in
+                               ruler.make_items(task, tokenizer, n, d, n_per_cell, seed, style=style, **kw)]
         return out
     for n in lengths:
         if task == "ppl":

@@ -119,8 +119,8 @@ def make_cell_items(task: str, tokenizer, n: int, grid: FidelityGrid, style: str
     for i in range(grid.n_per_cell):
         depth = grid.depths[i % len(grid.depths)]
         seed = ruler.item_seed(task, n, depth, grid.seed, i)
-        kw = {"haystack": haystack} if task.startswith(("niah", "variable")) else {}
-        items.append(ruler.make_item(task, tokenizer, n, depth, seed, style=style, **kw))
+        items.append(ruler.make_item(task, tokenizer, n, depth, seed, style=style,
+                                     **ruler.haystack_options(task, haystack)))
     return items
 
 

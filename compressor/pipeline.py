@@ -376,26 +376,25 @@ def bench(model: str | None = None, *, plan: str | Path | None = None, density: 
     if threads:
         torch.set_num_threads(threads)
     lengths = list(lengths)
+    if kv_budget_gib is not None and (kv_budget_gib <= 0 or max_batch < 1):  # before loading anything
+        raise CompressError(f"--kv-budget must be > 0 GiB and --max-batch >= 1 (got {kv_budget_gib}, {max_batch})")
     m, _ = load_model(model, **placement_kwargs(device_map, max_memory, offload_folder))
     p = load_plan(plan) if plan else make_uniform_plan(model, density=density, length=lengths[0])
     if kernel_table:
         table = measure_kernels(lengths, p.model.head_dim)
         write_text_atomic(kernel_table, table.model_dump_json(indent=2))
         console.print(f"wrote latency table {kernel_table}")
+    res, tp = [], []
     if kv_budget_gib is not None:
         from compressor.bench import throughput
 
-        if kv_budget_gib <= 0 or max_batch < 1:
-            raise CompressError(f"--kv-budget must be > 0 GiB and --max-batch >= 1 (got {kv_budget_gib}, {max_batch})")
         tp = throughput(m, p, lengths, int(kv_budget_gib * 2**30), max_batch=max_batch, decode_steps=decode_steps,
                         progress=progress)
-        report = BenchReport(model=p.model.model_dump(), plan=str(plan) if plan else f"uniform density {density}",
-                             threads=torch.get_num_threads(), repeats=repeats, results=[], throughput=tp)
     else:
         res = measure(m, p, lengths, repeats=repeats, whole_model=whole_model, decode=decode,
                       decode_steps=decode_steps, progress=progress)
-        report = BenchReport(model=p.model.model_dump(), plan=str(plan) if plan else f"uniform density {density}",
-                             threads=torch.get_num_threads(), repeats=repeats, results=res)
+    report = BenchReport(model=p.model.model_dump(), plan=str(plan) if plan else f"uniform density {density}",
+                         threads=torch.get_num_threads(), repeats=repeats, results=res, throughput=tp)
     if out:
         write_text_atomic(out, json.dumps(report.to_dict(), indent=2) + "\n")
     return report

@@ -49,6 +49,26 @@ class AttendSpec:
     s_aux: torch.Tensor | None = None
     dropout: float = 0.0
 
+    def plain_decode(self, query: torch.Tensor, heads: frozenset) -> bool:
+        """Whether query heads ``heads`` can take the kept-slot decode path: one new token (query (B, Hq, 1, D)),
+        softmax operators, and none of softcap / attention-sink logits / dropout / a native window."""
+        return (query.shape[2] == 1 and self.softcap is None and self.s_aux is None and not self.dropout
+                and self.native_window is None and not (heads & (self.relu_heads | self.linear_heads)))
+
+
+def _decode(query: torch.Tensor, qi: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
+            scale: float | None) -> torch.Tensor:
+    """Query heads ``qi`` of a one-token query (B, Hq, 1, D) over slots k/v (B, Hg, L, D), of which the first
+    ``kv_len`` (B, Hg) are valid, through :func:`kernels.dispatch.decode_attention` -> (B, Hqg, 1, D)."""
+    from kernels.dispatch import decode_attention
+
+    return decode_attention(query[:, qi, 0], k, v, kv_len, scale)[:, :, None]
+
+
+def _extend(t: torch.Tensor, n: int, fill) -> torch.Tensor:
+    """``t`` (B, Hg, L, ...) with ``n`` more slots filled with ``fill`` along dim 2."""
+    return torch.cat([t, t.new_full((*t.shape[:2], n, *t.shape[3:]), fill)], dim=2)
+
 
 @dataclass
 class DenseGroup:
@@ -90,13 +110,10 @@ class DenseGroup:
         softcap / attention-sink logits / dropout / native window) is one :func:`kernels.dispatch.decode_attention`
         call without a mask; anything else builds the :func:`plans.span.sees` mask over the group's slots."""
         qi = self.query_heads(n_rep)
-        if (query.shape[2] == 1 and spec.softcap is None and spec.s_aux is None and not spec.dropout
-                and spec.native_window is None and not (self.query_head_set(n_rep) & (spec.relu_heads | spec.linear_heads))
-                and bool((self.pos >= 0).all()) and bool((spec.window_q.index_select(1, qi) > q_pos).all())):
-            from kernels.dispatch import decode_attention
-
+        if (spec.plain_decode(query, self.query_head_set(n_rep)) and bool((self.pos >= 0).all())
+                and bool((spec.window_q.index_select(1, qi) > q_pos).all())):
             kv_len = torch.full(self.pos.shape[:2], self.pos.shape[-1], device=query.device)
-            return decode_attention(query[:, qi, 0], self.k, self.v, kv_len, spec.scale)[:, :, None]
+            return _decode(query, qi, self.k, self.v, kv_len, spec.scale)
         pos = self.pos.repeat_interleave(n_rep, dim=1)  # (B, Hqg, L)
         kp, qp = pos[:, :, None, :], q_pos[:, None, :, None]
         valid = kp >= 0
@@ -178,9 +195,7 @@ class RingGroup:
             cap = int((self.sink + self.window).max())
             length = min(cap, max(need, 2 * self.k.shape[2], 64))
             grow = length - self.k.shape[2]
-            self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], grow, self.k.shape[3])], dim=2)
-            self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], grow, self.v.shape[3])], dim=2)
-            self.pos = torch.cat([self.pos, self.pos.new_full((*self.pos.shape[:2], grow), -1)], dim=2)
+            self.k, self.v, self.pos = _extend(self.k, grow, 0), _extend(self.v, grow, 0), _extend(self.pos, grow, -1)
         if p.shape[-1] == 1 and bool(keep.all()):  # a decode step: one in-place scatter per tensor
             gi = slot[..., None].expand(-1, -1, -1, self.k.shape[-1])
             self.k.scatter_(2, gi, keys.to(self.k.dtype))
@@ -190,10 +205,9 @@ class RingGroup:
         spare = self.k.shape[2]  # one spare slot takes every token not written
         slot = torch.where(keep, slot, spare)
         gi = slot[..., None].expand(-1, -1, -1, self.k.shape[-1])
-        pad = lambda t, fill: torch.cat([t, t.new_full((*t.shape[:2], 1, *t.shape[3:]), fill)], dim=2)  # noqa: E731
-        self.k = pad(self.k, 0).scatter_(2, gi, keys.to(self.k.dtype))[:, :, :spare]
-        self.v = pad(self.v, 0).scatter_(2, gi, values.to(self.v.dtype))[:, :, :spare]
-        self.pos = pad(self.pos, -1).scatter_(2, slot, p)[:, :, :spare]
+        self.k = _extend(self.k, 1, 0).scatter_(2, gi, keys.to(self.k.dtype))[:, :, :spare]
+        self.v = _extend(self.v, 1, 0).scatter_(2, gi, values.to(self.v.dtype))[:, :, :spare]
+        self.pos = _extend(self.pos, 1, -1).scatter_(2, slot, p)[:, :, :spare]
 
     def _decode_one(self, query, p: int, k_new, v_new, qi, scale) -> torch.Tensor:
         """One sequence, one new token at position p, one (sink, window) for the group: write its slot, attend over
@@ -206,11 +220,9 @@ class RingGroup:
             self.k[:, :, slot] = k_new[:, :, 0]
             self.v[:, :, slot] = v_new[:, :, 0]
             self.pos[:, :, slot] = p
-        from kernels.dispatch import decode_attention
-
         valid = min(p + 1, s + w, self.k.shape[2])
         kv_len = torch.full(self.k.shape[:2], valid, dtype=torch.long, device=self.k.device)
-        return decode_attention(query[:, qi, 0], self.k[:, :, :valid], self.v[:, :, :valid], kv_len, scale)[:, :, None]
+        return _decode(query, qi, self.k[:, :, :valid], self.v[:, :, :valid], kv_len, scale)
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -230,17 +242,13 @@ class RingGroup:
         k_new, v_new, p_new = self.pending
         self.pending = None
         qi = self.query_heads(n_rep)
-        simple = (self.uniform and query.shape[2] == 1 and spec.softcap is None and spec.s_aux is None
-                  and not spec.dropout and spec.native_window is None
-                  and not (self.query_head_set(n_rep) & (spec.relu_heads | spec.linear_heads)))
+        simple = self.uniform and spec.plain_decode(query, self.query_head_set(n_rep))
         if simple and self.same and q_pos.shape[0] == 1 and int(q_pos[0, 0]) >= 0:  # one sequence: int arithmetic
             return self._decode_one(query, int(q_pos[0, 0]), k_new, v_new, qi, spec.scale)
         if simple and bool((q_pos >= 0).all()):
             self._write(k_new, v_new, p_new, horizon=p_new)
-            from kernels.dispatch import decode_attention
-
             kv_len = torch.minimum(q_pos + 1, self.sink + self.window).clamp(max=self.k.shape[2])
-            return decode_attention(query[:, qi, 0], self.k, self.v, kv_len, spec.scale)[:, :, None]
+            return _decode(query, qi, self.k, self.v, kv_len, spec.scale)
         seen = DenseGroup(self.kv, torch.cat([self.k, k_new.to(self.k.dtype)], 2),
                           torch.cat([self.v, v_new.to(self.v.dtype)], 2), torch.cat([self.pos, p_new], 2))
         out = seen.attend(query, q_pos, spec, n_rep)

@@ -596,6 +596,12 @@ def make_item(task: str, tokenizer, n_tokens: int, depth: float | None, seed: in
     return TASKS[task](tokenizer, n_tokens, depth, seed, **options)
 
 
+def haystack_options(task: str, haystack) -> dict:
+    """``{"haystack": haystack}`` for the tasks that hide their needles in one (``niah_*``, ``variable_tracking``),
+    ``{}`` for the word tasks, which build their own list: the keyword arguments :func:`make_item` takes."""
+    return {"haystack": haystack} if task.startswith(("niah", "variable")) else {}
+
+
 def make_items(task: str, tokenizer, n_tokens: int, depth: float | None, n_items: int, base_seed: int = 0,
                **options) -> list[EvalItem]:
     """The ``n_items`` items of one grid cell; item i uses ``item_seed(task, n_tokens, depth, base_seed, i)``."""
