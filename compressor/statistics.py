@@ -48,6 +48,20 @@ def beyond_model(dense_correct: int, n: int, threshold: float = BEYOND_MODEL_THR
     return dense_correct / n < threshold
 
 
+def threshold_decided(correct: int, n: int, threshold: float = BEYOND_MODEL_THRESHOLD, min_n: int = 10,
+                      confidence: float = 0.95) -> bool:
+    """True once ``n >= min_n`` items place the cell's accuracy on one side of ``threshold``: the Wilson interval
+    (:func:`wilson_interval`) lies entirely below it (beyond the model) or entirely at or above it (within).
+
+    Used to stop measuring a cell of a survey (``benchmarks/dense_models.py``) whose side of the threshold is
+    settled, so the CPU time goes to the undecided cells. Stopping on the data makes the interval of a stopped cell
+    slightly optimistic; a survey states that it stopped this way. Raises ValueError as :func:`wilson_interval`."""
+    if n < max(min_n, 1):
+        return False
+    low, high = wilson_interval(correct, n, confidence)
+    return high < threshold or low >= threshold
+
+
 # ----------------------------------------------------------------------------------------------------------
 # paired comparisons
 

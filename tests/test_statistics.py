@@ -15,6 +15,7 @@ from compressor.statistics import (
     mcnemar_exact,
     mcnemar_from_counts,
     mcnemar_pooled,
+    threshold_decided,
     wilson_interval,
 )
 
@@ -55,6 +56,22 @@ def test_wilson_other_confidence_and_edge_cases():
         wilson_interval(11, 10)
     with pytest.raises(ValueError):
         wilson_interval(1, 10, confidence=1.0)
+
+
+@pytest.mark.parametrize("k,n,expected", [
+    (0, 10, True),     # closed-form upper 0.2775 < 0.8: beyond the model
+    (5, 10, True),     # upper 0.7634 < 0.8
+    (6, 10, False),    # upper 0.8312: straddles 0.8
+    (10, 10, False),   # lower 0.7225: straddles 0.8
+    (16, 16, True),    # lower 16/(16 + z^2) = 0.8064 >= 0.8: within
+    (15, 15, False),   # lower 15/(15 + z^2) = 0.7961 < 0.8
+    (0, 9, False),     # fewer than min_n items: never decided
+])
+def test_threshold_decided_against_the_closed_form(k, n, expected):
+    lo, hi = wilson_closed_form(k, n)
+    assert threshold_decided(k, n) == (n >= 10 and (hi < 0.8 or lo >= 0.8))
+    if n >= 10:
+        assert threshold_decided(k, n) is expected
 
 
 def _pairs(both, a_only, b_only, neither):
