@@ -95,6 +95,36 @@ def normalize_profile(profile: Profile, by: Literal["none", "layer"] = "layer") 
     return Profile(meta=profile.meta, tensors=out)
 
 
+def merge_profiles(profiles: list[Profile]) -> Profile:
+    """One profile from profiles of disjoint calibration samples of the same model and settings: per length, the
+    sample-weighted mean of every tensor (each file already holds the mean over its own samples), so the result is
+    what profiling all the samples at once gives. Lengths may differ between the inputs (a length only some have
+    is averaged over those). Raises CompressError when the model, method, block, sink sizes or loss mode differ.
+    Used to report how stable a head ranking is between two halves of the calibration data."""
+    if not profiles:
+        raise CompressError("merge_profiles needs at least one profile")
+    first = profiles[0].meta
+    keys = ("model", "method", "block", "sink_sizes", "loss_mode")
+    for p in profiles[1:]:
+        bad = [k for k in keys if getattr(p.meta, k) != getattr(first, k)]
+        if bad:
+            raise CompressError(f"cannot merge profiles that differ in {', '.join(bad)}")
+    lengths = sorted({n for p in profiles for n in p.meta.lengths})
+    samples = {n: sum(p.meta.samples.get(n, 0) for p in profiles if n in p.meta.lengths) for n in lengths}
+    tensors: dict[str, torch.Tensor] = {}
+    for key in sorted({k for p in profiles for k in p.tensors}):
+        n = int(key.rsplit(".", 1)[1]) if key.rsplit(".", 1)[-1].isdigit() else None
+        have = [p for p in profiles if key in p.tensors]
+        if n is None or not samples.get(n):
+            tensors[key] = have[0].tensors[key]
+            continue
+        tensors[key] = sum(p.tensors[key] * p.meta.samples.get(n, 0) for p in have) / samples[n]
+    meta = first.model_copy(update={"lengths": lengths, "samples": samples,
+                                    "complete": all(p.meta.complete for p in profiles),
+                                    "extra": {**first.extra, "merged_from": len(profiles)}})
+    return Profile(meta=meta, tensors=tensors)
+
+
 def masked_loss(dist: torch.Tensor, sinkdist: torch.Tensor, window: int, block: int) -> torch.Tensor:
     """Influence at distances >= window outside the sink: sum over buckets, linear inside the boundary bucket."""
     outside = dist - sinkdist  # [..., nb]

@@ -76,14 +76,21 @@ def check_kept_dense(plan: Plan, kv_heads: Sequence[tuple[int, int]]) -> None:
                             "budgets; keep fewer heads dense or raise the budgets")
 
 
-def keep_dense_plan(identity: ModelIdentity, kv_heads: Sequence[tuple[int, int]], span: int, sink: int = 64,
-                    lengths: Sequence[int] = ()) -> Plan:
-    """KV-head plan: the given (layer, KV head) pairs dense, every other head ``sink`` + window, ``span`` in all."""
-    if span < 2 or sink < 0 or sink >= span:
-        raise CompressError(f"keep_dense_plan: need span >= 2 and 0 <= sink < span, got span {span}, sink {sink}")
+def keep_dense_plan(identity: ModelIdentity, kv_heads: Sequence[tuple[int, int]], span: int | Sequence[int],
+                    sink: int = 64, lengths: Sequence[int] = ()) -> Plan:
+    """KV-head plan: the given (layer, KV head) pairs dense, every other head ``sink`` + window, ``span`` in all
+    (one span for every layer, or one per layer). Raises CompressError for a span < 2, a sink outside
+    [0, span) or a per-layer list of the wrong length."""
+    spans = [int(span)] * identity.num_layers if isinstance(span, (int, np.integer)) else [int(x) for x in span]
+    if len(spans) != identity.num_layers:
+        raise CompressError(f"keep_dense_plan: {len(spans)} spans for {identity.num_layers} layers")
+    for w in spans:
+        if w < 2 or sink < 0 or sink >= w:
+            raise CompressError(f"keep_dense_plan: need span >= 2 and 0 <= sink < span, got span {w}, sink {sink}")
     kept = set(map(tuple, kv_heads))
-    local = SinkWindowPattern(sink=sink, alpha=span, beta=0.0)
-    layers = [LayerPlan(heads=[DensePattern() if (li, h) in kept else local for h in range(identity.num_kv_heads)])
+    layers = [LayerPlan(heads=[DensePattern() if (li, h) in kept else SinkWindowPattern(sink=sink, alpha=spans[li],
+                                                                                        beta=0.0)
+                               for h in range(identity.num_kv_heads)])
               for li in range(identity.num_layers)]
     return Plan(model=identity, granularity="kv_head", source="retrieval", lengths=list(lengths), layers=layers)
 
@@ -103,7 +110,7 @@ def meets(plan: Plan, budgets: Sequence[Budget], lengths: Sequence[int]) -> bool
 
 
 def largest_keep_dense(identity: ModelIdentity, ranked: Sequence[tuple[int, int]], budgets: Sequence[Budget],
-                       lengths: Sequence[int], span: int, sink: int = 64) -> int:
+                       lengths: Sequence[int], span: int | Sequence[int], sink: int = 64) -> int:
     """The largest k such that ``keep_dense_plan(ranked[:k], span, sink)`` meets every budget at every length
     (0 when even the all-local plan does not; the density of the shape grows with k, so bisection is exact)."""
     lo, hi = 0, len(ranked)
@@ -119,7 +126,7 @@ def largest_keep_dense(identity: ModelIdentity, ranked: Sequence[tuple[int, int]
 
 
 def fit_keep_dense_plan(identity: ModelIdentity, ranked: Sequence[tuple[int, int]], budgets: Sequence[Budget],
-                        lengths: Sequence[int], span: int, sink: int = 64) -> Plan:
+                        lengths: Sequence[int], span: int | Sequence[int], sink: int = 64) -> Plan:
     """:func:`keep_dense_plan` with the first :func:`largest_keep_dense` heads of ``ranked`` dense and ``budgets``
     recorded. Raises CompressError when even no dense head meets the budgets (the local span is too wide)."""
     k = largest_keep_dense(identity, ranked, budgets, lengths, span, sink)

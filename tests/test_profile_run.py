@@ -167,3 +167,22 @@ def test_bfloat16_model(tmp_path):
     d, r = prof.dist(48, "q"), ref.dist(48, "q")
     assert d.dtype == torch.float64 and torch.isfinite(d).all()
     assert ((d - r).abs().max() / r.abs().max()).item() < 0.1  # bf16 activations: close, not equal
+
+
+def test_merge_profiles_equals_profiling_all_samples(tmp_path):
+    from profilers.profile_format import merge_profiles
+
+    model = tiny("llama")
+    s = samples()
+    full = run_profile(model, s, tmp_path / "all", block=16, sink_sizes=(16,), progress=False)
+    halves = [run_profile(model, {48: s[48][:2], 80: s[80][:1]}, tmp_path / "a", block=16, sink_sizes=(16,),
+                          progress=False),
+              run_profile(model, {48: s[48][2:]}, tmp_path / "b", block=16, sink_sizes=(16,), progress=False)]
+    merged = merge_profiles(halves)
+    assert merged.meta.lengths == [48, 80] and merged.meta.samples == {48: 3, 80: 1}
+    assert torch.allclose(merged.dist(48, "q"), full.dist(48, "q"), rtol=1e-12, atol=0)
+    assert torch.allclose(merged.sinkdist(48, "kv"), full.sinkdist(48, "kv"), rtol=1e-12, atol=0)
+    assert torch.equal(merged.dist(80, "q"), halves[0].dist(80, "q"))  # only the first half has N = 80
+    other = run_profile(model, {48: s[48][:1]}, tmp_path / "c", block=32, progress=False)
+    with pytest.raises(CompressError, match="block"):
+        merge_profiles([halves[0], other])

@@ -156,6 +156,21 @@ def test_largest_keep_dense_is_the_largest_feasible():
         fit_keep_dense_plan(ident, ranked, parse_budgets("density@1024=0.01"), [1024], span=128, sink=32)
 
 
+def test_per_layer_spans_are_largest_feasible_by_counting():
+    prof = make_profile(n_layers=4, n_heads=4, n_kv=2)
+    ident = prof.meta.model
+    ranked = [(3, 1), (0, 0), (2, 1), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0)]
+    spans = [64, 256, 128, 512]
+    plan = keep_dense_plan(ident, ranked[:2], spans, 32)
+    assert [h.span(1024) for layer in plan.layers for h in layer.heads if h.kind != "dense"] == [64, 256, 256, 128, 128, 512]
+    budgets = parse_budgets("density@1024=0.5")
+    k = largest_keep_dense(ident, ranked, budgets, [1024], span=spans, sink=32)
+    assert _density_by_counting(keep_dense_plan(ident, ranked[:k], spans, 32), 1024) <= 0.5 + 1e-9
+    assert k == len(ranked) or _density_by_counting(keep_dense_plan(ident, ranked[:k + 1], spans, 32), 1024) > 0.5
+    with pytest.raises(CompressError, match="3 spans for 4 layers"):
+        keep_dense_plan(ident, [], [64, 64, 64], 32)
+
+
 def test_force_dense_keeps_heads_dense_and_is_optimal_around_them():
     prof = make_profile(n_layers=2, n_heads=4, n_kv=2, lengths=(512,))
     prob = build_problem(prof, "density@512=0.75", sinks=[32], grid="block")
