@@ -1,0 +1,366 @@
+"""Issue 13's levers measured on the default model: ranking stability (lever 1), the first-order estimate against
+the real loss change (lever 4), and an Optuna study that picks the local spans by held-in retrieval accuracy
+(lever 6). The plans these produce are judged by ``benchmarks/fidelity.py`` on the held-out suite.
+
+    python benchmarks/fidelity_levers.py rankings      # halves' agreement, overlap with the retrieval ranking
+    python benchmarks/fidelity_levers.py second-order  # lever 4: estimate vs measured loss change
+    python benchmarks/fidelity_levers.py optuna --budget 0.25 --trials 14
+
+Inputs (written by the commands in ``benchmarks/results/fidelity_method.md``): MoA-style influence profiles on
+model-answered long-context questions (``compress profile --sources qa``, two disjoint seeds per length) under
+``runs/lev/``, the retrieval scores ``benchmarks/results/plans/smollm2_retrieval_scores.*`` and, when present, a
+gates profile ``runs/lev/gates``. Each step adds its section to ``benchmarks/results/fidelity_levers.json`` (with the
+command, machine and date); plans go to ``benchmarks/results/plans/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.fidelity import machine  # noqa: E402
+from plans.atomic import write_text_atomic  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PLANS = RESULTS / "plans"
+RETRIEVAL = PLANS / "smollm2_retrieval_scores"
+LEV = ROOT / "runs" / "lev"
+SINK, SPAN = 64, 256  # the local shape of the default plans (compress run --local-span)
+
+
+def _save(section: str, payload: dict, argv) -> None:
+    path = RESULTS / "fidelity_levers.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    payload = {"command": "python benchmarks/fidelity_levers.py " + " ".join(argv), "machine": machine(),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **payload}
+    data[section] = payload
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+    print(json.dumps(payload, indent=1)[:4000], flush=True)
+
+
+def _influence(stems: list[str]):
+    from profilers.profile_format import load_profile, merge_profiles
+
+    return merge_profiles([load_profile(LEV / s) for s in stems])
+
+
+def _head_loss(profile, n: int, by_layer: bool) -> torch.Tensor:
+    """[L, Hkv] first-order loss of restricting each KV head to sink 64 + span 256 at length n (optionally each
+    layer's influence normalised to sum 1, as the search does)."""
+    from profilers.profile_format import normalize_profile
+
+    p = normalize_profile(profile, "layer" if by_layer else "none")
+    return p.masked_loss(n, SINK, SPAN)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rankings (lever 1: stability of the MoA-style profile; lever 2 vs 1 vs 3: do the signals pick the same heads)
+
+
+def rankings(argv) -> None:
+    from profilers.retrieval import load_retrieval, ranking_agreement
+
+    ret = load_retrieval(RETRIEVAL)
+    out = {"k": 31, "retrieval_halves": ranking_agreement(ret.halves[0], ret.halves[1], 31), "influence": {}}
+    for n, halves in ((2048, ("qa_s0", "qa_s1")), (4096, ("qa4k_s0", "qa4k_s1"))):
+        if not all((LEV / f"{h}.json").exists() for h in halves):
+            continue
+        a, b = (_influence([h]) for h in halves)
+        both = _influence(list(halves))
+        row = {"samples": both.meta.samples[n]}
+        for by_layer in (False, True):
+            tag = "layer_normalised" if by_layer else "raw"
+            row[tag] = {"halves": ranking_agreement(_head_loss(a, n, by_layer), _head_loss(b, n, by_layer), 31),
+                        "vs_retrieval": ranking_agreement(_head_loss(both, n, by_layer), ret.scores, 31)}
+        out["influence"][str(n)] = row
+    gates = LEV / "gates.json"
+    if gates.exists():
+        meta = json.loads(gates.read_text())
+        g = torch.tensor(meta["extra"]["gates_kv"], dtype=torch.float64)
+        out["gates"] = {"vs_retrieval": ranking_agreement(g, ret.scores, 31), "steps": meta["extra"]["steps"],
+                        "mean_gate": float(g.mean()), "gates_kv": meta["extra"]["gates_kv"]}
+    _save("rankings", out, argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lever 4: the first-order estimate against the measured loss change
+
+
+def _answer_loss(model, samples) -> float:
+    from compressor.influence_profile import sample_loss
+
+    with torch.no_grad():
+        return float(sum(float(sample_loss(model, s)) for s in samples) / len(samples))
+
+
+def second_order(argv, heads_per_group: int) -> None:
+    from compressor.models import load_model
+    from compressor.patching import apply, unapply
+    from compressor.pipeline import calibration_recipe
+    from plans.identity import identity_from_config
+    from profilers.calibration import get_or_build_calibration
+    from compressor.models import compress_home
+    from profilers.retrieval import load_retrieval
+    from search_space.keep_dense import keep_dense_plan
+    from scipy.stats import spearmanr
+
+    torch.set_num_threads(1)
+    n = 2048
+    model, tok = load_model(None)  # float32, as the profile
+    samples = get_or_build_calibration(compress_home() / "calibration", tok,
+                                       calibration_recipe(None, [n], 4, ["qa"], 0), model=model)[n]
+    prof = _influence(["qa_s0"])  # the same 4 samples: estimate and measurement see identical data
+    est = _head_loss(prof, n, by_layer=False)
+    ident = identity_from_config(model.config)
+    L, H = est.shape
+    order = sorted(((float(est[li, h]), li, h) for li in range(L) for h in range(H)), reverse=True)
+    picks = order[:heads_per_group] + order[len(order) // 2 - heads_per_group // 2:][:heads_per_group] \
+        + order[-heads_per_group:]
+    all_heads = [(li, h) for li in range(L) for h in range(H)]
+    t0 = time.time()
+    base = _answer_loss(model, samples)
+    rows = []
+    for e, li, h in picks:
+        apply(model, keep_dense_plan(ident, [x for x in all_heads if x != (li, h)], SPAN, SINK))
+        rows.append({"layer": li, "kv_head": h, "estimate": e, "measured": _answer_loss(model, samples) - base})
+        unapply(model, "sdpa")
+        print(rows[-1], flush=True)
+    ranked = load_retrieval(RETRIEVAL).top(L * H)
+    whole = []
+    for name, kept in (("all local", []), ("top-31 retrieval dense", ranked[:31]), ("top-1 retrieval dense", ranked[:1])):
+        plan = keep_dense_plan(ident, kept, SPAN, SINK)
+        ks = set(kept)
+        e = float(sum(est[li, h] for li, h in all_heads if (li, h) not in ks))
+        apply(model, plan)
+        whole.append({"plan": name, "density": plan.density(n), "estimate_sum": e,
+                      "measured": _answer_loss(model, samples) - base})
+        unapply(model, "sdpa")
+        print(whole[-1], flush=True)
+    rho = spearmanr([r["estimate"] for r in rows], [r["measured"] for r in rows]).statistic
+    _save("second_order", {"n_tokens": n, "samples": len(samples), "dense_answer_ce": base, "single_heads": rows,
+                           "spearman_single_heads": float(rho), "whole_plans": whole,
+                           "seconds": round(time.time() - t0, 1)}, argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lever 6: Optuna picks the local spans by held-in retrieval accuracy
+
+
+def optuna_spans(argv, budget: str, trials: int, items: int, n_val: int, groups: int, seed: int) -> None:
+    import optuna
+
+    from compressor.evaluation import answer_score
+    from compressor.fidelity import FidelityGrid, make_cell_items
+    from compressor.models import load_model
+    from compressor.patching import apply, unapply
+    from plans.identity import identity_from_config
+    from plans.io import save_plan
+    from profilers import ruler
+    from profilers.retrieval import load_retrieval
+    from search_space.budgets import parse_budgets
+    from search_space.keep_dense import fit_keep_dense_plan
+
+    torch.set_num_threads(1)
+    model, tok = load_model(None, dtype="bfloat16")
+    ident = identity_from_config(model.config)
+    L = ident.num_layers
+    ranked = load_retrieval(RETRIEVAL).top(L * ident.num_kv_heads)
+    budgets, lengths = parse_budgets([budget]), [2048, 4096]  # compress run's budgets: at its eval lengths
+    # held-in items: grid seed 1 (the held-out suite is seed 0), one length beyond the profiled 1024
+    grid = FidelityGrid(tasks=("niah_single",), lengths=(n_val,), n_per_cell=items, seed=1, style="plain",
+                        haystack="noise")
+    val = [ruler.to_sample(it, tok) for it in make_cell_items("niah_single", tok, n_val, grid, "plain", ruler.NOISE)]
+    choices = (96, 128, 160, 192, 256, 320, 384)
+    sinks = (4, 16, 64)
+    bounds = [round(g * L / groups) for g in range(groups + 1)]
+    cache: dict[tuple, dict] = {}
+    history = []
+
+    def spans_of(t: tuple) -> list[int]:
+        return [t[g] for g in range(groups) for _ in range(bounds[g], bounds[g + 1])]
+
+    def evaluate(t: tuple) -> dict:
+        """t = (sink, span of layer group 0, 1, ...)."""
+        if t in cache:
+            return cache[t]
+        try:
+            plan = fit_keep_dense_plan(ident, ranked, budgets, lengths, spans_of(t[1:]), t[0])
+        except Exception as e:  # no plan at all under the budget with these spans
+            cache[t] = {"sink": t[0], "spans": list(t[1:]), "feasible": False, "why": str(e)[:120]}
+            return cache[t]
+        apply(model, plan)
+        scores = [answer_score(model, s) for s in val]
+        unapply(model, "sdpa")
+        correct = sum(ok for ok, _ce, _n in scores)
+        ce = sum(c / max(1, m) for _ok, c, m in scores) / len(scores)
+        k = sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
+        cache[t] = {"sink": t[0], "spans": list(t[1:]), "feasible": True, "kept_dense": k, "correct": int(correct), "n": len(val),
+                    "answer_ce": ce,
+                    "density_2048": plan.density(2048), "kv_density_2048": plan.kv_density(2048), "plan": plan}
+        return cache[t]
+
+    def objective(trial) -> float:
+        t = (trial.suggest_categorical("sink", sinks),
+             *(trial.suggest_categorical(f"span_{g}", choices) for g in range(groups)))
+        r = evaluate(t)
+        history.append({k: v for k, v in r.items() if k != "plan"})
+        print(history[-1], flush=True)
+        # held-in accuracy; the answer CE (nats per answer token) breaks ties within 0.01
+        return -1.0 if not r["feasible"] else r["correct"] / r["n"] - 0.01 * min(r["answer_ce"], 50.0) / 50.0
+
+    t0 = time.time()
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.enqueue_trial({"sink": SINK, **{f"span_{g}": SPAN for g in range(groups)}})  # the default shape
+    study.enqueue_trial({"sink": 16, **{f"span_{g}": 192 for g in range(groups)}})  # StreamingLLM-like sink
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=trials)
+    feasible = [r for r in cache.values() if r["feasible"]]
+    # best held-in accuracy; ties: the lower answer CE
+    best = max(feasible, key=lambda r: (r["correct"], -r["answer_ce"]))
+    tag = budget.replace("@", "_").replace("=", "_")
+    path = PLANS / f"optuna_spans_{tag}.json"
+    save_plan(best["plan"], path)
+    _save(f"optuna_{tag}", {"budget": budget, "lengths": lengths, "validation": {"task": "niah_single",
+          "n_tokens": n_val, "items": items, "grid_seed": 1}, "groups": bounds, "choices": list(choices), "sinks": list(sinks),
+          "trials": history, "best": {k: v for k, v in best.items() if k != "plan"}, "plan": str(path.relative_to(ROOT)),
+          "seconds": round(time.time() - t0, 1)}, argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the default shape (top-k dense, the rest sink 64 + span 256) ranked by another signal
+
+
+def ranked_plan(argv, signal: str, budget: str, retrieval: Path = RETRIEVAL, name: str | None = None) -> None:
+    """Write ``plans/{signal}_top_{budget}.json``: the heads ``signal`` ranks highest kept dense, as many as the
+    budget affords at compress run's eval lengths, the rest sink 64 + span 256 (the shape of ``run_0.5.json``, whose
+    ranking is the retrieval score). ``signal``: ``qa`` (MoA-style influence, layer-normalised, all qa halves) or
+    ``gates`` (DuoAttention-style gate values) or ``retrieval`` (the scores at ``retrieval``: compress run's own
+    shape, here for another model)."""
+    from plans.io import save_plan
+    from profilers.retrieval import load_retrieval, top_heads
+    from search_space.budgets import parse_budgets
+    from search_space.keep_dense import fit_keep_dense_plan
+
+    if signal == "retrieval":
+        from plans.identity import ModelIdentity
+
+        r = load_retrieval(retrieval)
+        scores, info = r.scores, {"retrieval": str(retrieval)}
+        ident = ModelIdentity.model_validate(r.meta["model"])
+    elif signal == "qa":
+        stems = [s for s in ("qa_s0", "qa_s1", "qa4k_s0", "qa4k_s1") if (LEV / f"{s}.json").exists()]
+        prof = _influence(stems)
+        n = max(prof.meta.lengths)
+        scores = _head_loss(prof, n, by_layer=True)
+        ident, info = prof.meta.model, {"profiles": stems, "n_tokens": n}
+    elif signal == "gates":
+        meta = json.loads((LEV / "gates.json").read_text())
+        scores = torch.tensor(meta["extra"]["gates_kv"], dtype=torch.float64)
+        from profilers.profile_format import load_profile
+
+        ident, info = load_profile(LEV / "gates").meta.model, {"profile": "runs/lev/gates"}
+    else:
+        raise SystemExit(f"unknown signal {signal!r}")
+    ranked = top_heads(scores, scores.numel())
+    plan = fit_keep_dense_plan(ident, ranked, parse_budgets([budget]), [2048, 4096], SPAN, SINK)
+    k = sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
+    path = PLANS / f"{name or signal + '_top'}_{budget}.json"
+    save_plan(plan, path)
+    retrieval_top = set(load_retrieval(retrieval).top(k))
+    _save(f"ranked_plan_{name or signal}_{budget}", {"signal": signal, "budget": budget, "kept_dense": k,
+          "overlap_with_retrieval_top_k": len(retrieval_top & set(ranked[:k])), "plan": str(path.relative_to(ROOT)),
+          **info}, argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the lever table: every lever plan against its equal-cost uniform windows, the default plan and dense
+
+
+def _outcomes(path: Path) -> tuple[dict, dict]:
+    """({(task, N, method): [0/1, ...]}, {(N, method): (density, kv_density)}) from a fidelity results file."""
+    d = json.loads(path.read_text())
+    out = {(it["task"], it["n_tokens"], m): o for it in d["items"] for m, o in it["outcomes"].items()}
+    cost = {(c["n_tokens"], c["method"]): (c["density"], c["kv_density"]) for c in d["cells"]}
+    return out, cost
+
+
+def table(argv, evals: list[str], reference: str) -> None:
+    """Markdown rows (printed and saved): per lever plan and N, correct/n with the Wilson interval, and the pooled
+    paired McNemar diff / p vs the uniform window at equal prefill and KV density, vs ``reference`` (the default
+    plan at the same budget, from ``fidelity.json``: same items) and vs dense."""
+    from compressor.statistics import mcnemar_pooled, wilson_interval
+
+    ref, _ = _outcomes(RESULTS / "fidelity.json")
+    rows = []
+    for stem in evals:
+        out, cost = _outcomes(RESULTS / f"{stem}.json")
+        plans = sorted({m for (_t, _n, m) in out if m != "dense" and not m.startswith("uniform[")})
+        for plan in plans:
+            keys = sorted({(t, n) for (t, n, m) in out if m == plan})
+            cells = []
+            for t, n in keys:
+                o = out[(t, n, plan)]
+                lo, hi = wilson_interval(sum(o), len(o))
+                cells.append({"task": t, "n_tokens": n, "density": cost[(n, plan)][0], "kv_density": cost[(n, plan)][1],
+                              "correct": sum(o), "n": len(o), "ci95": [lo, hi]})
+            comps = {}
+            for name, base in (("uniform_prefill", f"uniform[{plan}|prefill_density]"),
+                               ("uniform_kv", f"uniform[{plan}|kv_density]"), ("dense", "dense")):
+                r = mcnemar_pooled([(out[(t, n, plan)], out[(t, n, base)]) for t, n in keys])
+                comps[name] = {"diff": r.diff, "p": r.p_value}
+            if all((t, n, reference) in ref for t, n in keys):
+                r = mcnemar_pooled([(out[(t, n, plan)], ref[(t, n, reference)]) for t, n in keys])
+                comps[reference] = {"diff": r.diff, "p": r.p_value}
+            dense_same = all(out[(t, n, "dense")] == ref.get((t, n, "dense")) for t, n in keys)
+            rows.append({"plan": plan, "file": stem, "cells": cells, "vs": comps,
+                         "dense_reproduces_fidelity_json": dense_same})
+    _save(f"table_{'_'.join(evals)}", {"reference": reference, "rows": rows}, argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="step", required=True)
+    sub.add_parser("rankings")
+    so = sub.add_parser("second-order")
+    so.add_argument("--heads-per-group", type=int, default=4)
+    rp = sub.add_parser("ranked-plan")
+    rp.add_argument("--signal", choices=("qa", "gates", "retrieval"), required=True)
+    rp.add_argument("--budget", default="0.5")
+    rp.add_argument("--retrieval", default=str(RETRIEVAL))
+    rp.add_argument("--name", default=None, help="plan file stem (default: SIGNAL_top)")
+    tb = sub.add_parser("table")
+    tb.add_argument("--evals", nargs="+", required=True, help="fidelity result stems in benchmarks/results")
+    tb.add_argument("--reference", default="run_0.5", help="the default plan in fidelity.json to pair against")
+    op = sub.add_parser("optuna")
+    op.add_argument("--budget", default="0.25")
+    op.add_argument("--trials", type=int, default=14)
+    op.add_argument("--items", type=int, default=10)
+    op.add_argument("--n-val", type=int, default=2048)
+    op.add_argument("--groups", type=int, default=3)
+    op.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.step == "rankings":
+        rankings(argv)
+    elif a.step == "table":
+        table(argv, a.evals, a.reference)
+    elif a.step == "ranked-plan":
+        ranked_plan(argv, a.signal, a.budget, Path(a.retrieval), a.name)
+    elif a.step == "second-order":
+        second_order(argv, a.heads_per_group)
+    else:
+        optuna_spans(argv, a.budget, a.trials, a.items, a.n_val, a.groups, a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
