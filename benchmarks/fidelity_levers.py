@@ -326,6 +326,37 @@ def table(argv, evals: list[str], reference: str) -> None:
     _save(f"table_{'_'.join(evals)}", {"reference": reference, "rows": rows}, argv)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# perplexity of every lever plan, as compress run's report measures it
+
+
+def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int) -> None:
+    """Held-out Austen perplexity (fp32; ``samples`` windows per length, pooled over windows and lengths) of dense
+    and each plan in ``plans/``: :func:`compressor.evaluation.evaluate` with the ``ppl`` task, as `compress run`."""
+    import math
+
+    from compressor.evaluation import evaluate, heldout_corpus
+    from compressor.models import load_model
+    from plans.io import load_plan
+
+    torch.set_num_threads(1)
+    model, tok = load_model(None)
+    plans = {name: load_plan(PLANS / f"{name}.json") for name in plan_names}
+    rep = evaluate(model, tok, plans, "ppl", lengths, samples=samples, haystack=heldout_corpus("austen"),
+                   include_uniform=False)
+    out = {}
+    for m in rep.methods:
+        cells = [c for c in rep.cells if c.method == m]
+        loss, toks = sum(c.loss_sum for c in cells), sum(c.tokens for c in cells)
+        out[m] = {"ppl": math.exp(loss / toks), "tokens": toks,
+                  "by_length": {str(c.n): math.exp(c.loss_sum / c.tokens) for c in cells}}
+    dense = out["dense"]["ppl"]
+    for m in out:
+        out[m]["vs_dense"] = out[m]["ppl"] / dense - 1
+    _save("perplexity", {"lengths": lengths, "windows_per_length": samples, "corpus": "austen (held-out split)",
+                         "dtype": "float32", "methods": out}, argv)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -341,6 +372,11 @@ def main(argv=None) -> int:
     tb = sub.add_parser("table")
     tb.add_argument("--evals", nargs="+", required=True, help="fidelity result stems in benchmarks/results")
     tb.add_argument("--reference", default="run_0.5", help="the default plan in fidelity.json to pair against")
+    pp = sub.add_parser("perplexity")
+    pp.add_argument("--plans", nargs="+", default=["run_0.5", "qa_top_0.5", "gates_top_0.5", "run_0.25",
+                                                   "optuna_spans_0.25"])
+    pp.add_argument("--lengths", default="2048,4096")
+    pp.add_argument("--samples", type=int, default=1)
     op = sub.add_parser("optuna")
     op.add_argument("--budget", default="0.25")
     op.add_argument("--trials", type=int, default=14)
@@ -351,6 +387,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.step == "rankings":
         rankings(argv)
+    elif a.step == "perplexity":
+        perplexity(argv, a.plans, [int(x) for x in a.lengths.split(",")], a.samples)
     elif a.step == "table":
         table(argv, a.evals, a.reference)
     elif a.step == "ranked-plan":
