@@ -158,6 +158,14 @@ def markdown(data: dict) -> str:
         lines += [f"- **{m}** ({e['title']}): prompt style {e['prompt_style']}, {e.get('dtype', 'float32')}; "
                   f"{e['seconds'] / 60:.1f} min "
                   f"({e['date'][:16].replace('T', ' ')} UTC); `{e['command']}`; machine: {e['machine']}"]
+    lines += ["", "Cells within the model (Wilson lower bound ≥ 80%) / beyond it (upper bound < 80%) / undecided, "
+              "per model (the fidelity benchmark uses the model with the most cells within):", ""]
+    for m in models:
+        cs = [c for c in data["models"][m]["cells"] if c["n"]]
+        within = [f"{c['task']}@{c['n_tokens']}" for c in cs if c["ci95"][0] >= 0.8]
+        beyond = sum(c["ci95"][1] < 0.8 for c in cs)
+        lines.append(f"- {m}: {len(within)} within ({', '.join(within) or 'none'}), {beyond} beyond, "
+                     f"{len(cs) - len(within) - beyond} undecided")
     keys = sorted({(c["task"], c["n_tokens"]) for e in data["models"].values() for c in e["cells"]},
                   key=lambda k: (k[1], k[0]))
     lines += ["", "| task | N | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
@@ -170,6 +178,11 @@ def markdown(data: dict) -> str:
                        f"{c['correct']}/{c['n']}{mark} ({c['ci95'][0]:.2f}–{c['ci95'][1]:.2f})")
         lines.append(f"| {task} | {n} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def rewrite_markdown(path: Path = RESULTS / "dense_models.json") -> None:
+    """Regenerate ``dense_models.md`` from the JSON (after a change to :func:`markdown`)."""
+    write_text_atomic(path.with_suffix(".md"), markdown(json.loads(path.read_text())))
 
 
 def main(argv=None) -> int:
