@@ -357,6 +357,43 @@ def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int) ->
                          "dtype": "float32", "methods": out}, argv)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# retrieval heads scored on held-in multikey prompts (attention on the queried needle among distractors)
+
+
+def multikey_scores(argv, model_name: str, n_tokens: int, samples: int, out: str) -> None:
+    """Per-KV-head mean attention mass of the last 6 prompt rows on the *queried* needle of held-in niah_multikey
+    prompts (salted seeds, calibration side of Austen: never an evaluation item), written like
+    `compress profile --method retrieval` so ``ranked-plan --signal retrieval`` reads it."""
+    import random
+
+    from compressor.models import load_model
+    from compressor.retrieval_profile import SEED_SALT, item_needle_mass
+    from plans.identity import identity_from_config
+    from profilers import ruler
+    from profilers.retrieval import RetrievalScores, kv_head_scores, ranking_agreement, save_retrieval
+
+    torch.set_num_threads(2)
+    model, tok = load_model(model_name, dtype="bfloat16")
+    hay = ruler.Haystack.calibration_side("austen")
+    rng = random.Random("retrieval-multikey")
+    n_kv = model.config.num_key_value_heads
+    masses = []
+    for i in range(samples):
+        depth = round(rng.uniform(0.05, 0.95), 3)
+        seed = ruler.item_seed("retrieval-multikey", n_tokens, depth, SEED_SALT, i)
+        item = ruler.make_item("niah_multikey", tok, n_tokens, depth, seed, style="plain", haystack=hay)
+        masses.append(kv_head_scores(item_needle_mass(model, item, 6), n_kv))
+    stack = torch.stack(masses)
+    halves = torch.stack([stack[0::2].mean(0), stack[1::2].mean(0)])
+    meta = {"model": identity_from_config(model.config).model_dump(mode="json"), "lengths": [n_tokens],
+            "samples_per_length": samples, "seed": 0, "corpus": "austen", "query_rows": 6,
+            "task": "niah_multikey (held-in)", "halves_agreement": ranking_agreement(halves[0], halves[1], 16)}
+    save_retrieval(RetrievalScores(scores=stack.mean(0), halves=halves, meta=meta), PLANS / out)
+    _save(f"multikey_scores_{out}", {"model": model_name, "n_tokens": n_tokens, "samples": samples,
+                                      "halves": meta["halves_agreement"]}, argv)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -377,6 +414,11 @@ def main(argv=None) -> int:
                                                    "optuna_spans_0.25"])
     pp.add_argument("--lengths", default="2048,4096")
     pp.add_argument("--samples", type=int, default=1)
+    mk = sub.add_parser("multikey-scores")
+    mk.add_argument("--model", default="qwen2.5-coder-0.5b")
+    mk.add_argument("--n-tokens", type=int, default=1024)
+    mk.add_argument("--samples", type=int, default=8)
+    mk.add_argument("--out", default="qwen_multikey_scores")
     op = sub.add_parser("optuna")
     op.add_argument("--budget", default="0.25")
     op.add_argument("--trials", type=int, default=14)
@@ -389,6 +431,8 @@ def main(argv=None) -> int:
         rankings(argv)
     elif a.step == "perplexity":
         perplexity(argv, a.plans, [int(x) for x in a.lengths.split(",")], a.samples)
+    elif a.step == "multikey-scores":
+        multikey_scores(argv, a.model, a.n_tokens, a.samples, a.out)
     elif a.step == "table":
         table(argv, a.evals, a.reference)
     elif a.step == "ranked-plan":
