@@ -1,6 +1,8 @@
 """Dense accuracy of the short-name models on the RULER suite (issue 12 §4): what each model can retrieve at all.
 
-    python benchmarks/dense_models.py --lengths 2048,4096,8192 --n 50 --minutes 110 --threads 1
+    python benchmarks/dense_models.py --lengths 2048,4096,8000 --n 50 --minutes 115 --threads 1 --fresh
+
+8000, not 8192: a teacher-forced sequence is the prompt plus its answer tokens, and SmolLM2 has 8192 positions.
 
 Per (model, task, length) cell: up to ``--n`` items from :mod:`profilers.ruler` (noise haystack; item ``i`` of a
 cell is item ``i`` of :func:`compressor.fidelity.make_cell_items`, so depths cycle over 0.1..0.9 and a partial
@@ -93,8 +95,7 @@ class _Model:
             cells.append({"task": task, "n_tokens": n, "correct": c.correct, "n": c.n, "accuracy": c.accuracy,
                           "ci95": list(c.ci95), "depths": [it.depth for it in self.items[(task, n)][:len(o)]],
                           "outcomes": [int(x) for x in o],
-                          "stopped_early": len(o) < grid.n_per_cell and threshold_decided(sum(o), len(o),
-                                                                                          min_n=min_n)})
+                          "stopped_early": len(o) < grid.n_per_cell and self.decided((task, n), min_n)})
         return {"model": self.name, "title": spec.title if spec else self.name, "prompt_style": self.style,
                 "dtype": self.dtype,
                 "command": command, "machine": machine(), "date": started, "seconds": round(self.seconds, 1),
@@ -108,9 +109,7 @@ def measure(names: list[str], grid: FidelityGrid, minutes: float, path: Path, co
     docstring) or ``minutes``; rewrites the results after every item. With ``resume``, a model already in ``path``
     with the same settings keeps its items and goes on from there."""
     started = datetime.now(timezone.utc).isoformat()
-    data = json.loads(path.read_text()) if path.exists() else {"models": {}}
-    if not resume:
-        data = {"models": {}}
+    data = json.loads(path.read_text()) if resume and path.exists() else {"models": {}}
     deadline = time.time() + 60 * minutes
     ms = [_Model(name, grid, dtype) for name in names]
     if resume:
@@ -188,7 +187,7 @@ def rewrite_markdown(path: Path = RESULTS / "dense_models.json") -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(KNOWN_MODELS))
-    ap.add_argument("--lengths", default="2048,4096,8192")
+    ap.add_argument("--lengths", default="2048,4096,8000")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--n", type=int, default=50, help="items per (task, length) cell at most")
     ap.add_argument("--min-n", type=int, default=10, help="items before a cell may stop as decided")

@@ -103,12 +103,11 @@ def _answer_loss(model, samples) -> float:
 
 
 def second_order(argv, heads_per_group: int) -> None:
-    from compressor.models import load_model
+    from compressor.models import compress_home, load_model
     from compressor.patching import apply, unapply
     from compressor.pipeline import calibration_recipe
     from plans.identity import identity_from_config
     from profilers.calibration import get_or_build_calibration
-    from compressor.models import compress_home
     from profilers.retrieval import load_retrieval
     from search_space.keep_dense import keep_dense_plan
     from scipy.stats import spearmanr
@@ -239,12 +238,14 @@ def optuna_spans(argv, budget: str, trials: int, items: int, n_val: int, groups:
 # the default shape (top-k dense, the rest sink 64 + span 256) ranked by another signal
 
 
-def ranked_plan(argv, signal: str, budget: str, retrieval: Path = RETRIEVAL, name: str | None = None) -> None:
+def ranked_plan(argv, signal: str, budget: str, retrieval: Path = RETRIEVAL, name: str | None = None,
+                compare: Path = RETRIEVAL, qa_profiles: tuple[str, ...] = ("qa_s0", "qa_s1")) -> None:
     """Write ``plans/{signal}_top_{budget}.json``: the heads ``signal`` ranks highest kept dense, as many as the
     budget affords at compress run's eval lengths, the rest sink 64 + span 256 (the shape of ``run_0.5.json``, whose
-    ranking is the retrieval score). ``signal``: ``qa`` (MoA-style influence, layer-normalised, all qa halves) or
-    ``gates`` (DuoAttention-style gate values) or ``retrieval`` (the scores at ``retrieval``: compress run's own
-    shape, here for another model)."""
+    ranking is the retrieval score). ``signal``: ``qa`` (MoA-style influence of the ``qa_profiles`` stems in
+    ``runs/lev``, layer-normalised, at their longest length) or ``gates`` (DuoAttention-style gate values) or ``retrieval`` (the scores at ``retrieval``: compress run's own
+    shape, here for another model). The kept heads' overlap with the top k of ``compare`` (retrieval scores of the
+    same model) is recorded unless ``compare`` is the ranking itself."""
     from plans.io import save_plan
     from profilers.retrieval import load_retrieval, top_heads
     from search_space.budgets import parse_budgets
@@ -257,7 +258,7 @@ def ranked_plan(argv, signal: str, budget: str, retrieval: Path = RETRIEVAL, nam
         scores, info = r.scores, {"retrieval": str(retrieval)}
         ident = ModelIdentity.model_validate(r.meta["model"])
     elif signal == "qa":
-        stems = [s for s in ("qa_s0", "qa_s1", "qa4k_s0", "qa4k_s1") if (LEV / f"{s}.json").exists()]
+        stems = list(qa_profiles)
         prof = _influence(stems)
         n = max(prof.meta.lengths)
         scores = _head_loss(prof, n, by_layer=True)
@@ -275,10 +276,11 @@ def ranked_plan(argv, signal: str, budget: str, retrieval: Path = RETRIEVAL, nam
     k = sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
     path = PLANS / f"{name or signal + '_top'}_{budget}.json"
     save_plan(plan, path)
-    retrieval_top = set(load_retrieval(retrieval).top(k))
+    if signal != "retrieval" or Path(compare) != Path(retrieval):
+        info |= {"compare": str(compare),
+                 "overlap_with_compare_top_k": len(set(load_retrieval(compare).top(k)) & set(ranked[:k]))}
     _save(f"ranked_plan_{name or signal}_{budget}", {"signal": signal, "budget": budget, "kept_dense": k,
-          "overlap_with_retrieval_top_k": len(retrieval_top & set(ranked[:k])), "plan": str(path.relative_to(ROOT)),
-          **info}, argv)
+          "plan": str(path.relative_to(ROOT)), **info}, argv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,6 +408,8 @@ def main(argv=None) -> int:
     rp.add_argument("--budget", default="0.5")
     rp.add_argument("--retrieval", default=str(RETRIEVAL))
     rp.add_argument("--name", default=None, help="plan file stem (default: SIGNAL_top)")
+    rp.add_argument("--qa-profiles", default="qa_s0,qa_s1", help="with --signal qa: profile stems in runs/lev")
+    rp.add_argument("--compare", default=str(RETRIEVAL), help="retrieval scores to report the kept heads' overlap with")
     tb = sub.add_parser("table")
     tb.add_argument("--evals", nargs="+", required=True, help="fidelity result stems in benchmarks/results")
     tb.add_argument("--reference", default="run_0.5", help="the default plan in fidelity.json to pair against")
@@ -436,7 +440,8 @@ def main(argv=None) -> int:
     elif a.step == "table":
         table(argv, a.evals, a.reference)
     elif a.step == "ranked-plan":
-        ranked_plan(argv, a.signal, a.budget, Path(a.retrieval), a.name)
+        ranked_plan(argv, a.signal, a.budget, Path(a.retrieval), a.name, Path(a.compare),
+                    tuple(a.qa_profiles.split(",")))
     elif a.step == "second-order":
         second_order(argv, a.heads_per_group)
     else:

@@ -1,33 +1,64 @@
-"""What the Qwen 0.5 plan answers on the niah_multikey items it gets wrong (fidelity_qwen.json): the queried value,
-a distractor needle's value, or something else. Run from the repository root:
+"""What a plan answers on the niah_multikey items it gets wrong in a fidelity results file: the queried value, a
+distractor needle's value, or something else (greedy decoding, 12 new tokens).
 
-    python benchmarks/multikey_errors.py
+    python benchmarks/multikey_errors.py    # Qwen's 0.5 plan on fidelity_qwen.json -> qwen_multikey_errors.json
 """
-import json, sys, torch
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-torch.set_num_threads(1)
-from compressor.models import load_model
-from compressor.fidelity import FidelityGrid, make_cell_items
-from compressor.patching import apply
-from plans.io import load_plan
-from profilers import ruler
-m, tok = load_model("qwen2.5-coder-0.5b", dtype="bfloat16")
-d = json.load(open("benchmarks/results/fidelity_qwen.json"))
-it = next(x for x in d["items"] if x["task"] == "niah_multikey")
-out = it["outcomes"]["qwen_run_0.5"]
-grid = FidelityGrid(tasks=("niah_multikey",), lengths=(2048,), n_per_cell=50, seed=0, style="plain", haystack="noise")
-items = make_cell_items("niah_multikey", tok, 2048, grid, "plain", ruler.NOISE)
-apply(m, load_plan("benchmarks/results/plans/qwen_run_0.5.json"))
-rows = []
-for i, (item, ok) in enumerate(zip(items, out)):
-    if ok:
-        continue
-    g = m.generate(torch.tensor([item.prompt_ids]), max_new_tokens=12, do_sample=False)
-    text = tok.decode(g[0, len(item.prompt_ids):])
-    distract = [n.value for n in item.needles if n.role == "distractor"]
-    kind = "correct" if item.answers[0] in text else ("distractor" if any(v in text for v in distract) else "other")
-    rows.append({"i": i, "depth": item.depth, "answer": item.answers[0], "generated": text, "kind": kind})
-    print(rows[-1], flush=True)
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
 from collections import Counter
-print(Counter(r["kind"] for r in rows))
-json.dump(rows, open("benchmarks/results/qwen_multikey_errors.json", "w"), indent=1)
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from compressor.fidelity import FidelityGrid, make_cell_items  # noqa: E402
+from compressor.models import load_model  # noqa: E402
+from compressor.patching import apply  # noqa: E402
+from plans.atomic import write_text_atomic  # noqa: E402
+from plans.io import load_plan  # noqa: E402
+from profilers import ruler  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--results", default=str(RESULTS / "fidelity_qwen.json"))
+    ap.add_argument("--plan", default=str(RESULTS / "plans" / "qwen_run_0.5.json"))
+    ap.add_argument("--out", default=str(RESULTS / "qwen_multikey_errors.json"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    model, tok = load_model(a.model, dtype="bfloat16")
+    d = json.loads(Path(a.results).read_text())
+    cell = next(x for x in d["items"] if x["task"] == "niah_multikey")
+    g = d["grid"]
+    if g["haystack"] != "noise":
+        raise SystemExit(f"{a.results}: haystack {g['haystack']!r}; this script rebuilds noise-haystack items only")
+    grid = FidelityGrid(tasks=("niah_multikey",), lengths=(cell["n_tokens"],), depths=tuple(g["depths"]),
+                        n_per_cell=len(cell["depths"]), seed=g["seed"], style=d["prompt_style"], haystack=g["haystack"])
+    items = make_cell_items("niah_multikey", tok, cell["n_tokens"], grid, d["prompt_style"], ruler.NOISE)
+    apply(model, load_plan(a.plan))
+    rows = []
+    for i, (item, ok) in enumerate(zip(items, cell["outcomes"][Path(a.plan).stem])):
+        if ok:
+            continue
+        gen = model.generate(torch.tensor([item.prompt_ids]), max_new_tokens=12, do_sample=False)
+        text = tok.decode(gen[0, len(item.prompt_ids):])
+        distractors = [n.value for n in item.needles if n.role == "distractor"]
+        kind = ("correct" if item.answers[0] in text else
+                "distractor" if any(v in text for v in distractors) else "other")
+        rows.append({"i": i, "depth": item.depth, "answer": item.answers[0], "generated": text, "kind": kind})
+        print(rows[-1], flush=True)
+    print(Counter(r["kind"] for r in rows))
+    write_text_atomic(Path(a.out), json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
