@@ -1,10 +1,10 @@
 """Attention-only decode step on the CPU: the plan's bounded KV (ring groups, kept tokens only) vs dense.
 
 One layer of the default model's geometry (Hq 9, Hkv 3, D 64, fp32, batch 1) at context N: dense = the same
-grouped-query SDPA call (:func:`kernels.cpu_decode.sdpa_decode`) over all N cached keys of a preallocated cache
+grouped-query SDPA call (:func:`attention_kernels.cpu_decode.sdpa_decode`) over all N cached keys of a preallocated cache
 (no concatenation charged to dense);
 ours = ``PlanKV.append`` + ``PlanKV.attend`` (the whole PlanCache step: the ring write and
-:func:`kernels.dispatch.decode_attention` over the kept slots) for a uniform sink-64 + window plan whose KV density
+:func:`attention_kernels.dispatch.decode_attention` over the kept slots) for a uniform sink-64 + window plan whose KV density
 (kept tokens / N) is the row's. Ideal speed-up = 1 / KV density; the issue's goal is >= 0.8 of it. Paired repeats
 in alternating order, median of per-repeat ratios, steps timed in batches of ``--inner`` to beat timer noise.
 
@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.cpu_decode import sdpa_decode  # noqa: E402
-from kernels.kv_groups import AttendSpec, PlanKV  # noqa: E402
+from attention_kernels.cpu_decode import sdpa_decode  # noqa: E402
+from attention_kernels.kv_groups import AttendSpec, PlanKV  # noqa: E402
 from plans.atomic import write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -118,7 +118,7 @@ def main() -> None:
              f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
              f"- date: {meta['date']}; load average at start {load}, at end {meta['loadavg_end']}",
              "- one layer, default-model geometry (Hq 9, Hkv 3, D 64), fp32, batch 1; dense = the same grouped-query "
-             "SDPA call (kernels.cpu_decode.sdpa_decode) over all N keys of a preallocated cache; ours = PlanKV append + attend (ring write + decode_attention over "
+             "SDPA call (attention_kernels.cpu_decode.sdpa_decode) over all N keys of a preallocated cache; ours = PlanKV append + attend (ring write + decode_attention over "
              "the kept slots) for a uniform sink-64 + window plan; median of paired per-repeat ratios", "",
              "| N | KV density | kept slots | ideal 1/density | dense µs | ours µs | speed-up | % of ideal | ≥ 80%? |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -71,10 +71,10 @@ def main() -> None:
     except ImportError:
         flash_attn_func = None
 
-    from kernels.reference import reference_attention
-    from kernels.reference import decode_reference
-    from kernels.triton_decode import sparse_decode
-    from kernels.triton_prefill import sparse_prefill
+    from attention_kernels.reference import reference_attention
+    from attention_kernels.reference import decode_reference
+    from attention_kernels.triton_decode import sparse_decode
+    from attention_kernels.triton_prefill import sparse_prefill
     from kernels_cpu import make_windows
     from plans.span import prefill_density
 

@@ -1,4 +1,4 @@
-"""CPU prefill benchmark: kernels.banded.banded_attention vs FlexAttention vs dense causal SDPA (paired ratios).
+"""CPU prefill benchmark: attention_kernels.banded.banded_attention vs FlexAttention vs dense causal SDPA (paired ratios).
 
 For every (N, density) the heads get sink 64 and power-of-two windows spread over three octaves (as in
 docs/cpu-kernels.md ``make_windows``); each repeat times dense, banded and FlexAttention back to back in
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.banded import banded_attention  # noqa: E402
+from attention_kernels.banded import banded_attention  # noqa: E402
 from plans.span import prefill_density  # noqa: E402
 
 SINK = 64

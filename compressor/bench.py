@@ -42,7 +42,7 @@ def _timeit(fn, repeats: int) -> list[float]:
 
 def attention_only_ms(plan: Plan | None, n: int, dtype=torch.float32, seed: int = 0) -> callable:
     """A closure running every layer's attention once at length n (dense SDPA when plan is None)."""
-    from kernels.dispatch import sparse_attention
+    from attention_kernels.dispatch import sparse_attention
 
     ident = plan.model if plan is not None else None
     g = torch.Generator().manual_seed(seed)

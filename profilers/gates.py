@@ -9,8 +9,8 @@ pair                   expensive                   cheap
 =====================  ==========================  ==============================================================
 ``full_vs_window``     dense causal softmax        softmax over ``sink`` first tokens + recent tokens, ``span`` in
                                                    all (``window=(sink, span)``, :mod:`plans.span` semantics)
-``softmax_vs_relu``    dense causal softmax        ReLU-softmax over the same keys (:mod:`kernels.cheap_operators`)
-``softmax_vs_linear``  dense causal softmax        causal linear (scaling) attention (:mod:`kernels.cheap_operators`)
+``softmax_vs_relu``    dense causal softmax        ReLU-softmax over the same keys (:mod:`attention_kernels.cheap_operators`)
+``softmax_vs_linear``  dense causal softmax        causal linear (scaling) attention (:mod:`attention_kernels.cheap_operators`)
 =====================  ==========================  ==============================================================
 
 Base weights are frozen (only the gate logits train). Loss per step, one calibration sample at a time::
@@ -116,7 +116,7 @@ class GateController(torch.nn.Module):
             m = win if mask is None else (mask & win)
             return F.scaled_dot_product_attention(query, key, value, attn_mask=m, scale=scaling)
         if self.pair == "softmax_vs_relu":
-            from kernels.cheap_operators import relu_softmax_attention
+            from attention_kernels.cheap_operators import relu_softmax_attention
 
             def relu(q, k, v):
                 return relu_softmax_attention(q, k, v, mask, scaling)
@@ -124,7 +124,7 @@ class GateController(torch.nn.Module):
             if torch.is_grad_enabled() and query.requires_grad:  # keep only q, k, v; recompute in backward
                 return torch.utils.checkpoint.checkpoint(relu, query, key, value, use_reentrant=False)
             return relu(query, key, value)
-        from kernels.cheap_operators import linear_attention
+        from attention_kernels.cheap_operators import linear_attention
 
         return linear_attention(query, key, value, scaling)  # no native window for the linear operator
 

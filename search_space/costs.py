@@ -140,15 +140,15 @@ class LatencyTable(BaseModel):
 
 
 def _attention_fn() -> tuple[Callable, str]:
-    """kernels.dispatch.sparse_attention when present, else the reference (masked dense) attention."""
+    """attention_kernels.dispatch.sparse_attention when present, else the reference (masked dense) attention."""
     try:
-        mod = importlib.import_module("kernels.dispatch")
+        mod = importlib.import_module("attention_kernels.dispatch")
         fn = getattr(mod, "sparse_attention")
-        return fn, "kernels.dispatch.sparse_attention"
+        return fn, "attention_kernels.dispatch.sparse_attention"
     except (ImportError, AttributeError):
-        from kernels.reference import reference_attention
+        from attention_kernels.reference import reference_attention
 
-        return reference_attention, "kernels.reference.reference_attention"
+        return reference_attention, "attention_kernels.reference.reference_attention"
 
 
 def measure_latency_table(
@@ -165,7 +165,7 @@ def measure_latency_table(
     """Time one head's prefill attention ``fn(q, k, v, sink, span, scale)`` at each (N, span); dense = span N.
 
     ``spans`` default: powers of two from 128 below N, plus N. The median of ``repeats`` timed calls after one
-    warm-up is stored. ``fn`` defaults to kernels.dispatch.sparse_attention (falls back to the reference).
+    warm-up is stored. ``fn`` defaults to attention_kernels.dispatch.sparse_attention (falls back to the reference).
     """
     name = getattr(fn, "__qualname__", "custom") if fn is not None else None
     if fn is None:

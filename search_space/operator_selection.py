@@ -19,7 +19,7 @@ Costs (:data:`OPERATOR_COSTS`) are analytic cost entries: multiply-adds of ONE q
 length N with head dim D -- ``2 D x kept_entries`` for softmax-type operators (QK^T and PV over the kept
 entries; dense kept = N(N+1)/2, sink_window kept = :func:`plans.span.kept_entries`), the same for relu_softmax,
 and ``2 N D^2 + 2 D x N (C + 1) / 2`` for linear attention (state update and read-out, plus the intra-chunk
-causal part with C = kernels.cheap_operators.DEFAULT_CHUNK rows). :func:`measure_operator_costs` times the real
+causal part with C = attention_kernels.cheap_operators.DEFAULT_CHUNK rows). :func:`measure_operator_costs` times the real
 operators on this device instead and returns ``{operator: {N: ms}}`` (usable as ``cost_table``).
 """
 
@@ -45,7 +45,7 @@ CHEAP_PATTERN_OF_PAIR = dict(zip(PAIRS, ("sink_window", "relu_softmax", "linear"
 
 # ------------------------------------------------------------------------------------------------ cost entries
 def _chunk() -> int:
-    from kernels.cheap_operators import DEFAULT_CHUNK
+    from attention_kernels.cheap_operators import DEFAULT_CHUNK
 
     return DEFAULT_CHUNK
 
@@ -265,15 +265,15 @@ def measure_operator_costs(
     seed: int = 0,
 ) -> dict[str, dict[int, float]]:
     """Median ms (after one warm-up) of ONE query head's causal prefill for each operator at each length:
-    ``softmax`` and ``sink_window`` (``window=(sink, span)``) through kernels.dispatch.sparse_attention (the
-    reference when dispatch is missing), ``relu_softmax`` and ``linear`` through kernels.cheap_operators.
+    ``softmax`` and ``sink_window`` (``window=(sink, span)``) through attention_kernels.dispatch.sparse_attention (the
+    reference when dispatch is missing), ``relu_softmax`` and ``linear`` through attention_kernels.cheap_operators.
     Returns ``{operator: {N: ms}}`` (a ``cost_table`` for :func:`select_operators`)."""
-    from kernels.cheap_operators import linear_attention, relu_softmax_attention
+    from attention_kernels.cheap_operators import linear_attention, relu_softmax_attention
 
     try:
-        from kernels.dispatch import sparse_attention
+        from attention_kernels.dispatch import sparse_attention
     except ImportError:  # pragma: no cover - dispatch is part of the tree
-        from kernels.reference import reference_attention as sparse_attention
+        from attention_kernels.reference import reference_attention as sparse_attention
     for op in operators:
         if op not in OPERATORS:
             raise CompressError(f"unknown operator {op!r} (known: {', '.join(OPERATORS)})")

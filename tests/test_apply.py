@@ -202,7 +202,7 @@ def test_mixed_operator_plan_applies_and_generates():
                          cache=cache, pad_token_id=0)
     assert torch.equal(gen, want)
     # the all-linear KV head of layer 0 holds a D x D state, not its tokens
-    from kernels.kv_groups import LinearGroup
+    from attention_kernels.kv_groups import LinearGroup
 
     linear_group = [g for g in cache.layers[0].groups if isinstance(g, LinearGroup)]
     assert len(linear_group) == 1 and linear_group[0].state.S.shape[-2:] == (16, 16)

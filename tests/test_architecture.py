@@ -2,10 +2,12 @@
 
 Every import statement in the five packages is read with ``ast`` (module level and inside functions alike):
 
-* a package imports only itself and those to its left: ``plans <- kernels <- profilers <- search_space <- compressor``;
+* a package imports only itself and those to its left: ``plans <- attention_kernels <- profilers <- search_space <- compressor``;
 * no import cycle between modules (graphlib's topological sort over module -> imported-module edges);
-* ``kernels/`` imports nothing from transformers (pure tensor code; the one seam to transformers is ``compressor/hf``);
-* no function is longer than 100 lines.
+* ``attention_kernels/`` imports nothing from transformers (pure tensor code; the one seam to transformers is ``compressor/hf``);
+* no function is longer than 100 lines;
+* no top-level package shares its name with a module another installed distribution provides (transformers 5.25
+  requires the `kernels` distribution: a package of ours named `kernels` shadowed it and broke `import transformers`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["plans", "kernels", "profilers", "search_space", "compressor"]
+ORDER = ["plans", "attention_kernels", "profilers", "search_space", "compressor"]
 MAX_FUNCTION_LINES = 100
 
 
@@ -86,7 +88,7 @@ def test_no_import_cycles():
 
 
 def test_kernels_are_pure_tensor_code():
-    bad = [f"{p.relative_to(ROOT)}:{line} imports {t}" for n, p in modules().items() if n.startswith("kernels")
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {t}" for n, p in modules().items() if n.startswith("attention_kernels")
            for t, line in imports_of(n, p) if t.split(".")[0] in ("transformers", "accelerate")]
     assert not bad, "\n".join(bad)
 
@@ -107,3 +109,24 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from compressor.patching import apply\n    return apply\n")
     assert ("compressor.patching", 2) in imports_of("kernels.m", f)
+
+
+def test_no_top_level_package_shadows_an_installed_distribution():
+    """Our packages sit first on sys.path (editable install, repo root): a name that another distribution also
+    installs hides it from every library that imports it. Expected owners come from the installed metadata."""
+    import importlib.metadata
+
+    owners = importlib.metadata.packages_distributions()
+    clashes = {pkg: [d for d in owners.get(pkg, []) if d.lower().replace("_", "-") != "attention-compressor"]
+               for pkg in ORDER}
+    assert not {pkg: d for pkg, d in clashes.items() if d}, clashes
+
+
+def test_transformers_models_import_beside_our_packages():
+    """``import transformers.modeling_utils`` (which imports the `kernels` distribution) from the repo root."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import attention_kernels, transformers.modeling_utils"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

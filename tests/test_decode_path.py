@@ -1,7 +1,7 @@
 """The decode path reads only kept tokens: ring storage, the CPU SDPA decode, and PlanCache generation.
 
 Expected values come from independent computations: the plain masked softmax over the whole history under
-plans.span.sees, kernels.reference.decode_reference in float64, and uncached greedy recomputation.
+plans.span.sees, attention_kernels.reference.decode_reference in float64, and uncached greedy recomputation.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # the Triton decode kernel runs in the interpreter on CPU
-    _mod = sys.modules.get("kernels.triton_decode")
+    _mod = sys.modules.get("attention_kernels.triton_decode")
     if _mod is not None and not _mod.INTERPRET:  # imported before the variable was set: redo
         importlib.reload(_mod)
 
 import compressor
-import kernels.dispatch
+import attention_kernels.dispatch
 from compressor.hf.plan_cache import PlanCache
-from kernels.cpu_decode import sdpa_decode
-from kernels.kv_groups import AttendSpec, RingGroup
-from kernels.reference import decode_reference
+from attention_kernels.cpu_decode import sdpa_decode
+from attention_kernels.kv_groups import AttendSpec, RingGroup
+from attention_kernels.reference import decode_reference
 from plans.identity import identity_from_config
 from plans.schema import DensePattern, LayerPlan, Plan, SinkWindowPattern
 from tests.conftest import tiny_model
@@ -56,8 +56,8 @@ def _history_attention(q, keys, values, p, sink, window, scale):
                                                         (4, 8, 30, "reference"), (3, 16, 10, "triton")])
 def test_ring_group_decode_reads_only_the_kept_slots(sink, window, prompt, backend, monkeypatch):
     """Every decode step of a ring equals softmax over the whole history under sees(), through each backend of
-    kernels.dispatch.decode_attention (Triton under the interpreter on CPU), and hands it only the kept slots."""
-    monkeypatch.setenv(kernels.dispatch.ENV, backend)
+    attention_kernels.dispatch.decode_attention (Triton under the interpreter on CPU), and hands it only the kept slots."""
+    monkeypatch.setenv(attention_kernels.dispatch.ENV, backend)
     torch.manual_seed(1)
     steps, d, n_rep = (25, 16, 2) if backend != "triton" else (12, 16, 2)
     total = prompt + steps
@@ -68,8 +68,8 @@ def test_ring_group_decode_reads_only_the_kept_slots(sink, window, prompt, backe
     ring = RingGroup.from_prefill(kv, keys[:, :, :prompt], values[:, :, :prompt], torch.arange(prompt)[None, None],
                                   s_t, w_t, uniform=True)
     seen = []
-    real = kernels.dispatch.decode_attention
-    monkeypatch.setattr(kernels.dispatch, "decode_attention",
+    real = attention_kernels.dispatch.decode_attention
+    monkeypatch.setattr(attention_kernels.dispatch, "decode_attention",
                         lambda q, k, v, kv_len, scale=None: seen.append((k.shape[2], kv_len.clone())) or real(q, k, v, kv_len, scale))
     spec = AttendSpec(torch.full((1, n_rep), sink), torch.full((1, n_rep), window), scale=0.3)
     for p in range(prompt, total):
@@ -114,8 +114,8 @@ def test_plan_cache_generation_takes_the_kept_token_path(monkeypatch):
     ids = torch.randint(1, 90, (1, 30))
     want = _recompute_greedy(model, ids, 20)
     calls = []
-    real = kernels.dispatch.decode_attention
-    monkeypatch.setattr(kernels.dispatch, "decode_attention",
+    real = attention_kernels.dispatch.decode_attention
+    monkeypatch.setattr(attention_kernels.dispatch, "decode_attention",
                         lambda q, k, v, kv_len, scale=None: calls.append(k.shape[2]) or real(q, k, v, kv_len, scale))
     cache = PlanCache(model)
     got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, cache=cache,

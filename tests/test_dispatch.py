@@ -1,4 +1,4 @@
-"""kernels.dispatch: backend choice from COMPRESS_ATTENTION and the device, and same results everywhere."""
+"""attention_kernels.dispatch: backend choice from COMPRESS_ATTENTION and the device, and same results everywhere."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # the forced-Triton cases run in the interpreter on CPU
 
-from kernels import dispatch  # noqa: E402
+from attention_kernels import dispatch  # noqa: E402
 
-for _name in ("kernels.triton_prefill", "kernels.triton_decode"):  # imported before the variable was set: redo
+for _name in ("attention_kernels.triton_prefill", "attention_kernels.triton_decode"):  # imported before the variable was set: redo
     _mod = sys.modules.get(_name)
     if _mod is not None and not CUDA and not _mod.INTERPRET:
         importlib.reload(_mod)
-from kernels.reference import reference_attention  # noqa: E402
+from attention_kernels.reference import reference_attention  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -71,7 +71,7 @@ def test_decode_attention_backends_agree(monkeypatch, choice):
     monkeypatch.setenv(dispatch.ENV, choice)
     dev = "cuda" if choice == "triton" and CUDA else "cpu"
     out = dispatch.decode_attention(*(t.to(dev) for t in (q, k, v, kv_len))).cpu()
-    from kernels.reference import decode_reference
+    from attention_kernels.reference import decode_reference
 
     ref = decode_reference(q.double(), k.double(), v.double(), kv_len)
     assert out.shape == q.shape and (out.double() - ref).abs().max() < 1e-5
@@ -88,8 +88,8 @@ def test_reference_backend_validates(monkeypatch):
 def test_padded_batch_equals_reference_on_real_rows(side):
     import torch
 
-    from kernels.dispatch import sparse_attention_padded
-    from kernels.reference import reference_attention
+    from attention_kernels.dispatch import sparse_attention_padded
+    from attention_kernels.reference import reference_attention
 
     torch.manual_seed(0)
     b, hq, hkv, n, d = 3, 4, 2, 77, 16

@@ -1,4 +1,4 @@
-"""kernels.banded.banded_attention equals the reference on every code path (small shapes, fp32/bf16)."""
+"""attention_kernels.banded.banded_attention equals the reference on every code path (small shapes, fp32/bf16)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-import kernels.banded as kb
-from kernels.banded import banded_attention
-from kernels.reference import reference_attention
+import attention_kernels.banded as kb
+from attention_kernels.banded import banded_attention
+from attention_kernels.reference import reference_attention
 
 torch.set_num_threads(1)
 
@@ -134,7 +134,7 @@ def test_benchmark_flex_attention_runs_the_same_pattern():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from kernels_cpu import flex_runner
 
-    from kernels.reference import reference_attention
+    from attention_kernels.reference import reference_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 256, 16, generator=g) for _ in range(3))

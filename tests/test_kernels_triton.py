@@ -23,15 +23,15 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decorators of the kernel modules
 
-import kernels.triton_decode as td  # noqa: E402
-import kernels.triton_prefill as tp  # noqa: E402
+import attention_kernels.triton_decode as td  # noqa: E402
+import attention_kernels.triton_prefill as tp  # noqa: E402
 
 if not CUDA and not tp.INTERPRET:  # imported earlier in this process without the interpreter: redo the decorators
     tp = importlib.reload(tp)
 if not CUDA and not td.INTERPRET:
     td = importlib.reload(td)
 
-from kernels.reference import decode_reference, reference_attention  # noqa: E402
+from attention_kernels.reference import decode_reference, reference_attention  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -257,7 +257,7 @@ AOT_SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
     import triton.backends.nvidia as nv
-    import kernels.triton_prefill as tp, kernels.triton_decode as td
+    import attention_kernels.triton_prefill as tp, attention_kernels.triton_decode as td
 
     cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
     target = GPUTarget("cuda", 90, 32)

@@ -1,4 +1,4 @@
-"""kernels.cheap_operators (linear / ReLU-softmax attention) and search_space.operator_selection (cost entries, selection)."""
+"""attention_kernels.cheap_operators (linear / ReLU-softmax attention) and search_space.operator_selection (cost entries, selection)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cheap_operators import (
+from attention_kernels.cheap_operators import (
     LinearState, linear_attention, linear_attention_quadratic, linear_decode_step, relu_softmax_attention,
 )
-from kernels.reference import pattern_mask
+from attention_kernels.reference import pattern_mask
 from plans.errors import CompressError
 from plans.identity import ModelIdentity
 from plans.schema import DensePattern, LinearPattern, SinkWindowPattern

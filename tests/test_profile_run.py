@@ -131,11 +131,10 @@ def test_input_errors(tmp_path):
 
 
 def test_unsupported_model_refused(tmp_path):
-    from transformers import AutoModelForCausalLM, FalconConfig
+    from transformers import AutoModelForCausalLM, BloomConfig
 
-    model = AutoModelForCausalLM.from_config(FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
-                                                          vocab_size=128))
-    with pytest.raises(CompressError, match="'falcon'"):
+    model = AutoModelForCausalLM.from_config(BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=128))
+    with pytest.raises(CompressError, match="'bloom'"):
         run_profile(model, {48: [make_sample(48, 20)]}, tmp_path / "f", progress=False)
 
 

@@ -355,7 +355,7 @@ def test_dropout_in_train_mode_is_honoured():
 
 def test_attention_sinks_s_aux_follow_the_eager_definition():
     """gpt-oss style learned sinks: one extra logit per head in the softmax denominator."""
-    from kernels.reference import reference_attention
+    from attention_kernels.reference import reference_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 12, 8, generator=g) for _ in range(3))

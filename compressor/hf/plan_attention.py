@@ -20,10 +20,10 @@ from transformers.masking_utils import AttentionMaskInterface
 from compressor.hf.layout import KeyLayout, call_layout, key_layout_mask
 from compressor.hf.modules import module_state
 from compressor.hf.plan_cache import PlanCache
-from kernels.dispatch import backend, sparse_attention, sparse_attention_padded
-from kernels.kv_groups import AttendSpec
-from kernels.cheap_operators import head_subset, linear_attention, relu_softmax_attention
-from kernels.reference import pattern_mask, reference_attention
+from attention_kernels.dispatch import backend, sparse_attention, sparse_attention_padded
+from attention_kernels.kv_groups import AttendSpec
+from attention_kernels.cheap_operators import head_subset, linear_attention, relu_softmax_attention
+from attention_kernels.reference import pattern_mask, reference_attention
 from plans.errors import CompressError
 from plans.io import plan_from_dict
 from plans.schema import DensePattern, Plan

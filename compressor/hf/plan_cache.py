@@ -1,7 +1,7 @@
 """``PlanCache``: a ``transformers.Cache`` whose layers keep per-head bounded KV under the model's plan.
 
 Each layer is a :class:`PlanCacheLayer`: transformers' ``CacheLayerMixin`` over the pure per-layer store
-:class:`kernels.kv_groups.PlanKV` (dense / bounded / linear groups of KV heads). The cache is storage; the plan's
+:class:`attention_kernels.kv_groups.PlanKV` (dense / bounded / linear groups of KV heads). The cache is storage; the plan's
 attention function (:mod:`compressor.hf.plan_attention`) owns the policy and calls ``store`` / ``append`` /
 ``attend``. ``update`` only counts slots and passes the new states through. The pattern of each
 sequence (``S = span(N0 + length_offset)``) is fixed at its prompt and held by the layer while decoding.
@@ -16,7 +16,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from compressor.hf.modules import install_cache_hooks, text_geometry
-from kernels.kv_groups import PlanKV
+from attention_kernels.kv_groups import PlanKV
 from plans.identity import identity_from_config
 
 

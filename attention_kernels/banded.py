@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import check_prefill_args
+from attention_kernels.checks import check_prefill_args
 from plans.span import split_span_tensor
 
 SMALL_N = 128  # below this length one masked SDPA call over all heads is faster than the composition
@@ -224,7 +224,7 @@ def banded_attention(
     """Causal sink+window prefill on the CPU: q (B, Hq, N, D), k/v (B, Hkv, N, D), sink/span (Hq,) -> (B, Hq, N, D)."""
     b, hq, hkv, n, d = check_prefill_args(q, k, v, sink, span)
     if q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu":
-        raise ValueError("banded_attention runs on CPU tensors; use kernels.triton_prefill.sparse_prefill on a GPU")
+        raise ValueError("banded_attention runs on CPU tensors; use attention_kernels.triton_prefill.sparse_prefill on a GPU")
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d else 1.0
     scale = float(scale)

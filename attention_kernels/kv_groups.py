@@ -11,7 +11,7 @@ transformers' ``DynamicLayer`` / ``DynamicSlidingWindowLayer``, one class per re
 Slots carry real token positions (``pos``, -1 = empty); RoPE is applied before caching, so slot order does not
 matter. :class:`PlanKV` is one layer's store: it builds the groups from a prefill (:meth:`PlanKV.store`), appends
 new tokens and attends new queries over what each group kept. A decode step (one new token, softmax heads, no
-softcap / attention-sink logits / native window) goes through :func:`kernels.dispatch.decode_attention` over the
+softcap / attention-sink logits / native window) goes through :func:`attention_kernels.dispatch.decode_attention` over the
 kept slots only; everything else through the masked path of :meth:`DenseGroup.attend`. The HF ``Cache`` around it lives in
 ``compressor/hf/plan_cache.py``. The visibility rule is :func:`plans.span.sees`.
 """
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cheap_operators import (
+from attention_kernels.cheap_operators import (
     LinearState,
     linear_attention,
     linear_decode_step,
     relu_softmax_attention,
 )
-from kernels.reference import masked_attention, repeat_kv
+from attention_kernels.reference import masked_attention, repeat_kv
 from plans.span import sees
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class AttendSpec:
     """What one attend call needs beyond the queries: per-query-head pattern and the model's call features.
 
     sink_q/window_q (B, Hq); relu_heads/linear_heads: query heads with those operators; softcap, s_aux (Hq,),
-    dropout and native_window as in :func:`kernels.reference.masked_attention` / :func:`kernels.reference.pattern_mask`.
+    dropout and native_window as in :func:`attention_kernels.reference.masked_attention` / :func:`attention_kernels.reference.pattern_mask`.
     """
 
     sink_q: torch.Tensor
@@ -59,8 +59,8 @@ class AttendSpec:
 def _decode(query: torch.Tensor, qi: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
             scale: float | None) -> torch.Tensor:
     """Query heads ``qi`` of a one-token query (B, Hq, 1, D) over slots k/v (B, Hg, L, D), of which the first
-    ``kv_len`` (B, Hg) are valid, through :func:`kernels.dispatch.decode_attention` -> (B, Hqg, 1, D)."""
-    from kernels.dispatch import decode_attention
+    ``kv_len`` (B, Hg) are valid, through :func:`attention_kernels.dispatch.decode_attention` -> (B, Hqg, 1, D)."""
+    from attention_kernels.dispatch import decode_attention
 
     return decode_attention(query[:, qi, 0], k, v, kv_len, scale)[:, :, None]
 
@@ -107,7 +107,7 @@ class DenseGroup:
         """Queries (B, Hq, q, D) of the whole layer at real positions q_pos (B, q) -> (B, Hqg, q, D) for this group.
 
         A decode step whose query heads all see every slot (no padding slot, dense patterns, softmax, none of
-        softcap / attention-sink logits / dropout / native window) is one :func:`kernels.dispatch.decode_attention`
+        softcap / attention-sink logits / dropout / native window) is one :func:`attention_kernels.dispatch.decode_attention`
         call without a mask; anything else builds the :func:`plans.span.sees` mask over the group's slots."""
         qi = self.query_heads(n_rep)
         if (spec.plain_decode(query, self.query_head_set(n_rep)) and bool((self.pos >= 0).all())
@@ -144,7 +144,7 @@ class RingGroup:
     see under :func:`plans.span.sees` (its sinks and the ``window`` most recent positions, itself included) and a
     new token overwrites the one that just left the window: no compaction, no stale slot. After a decode step's
     write the valid slots of a head are the prefix ``[0, min(n_real, sink + window))``, so the attention reads only
-    kept tokens through :func:`kernels.dispatch.decode_attention` (CPU SDPA or the Triton split-K kernel).
+    kept tokens through :func:`attention_kernels.dispatch.decode_attention` (CPU SDPA or the Triton split-K kernel).
 
     k/v (B, Hg, L, D) with ``L <= max(sink + window)`` (grown on demand), pos (B, Hg, L) real positions (-1 empty);
     ``uniform``: every query head of each KV head has the KV head's (sink, window), the condition of the fast path.

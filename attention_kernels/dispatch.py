@@ -3,7 +3,7 @@
 ``COMPRESS_ATTENTION`` (read on every call) forces one: ``reference`` (the masked-SDPA oracle), ``banded``
 (CPU SDPA composition) or ``triton``; unset, empty or ``auto`` means Triton for CUDA tensors and banded on the
 CPU. Decode: ``triton`` the split-K kernel, ``banded`` one SDPA call over the valid slots
-(:func:`kernels.cpu_decode.sdpa_decode`), ``reference`` the fp32 oracle ``decode_reference``. Triton modules are imported lazily, so ``TRITON_INTERPRET`` can still be set before the
+(:func:`attention_kernels.cpu_decode.sdpa_decode`), ``reference`` the fp32 oracle ``decode_reference``. Triton modules are imported lazily, so ``TRITON_INTERPRET`` can still be set before the
 first Triton call.
 """
 
@@ -38,16 +38,16 @@ def sparse_attention(
     """Causal sink+window prefill: q (B, Hq, N, D), k/v (B, Hkv, N, D), sink/span (Hq,) -> (B, Hq, N, D)."""
     which = backend(q)
     if which == "reference":
-        from kernels.checks import check_prefill_args
-        from kernels.reference import reference_attention
+        from attention_kernels.checks import check_prefill_args
+        from attention_kernels.reference import reference_attention
 
         check_prefill_args(q, k, v, sink, span)
         return reference_attention(q, k, v, sink, span, scale)
     if which == "triton":
-        from kernels.triton_prefill import sparse_prefill
+        from attention_kernels.triton_prefill import sparse_prefill
 
         return sparse_prefill(q, k, v, sink, span, scale)
-    from kernels.banded import banded_attention
+    from attention_kernels.banded import banded_attention
 
     return banded_attention(q, k, v, sink, span, scale)
 
@@ -91,14 +91,14 @@ def decode_attention(
     head's slots; only those are read) -> (B, Hq, D)."""
     which = backend(q)
     if which == "triton":
-        from kernels.triton_decode import sparse_decode
+        from attention_kernels.triton_decode import sparse_decode
 
         return sparse_decode(q, k_cache, v_cache, kv_len, scale)
     if which == "banded":
-        from kernels.cpu_decode import sdpa_decode
+        from attention_kernels.cpu_decode import sdpa_decode
 
         return sdpa_decode(q, k_cache, v_cache, kv_len, scale)
-    from kernels.reference import decode_reference
+    from attention_kernels.reference import decode_reference
 
     return decode_reference(q, k_cache, v_cache, kv_len, scale)
 

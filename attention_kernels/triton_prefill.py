@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.banded import head_pattern
-from kernels.checks import check_prefill_args
+from attention_kernels.banded import head_pattern
+from attention_kernels.checks import check_prefill_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

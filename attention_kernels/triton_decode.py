@@ -4,7 +4,7 @@ Stage 1, grid ``(B * Hkv, NUM_SPLITS)``: each program takes one KV head and all 
 group's queries share every K/V load), splits that head's valid slots ``[0, kv_len[b, h])`` into
 ``NUM_SPLITS`` equal chunks and writes a normalised partial output plus its log2-sum-exp.
 Stage 2, grid ``(B * Hq,)``: merges the splits. Slot order does not matter (RoPE is applied before caching).
-``kernels.reference.decode_reference`` is the plain-torch oracle and CPU path. Works under ``TRITON_INTERPRET=1``.
+``attention_kernels.reference.decode_reference`` is the plain-torch oracle and CPU path. Works under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_decode_args
+from attention_kernels.checks import check_decode_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import check_decode_args
+from attention_kernels.checks import check_decode_args
 from plans.span import sees, split_span_tensor, visibility_mask
 
 

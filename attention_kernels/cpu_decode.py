@@ -3,7 +3,7 @@
 The query heads of a KV head attend as one (B, Hkv, G, D) block against that head's slots (no ``repeat_kv``
 copy), and only slots below the batch's largest ``kv_len`` are read; the mask is skipped when every head holds
 the same number of valid slots (a ring that is full, a dense group without padding). This is the CPU backend of
-:func:`kernels.dispatch.decode_attention`; :func:`kernels.reference.decode_reference` is its oracle.
+:func:`attention_kernels.dispatch.decode_attention`; :func:`attention_kernels.reference.decode_reference` is its oracle.
 
     >>> q = torch.randn(1, 6, 16); k = torch.randn(1, 2, 40, 16); v = torch.randn(1, 2, 40, 16)
     >>> sdpa_decode(q, k, v, torch.tensor([[40, 25]])).shape
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import check_decode_args
+from attention_kernels.checks import check_decode_args
 
 
 def sdpa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: torch.Tensor,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import repeat_kv
+from attention_kernels.reference import repeat_kv
 
 DEFAULT_CHUNK = 128  # rows per intra-chunk block of the linear operator
 RELU_EPS = 1e-6
@@ -254,7 +254,7 @@ def relu_softmax_attention(
     """``relu(s) / (sum_allowed relu(s) + eps) @ v`` with s = q k^T * scale (MPCViT's ReLU-softmax).
 
     q (B, Hq, nq, D), k/v (B, Hkv, nk, D) un-repeated. ``mask``: bool, broadcastable to (B, Hq, nq, nk), True =
-    attend (e.g. :func:`kernels.reference.pattern_mask`); None = causal with queries the last nq keys.
+    attend (e.g. :func:`attention_kernels.reference.pattern_mask`); None = causal with queries the last nq keys.
     A row whose allowed scores are all <= 0 outputs 0."""
     b, hq, hkv, nq, nk = _check(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
