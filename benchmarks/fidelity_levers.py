@@ -5,6 +5,7 @@ the real loss change (lever 4), and an Optuna study that picks the local spans b
     python benchmarks/fidelity_levers.py rankings      # halves' agreement, overlap with the retrieval ranking
     python benchmarks/fidelity_levers.py second-order  # lever 4: estimate vs measured loss change
     python benchmarks/fidelity_levers.py optuna --budget 0.25 --trials 14
+    python benchmarks/fidelity_levers.py reachable --shapes dense k16:s256:sink64 k20:s128:sink64  # held-in oracle
 
 Inputs (written by the commands in ``benchmarks/results/fidelity_method.md``): MoA-style influence profiles on
 model-answered long-context questions (``compress profile --sources qa``, two disjoint seeds per length) under
@@ -360,40 +361,83 @@ def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# retrieval heads scored on held-in multikey prompts (attention on the queried needle among distractors)
+# what is reachable: plan shapes around a budget judged on held-in items of one task (the oracle search)
 
 
-def multikey_scores(argv, model_name: str, n_tokens: int, samples: int, out: str) -> None:
-    """Per-KV-head mean attention mass of the last 6 prompt rows on the *queried* needle of held-in niah_multikey
-    prompts (salted seeds, calibration side of Austen: never an evaluation item), written like
-    `compress profile --method retrieval` so ``ranked-plan --signal retrieval`` reads it."""
-    import random
+def parse_shape(spec: str) -> dict:
+    """``dense`` or ``k16:s256:sink64[:L0-7]``: the top ``k`` retrieval KV heads dense, every other head ``sink`` +
+    span ``s``, and (optionally) every head of layers ``a``..``b`` (inclusive) dense as well."""
+    if spec == "dense":
+        return {"spec": spec, "dense": True}
+    import re
 
+    out = {"spec": spec, "dense": False, "layers": None}
+    for part in spec.split(":"):
+        if m := re.fullmatch(r"(k|s|sink)(\d+)", part):
+            out[{"k": "k", "s": "span", "sink": "sink"}[m[1]]] = int(m[2])
+        elif m := re.fullmatch(r"L(\d+)-(\d+)", part):
+            out["layers"] = (int(m[1]), int(m[2]))
+        else:
+            raise SystemExit(f"bad shape {spec!r}: parts are kN, sN, sinkN, La-b")
+    if not {"k", "span", "sink"} <= out.keys():
+        raise SystemExit(f"bad shape {spec!r}: needs kN:sN:sinkN")
+    return out
+
+
+def shape_plan(ident, ranked: list[tuple[int, int]], shape: dict):
+    """The plan of a :func:`parse_shape` dict (None for dense)."""
+    from search_space.keep_dense import keep_dense_plan
+
+    if shape["dense"]:
+        return None
+    kept = list(ranked[:shape["k"]])
+    if shape["layers"]:
+        a, b = shape["layers"]
+        kept += [(li, h) for li in range(a, b + 1) for h in range(ident.num_kv_heads) if (li, h) not in kept]
+    return keep_dense_plan(ident, kept, shape["span"], shape["sink"])
+
+
+def reachable(argv, model_name: str, retrieval: Path, task: str, n_tokens: int, items: int, shapes: list[str],
+              part: str) -> None:
+    """Held-in accuracy (grid seed 1; the held-out suite is seed 0) of each shape in ``shapes`` on ``task`` at
+    ``n_tokens``: the search for what is reachable at a cost, never touching the held-out items. ``part`` = ``i/m``
+    runs every m-th shape (two 1-thread processes share the machine)."""
+    from compressor.evaluation import answer_score
+    from compressor.fidelity import FidelityGrid, make_cell_items
     from compressor.models import load_model
-    from compressor.retrieval_profile import SEED_SALT, item_needle_mass
+    from compressor.patching import apply, unapply
     from plans.identity import identity_from_config
     from profilers import ruler
-    from profilers.retrieval import RetrievalScores, kv_head_scores, ranking_agreement, save_retrieval
+    from profilers.retrieval import load_retrieval
 
-    torch.set_num_threads(2)
+    i, m = (int(x) for x in part.split("/"))
+    mine = [parse_shape(s) for s in shapes][i::m]
+    torch.set_num_threads(1)
     model, tok = load_model(model_name, dtype="bfloat16")
-    hay = ruler.Haystack.calibration_side("austen")
-    rng = random.Random("retrieval-multikey")
-    n_kv = model.config.num_key_value_heads
-    masses = []
-    for i in range(samples):
-        depth = round(rng.uniform(0.05, 0.95), 3)
-        seed = ruler.item_seed("retrieval-multikey", n_tokens, depth, SEED_SALT, i)
-        item = ruler.make_item("niah_multikey", tok, n_tokens, depth, seed, style="plain", haystack=hay)
-        masses.append(kv_head_scores(item_needle_mass(model, item, 6), n_kv))
-    stack = torch.stack(masses)
-    halves = torch.stack([stack[0::2].mean(0), stack[1::2].mean(0)])
-    meta = {"model": identity_from_config(model.config).model_dump(mode="json"), "lengths": [n_tokens],
-            "samples_per_length": samples, "seed": 0, "corpus": "austen", "query_rows": 6,
-            "task": "niah_multikey (held-in)", "halves_agreement": ranking_agreement(halves[0], halves[1], 16)}
-    save_retrieval(RetrievalScores(scores=stack.mean(0), halves=halves, meta=meta), PLANS / out)
-    _save(f"multikey_scores_{out}", {"model": model_name, "n_tokens": n_tokens, "samples": samples,
-                                      "halves": meta["halves_agreement"]}, argv)
+    ident = identity_from_config(model.config)
+    ranked = load_retrieval(retrieval).top(ident.num_layers * ident.num_kv_heads)
+    grid = FidelityGrid(tasks=(task,), lengths=(n_tokens,), n_per_cell=items, seed=1, style="plain", haystack="noise")
+    val = [ruler.to_sample(it, tok) for it in make_cell_items(task, tok, n_tokens, grid, "plain", ruler.NOISE)]
+    rows, t0 = [], time.time()
+    for shape in mine:
+        plan = shape_plan(ident, ranked, shape)
+        if plan is not None:
+            apply(model, plan)
+        scores = [answer_score(model, s) for s in val]
+        if plan is not None:
+            unapply(model, "sdpa")
+        kept = 0 if plan is None else sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
+        rows.append({"shape": shape["spec"], "kept_dense": kept if plan else ident.num_layers * ident.num_kv_heads,
+                     "density": 1.0 if plan is None else plan.density(n_tokens),
+                     "density_4096": 1.0 if plan is None else plan.density(4096),
+                     "kv_density": 1.0 if plan is None else plan.kv_density(n_tokens),
+                     "correct": int(sum(ok for ok, _c, _n in scores)), "n": len(val),
+                     "outcomes": [int(ok) for ok, _c, _n in scores],
+                     "answer_ce": sum(c / max(1, k) for _ok, c, k in scores) / len(scores)})
+        print({k: v for k, v in rows[-1].items() if k != "outcomes"}, flush=True)
+    _save(f"reachable_{model_name}_{task}_{i}of{m}", {"model": model_name, "retrieval": str(retrieval), "task": task,
+          "n_tokens": n_tokens, "items": items, "grid_seed": 1, "rows": rows, "seconds": round(time.time() - t0, 1)},
+          argv)
 
 
 def main(argv=None) -> int:
@@ -418,11 +462,14 @@ def main(argv=None) -> int:
                                                    "optuna_spans_0.25"])
     pp.add_argument("--lengths", default="2048,4096")
     pp.add_argument("--samples", type=int, default=1)
-    mk = sub.add_parser("multikey-scores")
-    mk.add_argument("--model", default="qwen2.5-coder-0.5b")
-    mk.add_argument("--n-tokens", type=int, default=1024)
-    mk.add_argument("--samples", type=int, default=8)
-    mk.add_argument("--out", default="qwen_multikey_scores")
+    rc = sub.add_parser("reachable")
+    rc.add_argument("--model", default="qwen2.5-coder-0.5b")
+    rc.add_argument("--retrieval", default=str(PLANS / "qwen_retrieval_scores"))
+    rc.add_argument("--task", default="niah_multikey")
+    rc.add_argument("--n-tokens", type=int, default=2048)
+    rc.add_argument("--items", type=int, default=16)
+    rc.add_argument("--shapes", nargs="+", required=True, help="dense | kN:sN:sinkN[:La-b] (see parse_shape)")
+    rc.add_argument("--part", default="0/1", help="i/m: this process runs shapes i, i+m, ...")
     op = sub.add_parser("optuna")
     op.add_argument("--budget", default="0.25")
     op.add_argument("--trials", type=int, default=14)
@@ -435,8 +482,8 @@ def main(argv=None) -> int:
         rankings(argv)
     elif a.step == "perplexity":
         perplexity(argv, a.plans, [int(x) for x in a.lengths.split(",")], a.samples)
-    elif a.step == "multikey-scores":
-        multikey_scores(argv, a.model, a.n_tokens, a.samples, a.out)
+    elif a.step == "reachable":
+        reachable(argv, a.model, Path(a.retrieval), a.task, a.n_tokens, a.items, a.shapes, a.part)
     elif a.step == "table":
         table(argv, a.evals, a.reference)
     elif a.step == "ranked-plan":

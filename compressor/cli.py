@@ -237,6 +237,9 @@ def profile_cmd(
                              help="gates: full_vs_window | softmax_vs_relu | softmax_vs_linear"),
     gate_steps: int = typer.Option(100, "--gate-steps", help="gates: optimisation steps"),
     gate_window: int = typer.Option(256, "--gate-window", help="gates: span of the cheap sink+window operator"),
+    retrieval_task: str = typer.Option("niah_single", "--retrieval-task",
+                                       help="retrieval: the held-in needle task scored (niah_single | niah_multikey: "
+                                            "the queried needle among distractor needles)"),
     workers: int = typer.Option(1, "--workers", help="data-parallel processes (torchrun: gloo on CPU, nccl with a "
                                                      "GPU each), the samples split across them; taylor only"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
@@ -247,6 +250,12 @@ def profile_cmd(
     from compressor.distributed import world_size_from_env
     from compressor.pipeline import profile
 
+    from compressor.retrieval_profile import RETRIEVAL_TASKS
+
+    if retrieval_task not in RETRIEVAL_TASKS:
+        raise CompressError(f"--retrieval-task must be one of {', '.join(RETRIEVAL_TASKS)}, got {retrieval_task!r}")
+    if retrieval_task != "niah_single" and method != "retrieval":
+        raise CompressError(f"--retrieval-task is for --method retrieval, not --method {method}")
     if workers != 1 or world_size_from_env() > 1:
         _check_workers(workers, method, model, lengths, sinks, device_map, max_memory)
     if workers > 1 and world_size_from_env() <= 1:  # launch torchrun, each rank runs this command without --workers
@@ -261,7 +270,7 @@ def profile_cmd(
     prof = profile(out, model, lengths=_lengths(lengths), samples=samples, sources=_names(sources), seed=seed,
                    block=block, sinks=_floats(sinks, "--sinks"), allow_extrapolation=allow_extrapolation, resume=resume,
                    method=method, pair=pair, gate_steps=gate_steps, gate_window=gate_window, device_map=device_map,
-                   max_memory=max_memory, offload_folder=offload_folder)
+                   max_memory=max_memory, offload_folder=offload_folder, retrieval_task=retrieval_task)
     if os.environ.get("RANK", "0") != "0":
         return  # a data-parallel rank other than 0: rank 0 wrote the files and says so
     if method == "gates":

@@ -178,11 +178,12 @@ def profile(out: str | Path = "profile", model: str | None = None, *, lengths: S
             samples: int = 4, sources: Sequence[str] = DEFAULT_SOURCES, seed: int = 0, block: int = 64,
             sinks: Sequence[float] = (64,), allow_extrapolation: bool = False, resume: bool = True,
             method: str = "taylor", pair: str = "full_vs_window", gate_steps: int = 100, gate_window: int = 256,
-            device_map=None, max_memory=None, offload_folder=None, on_sample=None):
+            device_map=None, max_memory=None, offload_folder=None, on_sample=None, retrieval_task: str = "niah_single"):
     """Profile ``model`` on its calibration set into ``out``.safetensors / .json: per-head influence from gradients
     (``taylor``), learned per-head gates (``gates``: the first of ``sinks`` and ``gate_window`` make the cheap
-    operator), or retrieval-head scores on held-in needle prompts (``retrieval``: ``samples`` prompts per length,
-    see :mod:`compressor.retrieval_profile`). Returns the profile (retrieval: the scores).
+    operator), or retrieval-head scores on held-in needle prompts (``retrieval``: ``samples`` prompts per length of
+    ``retrieval_task``, niah_single or niah_multikey, see :mod:`compressor.retrieval_profile`). Returns the profile
+    (retrieval: the scores).
 
     ``device_map``/``max_memory``/``offload_folder`` split the model across devices (see
     :mod:`compressor.placement`). Under ``torchrun`` (WORLD_SIZE > 1) the taylor profile is data-parallel
@@ -205,7 +206,7 @@ def profile(out: str | Path = "profile", model: str | None = None, *, lengths: S
         from profilers.retrieval import save_retrieval
 
         m, tok = load_model(model, **place)
-        scores = run_retrieval_profile(m, tok, lengths=lengths, samples=samples, seed=seed)
+        scores = run_retrieval_profile(m, tok, lengths=lengths, samples=samples, seed=seed, task=retrieval_task)
         save_retrieval(scores, out)
         return scores
     m, _, _, data = _calibration(model, lengths, samples, sources, seed, placement=place)

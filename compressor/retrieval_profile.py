@@ -1,6 +1,7 @@
 """`compress profile --method retrieval`'s driver: score every KV head by its attention on held-in needles.
 
-For each held-in needle prompt (RULER ``niah_single``, haystack = the calibration side of the corpus, seeds of their
+For each held-in needle prompt (RULER ``niah_single``, or ``niah_multikey`` where the queried needle sits among
+distractors with other keys; haystack = the calibration side of the corpus, seeds of their
 own: never an evaluation item), one forward pass (no grad) through
 :data:`compressor.hf.retrieval_attention.RETRIEVAL_ATTN` records, per layer and query head, the attention mass the
 last ``query_rows`` prompt positions put on the needle (:func:`profilers.retrieval.needle_attention_mass`). Scores
@@ -25,22 +26,28 @@ from profilers.progress import progress as progress_helper
 from profilers.retrieval import RetrievalScores, kv_head_scores, ranking_agreement
 
 SEED_SALT = 104729  # keeps retrieval-scoring items apart from evaluation items of the same base seed
+RETRIEVAL_TASKS = ("niah_single", "niah_multikey")  # RULER tasks with one queried (anchor) needle to score
 
 
-def retrieval_items(tokenizer, lengths: Sequence[int], samples: int, seed: int = 0, corpus: str | None = "austen"
-                    ) -> list[ruler.EvalItem]:
-    """``samples`` held-in ``niah_single`` prompts per length, depths drawn uniformly in [0.05, 0.95].
+def retrieval_items(tokenizer, lengths: Sequence[int], samples: int, seed: int = 0, corpus: str | None = "austen",
+                    task: str = "niah_single") -> list[ruler.EvalItem]:
+    """``samples`` held-in ``task`` prompts per length (one of :data:`RETRIEVAL_TASKS`), depths of the queried
+    needle drawn uniformly in [0.05, 0.95].
 
     The haystack is the calibration side of ``corpus`` (``None``: RULER noise); item seeds are salted so they
-    differ from :func:`profilers.ruler.item_seed` of any evaluation cell."""
+    differ from :func:`profilers.ruler.item_seed` of any evaluation cell. Raises CompressError for another task."""
+    if task not in RETRIEVAL_TASKS:
+        raise CompressError(f"retrieval scoring needs a task with one queried needle ({', '.join(RETRIEVAL_TASKS)}), "
+                            f"got {task!r}")
     hay = ruler.NOISE if corpus is None else ruler.Haystack.calibration_side(corpus)
-    rng = random.Random(f"retrieval\0{seed}")
+    single = task == "niah_single"  # niah_single keeps its original streams: earlier scores reproduce
+    rng = random.Random(f"retrieval\0{seed}" if single else f"retrieval\0{task}\0{seed}")
     items = []
     for n in lengths:
         for i in range(samples):
             depth = round(rng.uniform(0.05, 0.95), 3)
-            s = ruler.item_seed("retrieval-niah", int(n), depth, seed + SEED_SALT, i)
-            items.append(ruler.make_niah_single(tokenizer, int(n), depth, s, haystack=hay, style="plain"))
+            s = ruler.item_seed("retrieval-niah" if single else f"retrieval-{task}", int(n), depth, seed + SEED_SALT, i)
+            items.append(ruler.make_item(task, tokenizer, int(n), depth, s, haystack=hay, style="plain"))
     return items
 
 
@@ -62,18 +69,20 @@ def item_needle_mass(model, item: ruler.EvalItem, query_rows: int) -> torch.Tens
 
 
 def run_retrieval_profile(model, tokenizer, *, lengths: Sequence[int] = (1024,), samples: int = 8, seed: int = 0,
-                          corpus: str | None = "austen", query_rows: int = 6, show_progress: bool = True
-                          ) -> RetrievalScores:
-    """Retrieval scores [L, Hkv] of ``model`` over ``samples`` held-in needle prompts per length.
+                          corpus: str | None = "austen", query_rows: int = 6, task: str = "niah_single",
+                          show_progress: bool = True) -> RetrievalScores:
+    """Retrieval scores [L, Hkv] of ``model`` over ``samples`` held-in ``task`` prompts per length (the mass on the
+    queried needle; with ``niah_multikey``, among distractor needles).
 
-    Raises CompressError for samples < 2, query_rows < 1, or a model the profiler does not support."""
+    Raises CompressError for samples < 2, query_rows < 1, a task without one queried needle, or a model the
+    profiler does not support."""
     if samples < 2:
         raise CompressError(f"retrieval scoring needs at least 2 samples (two halves), got {samples}")
     if query_rows < 1:
         raise CompressError(f"query_rows must be >= 1, got {query_rows}")
     check_model_supported(model, "scored")
     _, _, n_kv = text_geometry(model.config)
-    items = retrieval_items(tokenizer, lengths, samples, seed, corpus)
+    items = retrieval_items(tokenizer, lengths, samples, seed, corpus, task)
     masses = []
     with progress_helper("retrieval scoring", total=len(items), enabled=show_progress) as tick:
         for item in items:
@@ -86,7 +95,7 @@ def run_retrieval_profile(model, tokenizer, *, lengths: Sequence[int] = (1024,),
     meta = {
         "model": identity_from_config(model.config).model_dump(mode="json"),
         "lengths": [int(n) for n in lengths], "samples_per_length": samples, "seed": seed, "corpus": corpus,
-        "query_rows": query_rows, "task": "niah_single (held-in)",
+        "query_rows": query_rows, "task": f"{task} (held-in)",
         "halves_agreement": ranking_agreement(halves[0], halves[1], k),
     }
     return RetrievalScores(scores=scores, halves=halves, meta=meta)

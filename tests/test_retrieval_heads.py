@@ -258,3 +258,37 @@ def test_cli_profile_retrieval_on_a_saved_model(tiny_model_dir, tmp_path, monkey
     back = load_retrieval(tmp_path / "retr")
     assert back.scores.shape == (2, 2) and back.meta["task"].startswith("niah_single")
     assert back.meta["corpus"] == "austen"
+
+
+def test_multikey_retrieval_items_score_the_queried_needle_among_distractors():
+    """--retrieval-task niah_multikey: the anchor is the needle whose key the question names and whose value is the
+    answer; the other needles are distractors with other keys and values; the tokens of the anchor's span decode to
+    its text (checked against the tokenizer, not the item builder)."""
+    _, tok = tiny_model_with_tokenizer("llama")
+    items = retrieval_items(tok, [320], 3, seed=0, corpus=None, task="niah_multikey")
+    assert len(items) == 3 and all(it.task == "niah_multikey" for it in items)
+    for it in items:
+        a = it.anchor
+        assert a.key in it.question and it.answers == [a.value]
+        others = [nd for nd in it.needles if nd is not a]
+        assert others and all(nd.role == "distractor" and nd.key != a.key and nd.value != a.value for nd in others)
+        assert a.value in tok.decode(it.prompt_ids[a.span[0]:a.span[1]])
+    singles = retrieval_items(tok, [320], 3, seed=0, corpus=None)
+    assert singles == retrieval_items(tok, [320], 3, seed=0, corpus=None, task="niah_single")
+    assert not {tuple(i.prompt_ids) for i in items} & {tuple(i.prompt_ids) for i in singles}
+    with pytest.raises(CompressError, match="one queried needle"):
+        retrieval_items(tok, [320], 2, corpus=None, task="variable_tracking")
+
+
+def test_cli_retrieval_task_is_checked_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from compressor.cli import app
+
+    r = CliRunner().invoke(app, ["profile", "--method", "taylor", "--retrieval-task", "niah_multikey",
+                                 "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "--retrieval-task is for --method retrieval" in r.output
+    r = CliRunner().invoke(app, ["profile", "--method", "retrieval", "--retrieval-task", "niah_multivalue",
+                                 "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "must be one of niah_single, niah_multikey" in r.output
+    assert not list(tmp_path.iterdir())
