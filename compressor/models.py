@@ -153,7 +153,8 @@ def prompt_style(model: str | os.PathLike | None) -> str | None:
 
 def known_model_dir(name: str) -> Path:
     """The cached HF folder of a known model, converted from its GGUF on first use (atomically: a concurrent or
-    interrupted conversion never leaves a half-written folder behind)."""
+    interrupted conversion never leaves a half-written folder behind, and a process that finds the folder never
+    sees it removed: the first conversion to finish is renamed into place, a later one is discarded)."""
     spec = known_model(name)
     if spec is None:
         raise CompressError(_unknown_model_message(name))
@@ -163,7 +164,12 @@ def known_model_dir(name: str) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.gguf.", dir=root))
         try:
-            convert_gguf(spec.gguf(scratch), out)
+            mine = convert_gguf(spec.gguf(scratch), scratch / "hf")
+            try:
+                os.rename(mine, out)  # a folder that appeared meanwhile (a concurrent first use) is kept, never replaced
+            except OSError:
+                if not (out / "config.json").exists():
+                    raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return out

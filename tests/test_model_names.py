@@ -3,6 +3,7 @@ folder, clear errors for unknown names and missing packages, and (when installed
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -91,3 +92,42 @@ def test_gemma3_270m_tokenizer_and_config_by_short_name(tmp_path):
     assert r.exit_code == 0, r.output
     ident = json.loads(plan.read_text())["model"]
     assert (ident["num_layers"], ident["num_kv_heads"], ident["head_dim"]) == (18, 1, 256)
+
+
+def test_concurrent_first_use_keeps_the_folder_that_landed_first(tmp_path, monkeypatch):
+    """Two processes converting the same GGUF at once: the one that finishes second must not remove the folder the
+    first put in place (a third process may be loading it); its own conversion is discarded."""
+    monkeypatch.setenv("COMPRESS_HOME", str(tmp_path))
+    spec = models.KNOWN_MODELS["qwen2.5-coder-0.5b"]
+    monkeypatch.setitem(models.KNOWN_MODELS, spec.name, dataclasses.replace(spec, gguf=lambda scratch: scratch / "m.gguf"))
+    final = tmp_path / "models" / spec.folder
+
+    def convert(gguf, out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text('{"who": "late"}')
+        final.mkdir(parents=True)  # the concurrent process finished meanwhile
+        (final / "config.json").write_text('{"who": "first"}')
+        (final / "model.safetensors").write_bytes(b"weights")
+        return out_dir
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    assert models.known_model_dir("qwen2.5-coder-0.5b") == final
+    assert json.loads((final / "config.json").read_text()) == {"who": "first"}
+    assert (final / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [spec.folder]  # the scratch is gone
+
+
+def test_first_use_renames_the_conversion_into_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_HOME", str(tmp_path))
+    spec = models.KNOWN_MODELS["qwen2.5-coder-0.5b"]
+    monkeypatch.setitem(models.KNOWN_MODELS, spec.name, dataclasses.replace(spec, gguf=lambda scratch: scratch / "m.gguf"))
+
+    def convert(gguf, out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text('{"who": "only"}')
+        return out_dir
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    final = models.known_model_dir("qwen2.5-coder-0.5b")
+    assert json.loads((final / "config.json").read_text()) == {"who": "only"}
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [spec.folder]
