@@ -240,10 +240,11 @@ def optuna_spans(argv, budget: str, trials: int, items: int, n_val: int, groups:
 
 
 def ranked_plan(argv, signal: str, budget: str, retrieval: Path = RETRIEVAL, name: str | None = None,
-                compare: Path = RETRIEVAL, qa_profiles: tuple[str, ...] = ("qa_s0", "qa_s1")) -> None:
+                compare: Path = RETRIEVAL, qa_profiles: tuple[str, ...] = ("qa_s0", "qa_s1"), span: int = SPAN,
+                sink: int = SINK) -> None:
     """Write ``plans/{signal}_top_{budget}.json``: the heads ``signal`` ranks highest kept dense, as many as the
-    budget affords at compress run's eval lengths, the rest sink 64 + span 256 (the shape of ``run_0.5.json``, whose
-    ranking is the retrieval score). ``signal``: ``qa`` (MoA-style influence of the ``qa_profiles`` stems in
+    budget affords at compress run's eval lengths, the rest ``sink`` + ``span`` (default 64 + 256: the shape of
+    ``run_0.5.json``, whose ranking is the retrieval score). ``signal``: ``qa`` (MoA-style influence of the ``qa_profiles`` stems in
     ``runs/lev``, layer-normalised, at their longest length) or ``gates`` (DuoAttention-style gate values) or ``retrieval`` (the scores at ``retrieval``: compress run's own
     shape, here for another model). The kept heads' overlap with the top k of ``compare`` (retrieval scores of the
     same model) is recorded unless ``compare`` is the ranking itself."""
@@ -273,7 +274,7 @@ def ranked_plan(argv, signal: str, budget: str, retrieval: Path = RETRIEVAL, nam
     else:
         raise SystemExit(f"unknown signal {signal!r}")
     ranked = top_heads(scores, scores.numel())
-    plan = fit_keep_dense_plan(ident, ranked, parse_budgets([budget]), [2048, 4096], SPAN, SINK)
+    plan = fit_keep_dense_plan(ident, ranked, parse_budgets([budget]), [2048, 4096], span, sink)
     k = sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
     path = PLANS / f"{name or signal + '_top'}_{budget}.json"
     save_plan(plan, path)
@@ -281,6 +282,7 @@ def ranked_plan(argv, signal: str, budget: str, retrieval: Path = RETRIEVAL, nam
         info |= {"compare": str(compare),
                  "overlap_with_compare_top_k": len(set(load_retrieval(compare).top(k)) & set(ranked[:k]))}
     _save(f"ranked_plan_{name or signal}_{budget}", {"signal": signal, "budget": budget, "kept_dense": k,
+          "sink": sink, "span": span,
           "plan": str(path.relative_to(ROOT)), **info}, argv)
 
 
@@ -333,9 +335,10 @@ def table(argv, evals: list[str], reference: str) -> None:
 # perplexity of every lever plan, as compress run's report measures it
 
 
-def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int) -> None:
+def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int, model_name: str | None = None) -> None:
     """Held-out Austen perplexity (fp32; ``samples`` windows per length, pooled over windows and lengths) of dense
-    and each plan in ``plans/``: :func:`compressor.evaluation.evaluate` with the ``ppl`` task, as `compress run`."""
+    and each plan in ``plans/``: :func:`compressor.evaluation.evaluate` with the ``ppl`` task, as `compress run`.
+    ``model_name``: a short name (None: the default model; another model's section is ``perplexity_{name}``)."""
     import math
 
     from compressor.evaluation import evaluate, heldout_corpus
@@ -343,7 +346,7 @@ def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int) ->
     from plans.io import load_plan
 
     torch.set_num_threads(1)
-    model, tok = load_model(None)
+    model, tok = load_model(model_name)
     plans = {name: load_plan(PLANS / f"{name}.json") for name in plan_names}
     rep = evaluate(model, tok, plans, "ppl", lengths, samples=samples, haystack=heldout_corpus("austen"),
                    include_uniform=False)
@@ -356,8 +359,9 @@ def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int) ->
     dense = out["dense"]["ppl"]
     for m in out:
         out[m]["vs_dense"] = out[m]["ppl"] / dense - 1
-    _save("perplexity", {"lengths": lengths, "windows_per_length": samples, "corpus": "austen (held-out split)",
-                         "dtype": "float32", "methods": out}, argv)
+    section = "perplexity" if model_name is None else f"perplexity_{model_name}"
+    _save(section, {"model": model_name or "default", "lengths": lengths, "windows_per_length": samples,
+                    "corpus": "austen (held-out split)", "dtype": "float32", "methods": out}, argv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,7 +402,7 @@ def shape_plan(ident, ranked: list[tuple[int, int]], shape: dict):
 
 
 def reachable(argv, model_name: str, retrieval: Path, task: str, n_tokens: int, items: int, shapes: list[str],
-              part: str) -> None:
+              part: str, label: str = "") -> None:
     """Held-in accuracy (grid seed 1; the held-out suite is seed 0) of each shape in ``shapes`` on ``task`` at
     ``n_tokens``: the search for what is reachable at a cost, never touching the held-out items. ``part`` = ``i/m``
     runs every m-th shape (two 1-thread processes share the machine)."""
@@ -435,7 +439,7 @@ def reachable(argv, model_name: str, retrieval: Path, task: str, n_tokens: int, 
                      "outcomes": [int(ok) for ok, _c, _n in scores],
                      "answer_ce": sum(c / max(1, k) for _ok, c, k in scores) / len(scores)})
         print({k: v for k, v in rows[-1].items() if k != "outcomes"}, flush=True)
-    _save(f"reachable_{model_name}_{task}_{i}of{m}", {"model": model_name, "retrieval": str(retrieval), "task": task,
+    _save(f"reachable_{model_name}_{task}{label and '_' + label}_{i}of{m}", {"model": model_name, "retrieval": str(retrieval), "task": task,
           "n_tokens": n_tokens, "items": items, "grid_seed": 1, "rows": rows, "seconds": round(time.time() - t0, 1)},
           argv)
 
@@ -454,6 +458,8 @@ def main(argv=None) -> int:
     rp.add_argument("--name", default=None, help="plan file stem (default: SIGNAL_top)")
     rp.add_argument("--qa-profiles", default="qa_s0,qa_s1", help="with --signal qa: profile stems in runs/lev")
     rp.add_argument("--compare", default=str(RETRIEVAL), help="retrieval scores to report the kept heads' overlap with")
+    rp.add_argument("--span", type=int, default=SPAN, help="local span of the heads not kept dense")
+    rp.add_argument("--sink", type=int, default=SINK)
     tb = sub.add_parser("table")
     tb.add_argument("--evals", nargs="+", required=True, help="fidelity result stems in benchmarks/results")
     tb.add_argument("--reference", default="run_0.5", help="the default plan in fidelity.json to pair against")
@@ -462,6 +468,7 @@ def main(argv=None) -> int:
                                                    "optuna_spans_0.25"])
     pp.add_argument("--lengths", default="2048,4096")
     pp.add_argument("--samples", type=int, default=1)
+    pp.add_argument("--model", default=None, help="short model name (default: the default model)")
     rc = sub.add_parser("reachable")
     rc.add_argument("--model", default="qwen2.5-coder-0.5b")
     rc.add_argument("--retrieval", default=str(PLANS / "qwen_retrieval_scores"))
@@ -470,6 +477,7 @@ def main(argv=None) -> int:
     rc.add_argument("--items", type=int, default=16)
     rc.add_argument("--shapes", nargs="+", required=True, help="dense | kN:sN:sinkN[:La-b] (see parse_shape)")
     rc.add_argument("--part", default="0/1", help="i/m: this process runs shapes i, i+m, ...")
+    rc.add_argument("--label", default="", help="added to the results section's name (one per round of shapes)")
     op = sub.add_parser("optuna")
     op.add_argument("--budget", default="0.25")
     op.add_argument("--trials", type=int, default=14)
@@ -481,14 +489,14 @@ def main(argv=None) -> int:
     if a.step == "rankings":
         rankings(argv)
     elif a.step == "perplexity":
-        perplexity(argv, a.plans, [int(x) for x in a.lengths.split(",")], a.samples)
+        perplexity(argv, a.plans, [int(x) for x in a.lengths.split(",")], a.samples, a.model)
     elif a.step == "reachable":
-        reachable(argv, a.model, Path(a.retrieval), a.task, a.n_tokens, a.items, a.shapes, a.part)
+        reachable(argv, a.model, Path(a.retrieval), a.task, a.n_tokens, a.items, a.shapes, a.part, a.label)
     elif a.step == "table":
         table(argv, a.evals, a.reference)
     elif a.step == "ranked-plan":
         ranked_plan(argv, a.signal, a.budget, Path(a.retrieval), a.name, Path(a.compare),
-                    tuple(a.qa_profiles.split(",")))
+                    tuple(a.qa_profiles.split(",")), a.span, a.sink)
     elif a.step == "second-order":
         second_order(argv, a.heads_per_group)
     else:

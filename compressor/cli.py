@@ -240,6 +240,9 @@ def profile_cmd(
     retrieval_task: str = typer.Option("niah_single", "--retrieval-task",
                                        help="retrieval: the held-in needle task scored (niah_single | niah_multikey: "
                                             "the queried needle among distractor needles)"),
+    query_rows: str = typer.Option("6", "--query-rows",
+                                   help="retrieval: the prompt rows whose attention on the needle is scored: the last "
+                                        "N, or 'question' (every row after the context, where the key is read)"),
     workers: int = typer.Option(1, "--workers", help="data-parallel processes (torchrun: gloo on CPU, nccl with a "
                                                      "GPU each), the samples split across them; taylor only"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
@@ -254,8 +257,10 @@ def profile_cmd(
 
     if retrieval_task not in RETRIEVAL_TASKS:
         raise CompressError(f"--retrieval-task must be one of {', '.join(RETRIEVAL_TASKS)}, got {retrieval_task!r}")
-    if retrieval_task != "niah_single" and method != "retrieval":
-        raise CompressError(f"--retrieval-task is for --method retrieval, not --method {method}")
+    if (retrieval_task != "niah_single" or query_rows != "6") and method != "retrieval":
+        raise CompressError(f"--retrieval-task and --query-rows are for --method retrieval, not --method {method}")
+    if query_rows != "question" and not (query_rows.isdigit() and int(query_rows) >= 1):
+        raise CompressError(f"--query-rows must be a positive integer or 'question', got {query_rows!r}")
     if workers != 1 or world_size_from_env() > 1:
         _check_workers(workers, method, model, lengths, sinks, device_map, max_memory)
     if workers > 1 and world_size_from_env() <= 1:  # launch torchrun, each rank runs this command without --workers
@@ -270,7 +275,8 @@ def profile_cmd(
     prof = profile(out, model, lengths=_lengths(lengths), samples=samples, sources=_names(sources), seed=seed,
                    block=block, sinks=_floats(sinks, "--sinks"), allow_extrapolation=allow_extrapolation, resume=resume,
                    method=method, pair=pair, gate_steps=gate_steps, gate_window=gate_window, device_map=device_map,
-                   max_memory=max_memory, offload_folder=offload_folder, retrieval_task=retrieval_task)
+                   max_memory=max_memory, offload_folder=offload_folder, retrieval_task=retrieval_task,
+                   retrieval_query_rows=None if query_rows == "question" else int(query_rows))
     if os.environ.get("RANK", "0") != "0":
         return  # a data-parallel rank other than 0: rank 0 wrote the files and says so
     if method == "gates":

@@ -178,11 +178,13 @@ def profile(out: str | Path = "profile", model: str | None = None, *, lengths: S
             samples: int = 4, sources: Sequence[str] = DEFAULT_SOURCES, seed: int = 0, block: int = 64,
             sinks: Sequence[float] = (64,), allow_extrapolation: bool = False, resume: bool = True,
             method: str = "taylor", pair: str = "full_vs_window", gate_steps: int = 100, gate_window: int = 256,
-            device_map=None, max_memory=None, offload_folder=None, on_sample=None, retrieval_task: str = "niah_single"):
+            device_map=None, max_memory=None, offload_folder=None, on_sample=None, retrieval_task: str = "niah_single",
+            retrieval_query_rows: int | None = 6):
     """Profile ``model`` on its calibration set into ``out``.safetensors / .json: per-head influence from gradients
     (``taylor``), learned per-head gates (``gates``: the first of ``sinks`` and ``gate_window`` make the cheap
     operator), or retrieval-head scores on held-in needle prompts (``retrieval``: ``samples`` prompts per length of
-    ``retrieval_task``, niah_single or niah_multikey, see :mod:`compressor.retrieval_profile`). Returns the profile
+    ``retrieval_task``, niah_single or niah_multikey, read from the last ``retrieval_query_rows`` rows or, for None,
+    the question rows; see :mod:`compressor.retrieval_profile`). Returns the profile
     (retrieval: the scores).
 
     ``device_map``/``max_memory``/``offload_folder`` split the model across devices (see
@@ -206,7 +208,8 @@ def profile(out: str | Path = "profile", model: str | None = None, *, lengths: S
         from profilers.retrieval import save_retrieval
 
         m, tok = load_model(model, **place)
-        scores = run_retrieval_profile(m, tok, lengths=lengths, samples=samples, seed=seed, task=retrieval_task)
+        scores = run_retrieval_profile(m, tok, lengths=lengths, samples=samples, seed=seed, task=retrieval_task,
+                                       query_rows=retrieval_query_rows)
         save_retrieval(scores, out)
         return scores
     m, _, _, data = _calibration(model, lengths, samples, sources, seed, placement=place)

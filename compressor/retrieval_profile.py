@@ -51,12 +51,16 @@ def retrieval_items(tokenizer, lengths: Sequence[int], samples: int, seed: int =
     return items
 
 
-def item_needle_mass(model, item: ruler.EvalItem, query_rows: int) -> torch.Tensor:
-    """[L, Hq] needle attention mass of one prompt (the anchor needle's token span, the last ``query_rows`` rows)."""
+def item_needle_mass(model, item: ruler.EvalItem, query_rows: int | None) -> torch.Tensor:
+    """[L, Hq] needle attention mass of one prompt: on the anchor needle's token span, averaged over the last
+    ``query_rows`` rows (None: every row after the context, i.e. the question, where the key is read, and the
+    answer prefix)."""
     a = item.anchor
     if a is None:
         raise CompressError(f"retrieval scoring needs a needle item, got task {item.task!r}")
     n = len(item.prompt_ids)
+    if query_rows is None:
+        query_rows = n - item.context_span[1]
     positions = torch.arange(max(0, n - query_rows), n)
     probe = RetrievalProbe(positions=positions, needle=a.span)
     dev = model.get_input_embeddings().weight.device
@@ -69,17 +73,18 @@ def item_needle_mass(model, item: ruler.EvalItem, query_rows: int) -> torch.Tens
 
 
 def run_retrieval_profile(model, tokenizer, *, lengths: Sequence[int] = (1024,), samples: int = 8, seed: int = 0,
-                          corpus: str | None = "austen", query_rows: int = 6, task: str = "niah_single",
+                          corpus: str | None = "austen", query_rows: int | None = 6, task: str = "niah_single",
                           show_progress: bool = True) -> RetrievalScores:
     """Retrieval scores [L, Hkv] of ``model`` over ``samples`` held-in ``task`` prompts per length (the mass on the
-    queried needle; with ``niah_multikey``, among distractor needles).
+    queried needle; with ``niah_multikey``, among distractor needles) from the last ``query_rows`` rows (None: the
+    question rows, see :func:`item_needle_mass`).
 
     Raises CompressError for samples < 2, query_rows < 1, a task without one queried needle, or a model the
     profiler does not support."""
     if samples < 2:
         raise CompressError(f"retrieval scoring needs at least 2 samples (two halves), got {samples}")
-    if query_rows < 1:
-        raise CompressError(f"query_rows must be >= 1, got {query_rows}")
+    if query_rows is not None and query_rows < 1:
+        raise CompressError(f"query_rows must be >= 1 (or None: the question rows), got {query_rows}")
     check_model_supported(model, "scored")
     _, _, n_kv = text_geometry(model.config)
     items = retrieval_items(tokenizer, lengths, samples, seed, corpus, task)
@@ -95,7 +100,7 @@ def run_retrieval_profile(model, tokenizer, *, lengths: Sequence[int] = (1024,),
     meta = {
         "model": identity_from_config(model.config).model_dump(mode="json"),
         "lengths": [int(n) for n in lengths], "samples_per_length": samples, "seed": seed, "corpus": corpus,
-        "query_rows": query_rows, "task": f"{task} (held-in)",
+        "query_rows": "question" if query_rows is None else query_rows, "task": f"{task} (held-in)",
         "halves_agreement": ranking_agreement(halves[0], halves[1], k),
     }
     return RetrievalScores(scores=scores, halves=halves, meta=meta)

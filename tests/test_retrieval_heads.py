@@ -287,8 +287,31 @@ def test_cli_retrieval_task_is_checked_before_any_work(tmp_path):
 
     r = CliRunner().invoke(app, ["profile", "--method", "taylor", "--retrieval-task", "niah_multikey",
                                  "--out", str(tmp_path / "p")])
-    assert r.exit_code == 2 and "--retrieval-task is for --method retrieval" in r.output
+    assert r.exit_code == 2 and "--retrieval-task and --query-rows are for --method retrieval" in r.output
     r = CliRunner().invoke(app, ["profile", "--method", "retrieval", "--retrieval-task", "niah_multivalue",
                                  "--out", str(tmp_path / "p")])
     assert r.exit_code == 2 and "must be one of niah_single, niah_multikey" in r.output
+    r = CliRunner().invoke(app, ["profile", "--method", "retrieval", "--query-rows", "last",
+                                 "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "--query-rows must be a positive integer or 'question'" in r.output
     assert not list(tmp_path.iterdir())
+
+
+def test_question_rows_mass_matches_eager_attention_weights():
+    """query_rows=None (`--query-rows question`): the mean over every row after the context (question + answer
+    prefix) of the eager attention weights on the needle, read from HF's output_attentions."""
+    model, tok = tiny_model_with_tokenizer("llama", seed=5)
+    item = retrieval_items(tok, [320], 2, seed=2, corpus=None, task="niah_multikey")[1]
+    got = item_needle_mass(model, item, query_rows=None)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([item.prompt_ids]), output_attentions=True)
+    s, e = item.anchor.span
+    q0 = item.context_span[1]
+    assert len(item.prompt_ids) - q0 > 5  # more rows than a small last-rows window
+    want = torch.stack([a[0, :, q0:, s:e].sum(-1).mean(-1).double() for a in out.attentions])
+    assert torch.allclose(got, want, atol=1e-5)
+    r = run_retrieval_profile(model, tok, lengths=[320], samples=2, corpus=None, query_rows=None, show_progress=False)
+    assert r.meta["query_rows"] == "question"
+    with pytest.raises(CompressError, match="query_rows"):
+        run_retrieval_profile(model, tok, lengths=[320], samples=2, corpus=None, query_rows=0, show_progress=False)
