@@ -335,10 +335,12 @@ def table(argv, evals: list[str], reference: str) -> None:
 # perplexity of every lever plan, as compress run's report measures it
 
 
-def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int, model_name: str | None = None) -> None:
+def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int, model_name: str | None = None,
+               label: str = "") -> None:
     """Held-out Austen perplexity (fp32; ``samples`` windows per length, pooled over windows and lengths) of dense
     and each plan in ``plans/``: :func:`compressor.evaluation.evaluate` with the ``ppl`` task, as `compress run`.
-    ``model_name``: a short name (None: the default model; another model's section is ``perplexity_{name}``)."""
+    ``model_name``: a short name (None: the default model; another model's section is ``perplexity_{name}``);
+    ``label``: added to the section's name (each set of plans its own section)."""
     import math
 
     from compressor.evaluation import evaluate, heldout_corpus
@@ -359,7 +361,7 @@ def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int, mo
     dense = out["dense"]["ppl"]
     for m in out:
         out[m]["vs_dense"] = out[m]["ppl"] / dense - 1
-    section = "perplexity" if model_name is None else f"perplexity_{model_name}"
+    section = "perplexity" + (f"_{label}" if label else "") + (f"_{model_name}" if model_name else "")
     _save(section, {"model": model_name or "default", "lengths": lengths, "windows_per_length": samples,
                     "corpus": "austen (held-out split)", "dtype": "float32", "methods": out}, argv)
 
@@ -469,6 +471,7 @@ def main(argv=None) -> int:
     pp.add_argument("--lengths", default="2048,4096")
     pp.add_argument("--samples", type=int, default=1)
     pp.add_argument("--model", default=None, help="short model name (default: the default model)")
+    pp.add_argument("--label", default="", help="added to the results section's name")
     rc = sub.add_parser("reachable")
     rc.add_argument("--model", default="qwen2.5-coder-0.5b")
     rc.add_argument("--retrieval", default=str(PLANS / "qwen_retrieval_scores"))
@@ -489,7 +492,7 @@ def main(argv=None) -> int:
     if a.step == "rankings":
         rankings(argv)
     elif a.step == "perplexity":
-        perplexity(argv, a.plans, [int(x) for x in a.lengths.split(",")], a.samples, a.model)
+        perplexity(argv, a.plans, [int(x) for x in a.lengths.split(",")], a.samples, a.model, a.label)
     elif a.step == "reachable":
         reachable(argv, a.model, Path(a.retrieval), a.task, a.n_tokens, a.items, a.shapes, a.part, a.label)
     elif a.step == "table":

@@ -240,7 +240,7 @@ def profile_cmd(
     retrieval_task: str = typer.Option("niah_single", "--retrieval-task",
                                        help="retrieval: the held-in needle task scored (niah_single | niah_multikey: "
                                             "the queried needle among distractor needles)"),
-    query_rows: str = typer.Option("6", "--query-rows",
+    query_rows: str = typer.Option("question", "--query-rows",
                                    help="retrieval: the prompt rows whose attention on the needle is scored: the last "
                                         "N, or 'question' (every row after the context, where the key is read)"),
     workers: int = typer.Option(1, "--workers", help="data-parallel processes (torchrun: gloo on CPU, nccl with a "
@@ -257,7 +257,7 @@ def profile_cmd(
 
     if retrieval_task not in RETRIEVAL_TASKS:
         raise CompressError(f"--retrieval-task must be one of {', '.join(RETRIEVAL_TASKS)}, got {retrieval_task!r}")
-    if (retrieval_task != "niah_single" or query_rows != "6") and method != "retrieval":
+    if (retrieval_task != "niah_single" or query_rows != "question") and method != "retrieval":
         raise CompressError(f"--retrieval-task and --query-rows are for --method retrieval, not --method {method}")
     if query_rows != "question" and not (query_rows.isdigit() and int(query_rows) >= 1):
         raise CompressError(f"--query-rows must be a positive integer or 'question', got {query_rows!r}")

@@ -179,7 +179,7 @@ def profile(out: str | Path = "profile", model: str | None = None, *, lengths: S
             sinks: Sequence[float] = (64,), allow_extrapolation: bool = False, resume: bool = True,
             method: str = "taylor", pair: str = "full_vs_window", gate_steps: int = 100, gate_window: int = 256,
             device_map=None, max_memory=None, offload_folder=None, on_sample=None, retrieval_task: str = "niah_single",
-            retrieval_query_rows: int | None = 6):
+            retrieval_query_rows: int | None = None):
     """Profile ``model`` on its calibration set into ``out``.safetensors / .json: per-head influence from gradients
     (``taylor``), learned per-head gates (``gates``: the first of ``sinks`` and ``gate_window`` make the cheap
     operator), or retrieval-head scores on held-in needle prompts (``retrieval``: ``samples`` prompts per length of

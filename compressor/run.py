@@ -255,7 +255,8 @@ def _retrieval_stage(ctx: _Ctx, profile_fp: str) -> str:
     if cfg.retrieval_samples <= 0:
         return profile_fp
     n = min(cfg.profile_lengths)
-    stage = _Stage(out, "retrieval", _fp(profile_fp, cfg.retrieval_samples, n, cfg.seed, cfg.local_span))
+    stage = _Stage(out, "retrieval", _fp(profile_fp, cfg.retrieval_samples, n, cfg.seed, cfg.local_span,
+                                         "question rows"))  # scores from before the question rows are recomputed
     ctx.tick(0, stage="run: retrieval heads")
     if not stage.done():
         t = time.time()
