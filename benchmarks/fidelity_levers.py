@@ -38,6 +38,11 @@ LEV = ROOT / "runs" / "lev"
 SINK, SPAN = 64, 256  # the local shape of the default plans (compress run --local-span)
 
 
+def _kept_dense(plan) -> int:
+    """How many KV heads ``plan`` keeps dense."""
+    return sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
+
+
 def _save(section: str, payload: dict, argv) -> None:
     path = RESULTS / "fidelity_levers.json"
     data = json.loads(path.read_text()) if path.exists() else {}
@@ -202,7 +207,7 @@ def optuna_spans(argv, budget: str, trials: int, items: int, n_val: int, groups:
         unapply(model, "sdpa")
         correct = sum(ok for ok, _ce, _n in scores)
         ce = sum(c / max(1, m) for _ok, c, m in scores) / len(scores)
-        k = sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
+        k = _kept_dense(plan)
         cache[t] = {"sink": t[0], "spans": list(t[1:]), "feasible": True, "kept_dense": k, "correct": int(correct), "n": len(val),
                     "answer_ce": ce,
                     "density_2048": plan.density(2048), "kv_density_2048": plan.kv_density(2048), "plan": plan}
@@ -275,7 +280,7 @@ def ranked_plan(argv, signal: str, budget: str, retrieval: Path = RETRIEVAL, nam
         raise SystemExit(f"unknown signal {signal!r}")
     ranked = top_heads(scores, scores.numel())
     plan = fit_keep_dense_plan(ident, ranked, parse_budgets([budget]), [2048, 4096], span, sink)
-    k = sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
+    k = _kept_dense(plan)
     path = PLANS / f"{name or signal + '_top'}_{budget}.json"
     save_plan(plan, path)
     if signal != "retrieval" or Path(compare) != Path(retrieval):
@@ -432,18 +437,17 @@ def reachable(argv, model_name: str, retrieval: Path, task: str, n_tokens: int, 
         scores = [answer_score(model, s) for s in val]
         if plan is not None:
             unapply(model, "sdpa")
-        kept = 0 if plan is None else sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
-        rows.append({"shape": shape["spec"], "kept_dense": kept if plan else ident.num_layers * ident.num_kv_heads,
-                     "density": 1.0 if plan is None else plan.density(n_tokens),
-                     "density_4096": 1.0 if plan is None else plan.density(4096),
-                     "kv_density": 1.0 if plan is None else plan.kv_density(n_tokens),
-                     "correct": int(sum(ok for ok, _c, _n in scores)), "n": len(val),
+        cost = ({"kept_dense": ident.num_layers * ident.num_kv_heads, "density": 1.0, "density_4096": 1.0,
+                 "kv_density": 1.0} if plan is None else
+                {"kept_dense": _kept_dense(plan), "density": plan.density(n_tokens), "density_4096": plan.density(4096),
+                 "kv_density": plan.kv_density(n_tokens)})
+        rows.append({"shape": shape["spec"], **cost, "correct": int(sum(ok for ok, _c, _n in scores)), "n": len(val),
                      "outcomes": [int(ok) for ok, _c, _n in scores],
                      "answer_ce": sum(c / max(1, k) for _ok, c, k in scores) / len(scores)})
         print({k: v for k, v in rows[-1].items() if k != "outcomes"}, flush=True)
-    _save(f"reachable_{model_name}_{task}{label and '_' + label}_{i}of{m}", {"model": model_name, "retrieval": str(retrieval), "task": task,
-          "n_tokens": n_tokens, "items": items, "grid_seed": 1, "rows": rows, "seconds": round(time.time() - t0, 1)},
-          argv)
+    section = f"reachable_{model_name}_{task}" + (f"_{label}" if label else "") + f"_{i}of{m}"
+    _save(section, {"model": model_name, "retrieval": str(retrieval), "task": task, "n_tokens": n_tokens,
+                    "items": items, "grid_seed": 1, "rows": rows, "seconds": round(time.time() - t0, 1)}, argv)
 
 
 def main(argv=None) -> int:

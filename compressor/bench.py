@@ -245,7 +245,9 @@ def _prefill(model, ids: torch.Tensor, planned: bool):
     cache = PlanCache(model) if planned else None
     out = model(ids, use_cache=True, **({"cache": cache} if planned else {}))
     if not planned:  # the model's own cache: ``cache`` since transformers 5.25 (``past_key_values`` before)
-        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        cache = out.get("cache")
+        if cache is None:
+            cache = out.get("past_key_values")
     return cache, out.logits[:, -1:].argmax(-1)
 
 

@@ -253,10 +253,9 @@ def profile_cmd(
     from compressor.distributed import world_size_from_env
     from compressor.pipeline import profile
 
-    from compressor.retrieval_profile import RETRIEVAL_TASKS
+    from compressor.retrieval_profile import check_retrieval_task
 
-    if retrieval_task not in RETRIEVAL_TASKS:
-        raise CompressError(f"--retrieval-task must be one of {', '.join(RETRIEVAL_TASKS)}, got {retrieval_task!r}")
+    check_retrieval_task(retrieval_task)
     if (retrieval_task != "niah_single" or query_rows != "question") and method != "retrieval":
         raise CompressError(f"--retrieval-task and --query-rows are for --method retrieval, not --method {method}")
     if query_rows != "question" and not (query_rows.isdigit() and int(query_rows) >= 1):

@@ -166,7 +166,8 @@ def known_model_dir(name: str) -> Path:
         try:
             mine = convert_gguf(spec.gguf(scratch), scratch / "hf")
             try:
-                os.rename(mine, out)  # a folder that appeared meanwhile (a concurrent first use) is kept, never replaced
+                # a folder that appeared meanwhile (a concurrent first use) is kept, never replaced
+                os.rename(mine, out)
             except OSError:
                 if not (out / "config.json").exists():
                     raise

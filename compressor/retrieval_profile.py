@@ -34,6 +34,14 @@ SEED_SALT = 104729  # keeps retrieval-scoring items apart from evaluation items 
 RETRIEVAL_TASKS = ("niah_single", "niah_multikey")  # RULER tasks with one queried (anchor) needle to score
 
 
+def check_retrieval_task(task: str) -> None:
+    """Raise CompressError unless ``task`` is one of :data:`RETRIEVAL_TASKS` (the CLI calls it before loading a
+    model)."""
+    if task not in RETRIEVAL_TASKS:
+        raise CompressError(f"retrieval scoring needs a task with one queried needle: must be one of "
+                            f"{', '.join(RETRIEVAL_TASKS)}, got {task!r}")
+
+
 def retrieval_items(tokenizer, lengths: Sequence[int], samples: int, seed: int = 0, corpus: str | None = "austen",
                     task: str = "niah_single") -> list[ruler.EvalItem]:
     """``samples`` held-in ``task`` prompts per length (one of :data:`RETRIEVAL_TASKS`), depths of the queried
@@ -41,9 +49,7 @@ def retrieval_items(tokenizer, lengths: Sequence[int], samples: int, seed: int =
 
     The haystack is the calibration side of ``corpus`` (``None``: RULER noise); item seeds are salted so they
     differ from :func:`profilers.ruler.item_seed` of any evaluation cell. Raises CompressError for another task."""
-    if task not in RETRIEVAL_TASKS:
-        raise CompressError(f"retrieval scoring needs a task with one queried needle ({', '.join(RETRIEVAL_TASKS)}), "
-                            f"got {task!r}")
+    check_retrieval_task(task)
     hay = ruler.NOISE if corpus is None else ruler.Haystack.calibration_side(corpus)
     single = task == "niah_single"  # niah_single keeps its original streams: earlier scores reproduce
     rng = random.Random(f"retrieval\0{seed}" if single else f"retrieval\0{task}\0{seed}")

@@ -94,12 +94,18 @@ def test_gemma3_270m_tokenizer_and_config_by_short_name(tmp_path):
     assert (ident["num_layers"], ident["num_kv_heads"], ident["head_dim"]) == (18, 1, 256)
 
 
+def _qwen_without_gguf(home, monkeypatch):
+    """The Qwen short name with COMPRESS_HOME at ``home`` and a GGUF path that is never read (convert_gguf is faked)."""
+    monkeypatch.setenv("COMPRESS_HOME", str(home))
+    spec = dataclasses.replace(models.KNOWN_MODELS["qwen2.5-coder-0.5b"], gguf=lambda scratch: scratch / "m.gguf")
+    monkeypatch.setitem(models.KNOWN_MODELS, spec.name, spec)
+    return spec
+
+
 def test_concurrent_first_use_keeps_the_folder_that_landed_first(tmp_path, monkeypatch):
     """Two processes converting the same GGUF at once: the one that finishes second must not remove the folder the
     first put in place (a third process may be loading it); its own conversion is discarded."""
-    monkeypatch.setenv("COMPRESS_HOME", str(tmp_path))
-    spec = models.KNOWN_MODELS["qwen2.5-coder-0.5b"]
-    monkeypatch.setitem(models.KNOWN_MODELS, spec.name, dataclasses.replace(spec, gguf=lambda scratch: scratch / "m.gguf"))
+    spec = _qwen_without_gguf(tmp_path, monkeypatch)
     final = tmp_path / "models" / spec.folder
 
     def convert(gguf, out_dir):
@@ -118,9 +124,7 @@ def test_concurrent_first_use_keeps_the_folder_that_landed_first(tmp_path, monke
 
 
 def test_first_use_renames_the_conversion_into_place(tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPRESS_HOME", str(tmp_path))
-    spec = models.KNOWN_MODELS["qwen2.5-coder-0.5b"]
-    monkeypatch.setitem(models.KNOWN_MODELS, spec.name, dataclasses.replace(spec, gguf=lambda scratch: scratch / "m.gguf"))
+    spec = _qwen_without_gguf(tmp_path, monkeypatch)
 
     def convert(gguf, out_dir):
         out_dir.mkdir(parents=True)
