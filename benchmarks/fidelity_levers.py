@@ -303,37 +303,42 @@ def _outcomes(path: Path) -> tuple[dict, dict]:
     return out, cost
 
 
-def table(argv, evals: list[str], reference: str) -> None:
-    """Markdown rows (printed and saved): per lever plan and N, correct/n with the Wilson interval, and the pooled
-    paired McNemar diff / p vs the uniform window at equal prefill and KV density, vs ``reference`` (the default
-    plan at the same budget, from ``fidelity.json``: same items) and vs dense."""
+def table(argv, evals: list[str], reference: str, reference_file: str = "fidelity") -> None:
+    """Markdown rows (printed and saved): per plan in the ``evals`` result files (their items pooled: a plan judged
+    in several files, e.g. one task each, gets one row) and per cell, correct/n with the Wilson interval, and the
+    pooled paired McNemar diff / p vs the uniform window at equal prefill and KV density, vs ``reference`` (a plan
+    in ``reference_file``, judged on the same items) and vs dense."""
     from compressor.statistics import mcnemar_pooled, wilson_interval
 
-    ref, _ = _outcomes(RESULTS / "fidelity.json")
-    rows = []
+    ref, _ = _outcomes(RESULTS / f"{reference_file}.json")
+    out, cost, files = {}, {}, {}
     for stem in evals:
-        out, cost = _outcomes(RESULTS / f"{stem}.json")
-        plans = sorted({m for (_t, _n, m) in out if m != "dense" and not m.startswith("uniform[")})
-        for plan in plans:
-            keys = sorted({(t, n) for (t, n, m) in out if m == plan})
-            cells = []
-            for t, n in keys:
-                o = out[(t, n, plan)]
-                lo, hi = wilson_interval(sum(o), len(o))
-                cells.append({"task": t, "n_tokens": n, "density": cost[(n, plan)][0], "kv_density": cost[(n, plan)][1],
-                              "correct": sum(o), "n": len(o), "ci95": [lo, hi]})
-            comps = {}
-            for name, base in (("uniform_prefill", f"uniform[{plan}|prefill_density]"),
-                               ("uniform_kv", f"uniform[{plan}|kv_density]"), ("dense", "dense")):
-                r = mcnemar_pooled([(out[(t, n, plan)], out[(t, n, base)]) for t, n in keys])
-                comps[name] = {"diff": r.diff, "p": r.p_value}
-            if all((t, n, reference) in ref for t, n in keys):
-                r = mcnemar_pooled([(out[(t, n, plan)], ref[(t, n, reference)]) for t, n in keys])
-                comps[reference] = {"diff": r.diff, "p": r.p_value}
-            dense_same = all(out[(t, n, "dense")] == ref.get((t, n, "dense")) for t, n in keys)
-            rows.append({"plan": plan, "file": stem, "cells": cells, "vs": comps,
-                         "dense_reproduces_fidelity_json": dense_same})
-    _save(f"table_{'_'.join(evals)}", {"reference": reference, "rows": rows}, argv)
+        o, c = _outcomes(RESULTS / f"{stem}.json")
+        out |= o
+        cost |= c
+        for _t, _n, m in o:
+            files.setdefault(m, set()).add(stem)
+    rows = []
+    for plan in sorted({m for (_t, _n, m) in out if m != "dense" and not m.startswith("uniform[")}):
+        keys = sorted({(t, n) for (t, n, m) in out if m == plan})
+        cells = []
+        for t, n in keys:
+            o = out[(t, n, plan)]
+            lo, hi = wilson_interval(sum(o), len(o))
+            cells.append({"task": t, "n_tokens": n, "density": cost[(n, plan)][0], "kv_density": cost[(n, plan)][1],
+                          "correct": sum(o), "n": len(o), "ci95": [lo, hi]})
+        comps = {}
+        for name, base in (("uniform_prefill", f"uniform[{plan}|prefill_density]"),
+                           ("uniform_kv", f"uniform[{plan}|kv_density]"), ("dense", "dense")):
+            r = mcnemar_pooled([(out[(t, n, plan)], out[(t, n, base)]) for t, n in keys])
+            comps[name] = {"diff": r.diff, "p": r.p_value}
+        if all((t, n, reference) in ref for t, n in keys):
+            r = mcnemar_pooled([(out[(t, n, plan)], ref[(t, n, reference)]) for t, n in keys])
+            comps[reference] = {"diff": r.diff, "p": r.p_value}
+        dense_same = all(out[(t, n, "dense")] == ref.get((t, n, "dense")) for t, n in keys)
+        rows.append({"plan": plan, "files": sorted(files[plan]), "cells": cells, "vs": comps,
+                     f"dense_reproduces_{reference_file}_json": dense_same})
+    _save(f"table_{'_'.join(evals)}", {"reference": reference, "reference_file": reference_file, "rows": rows}, argv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,6 +374,31 @@ def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int, mo
     section = "perplexity" + (f"_{label}" if label else "") + (f"_{model_name}" if model_name else "")
     _save(section, {"model": model_name or "default", "lengths": lengths, "windows_per_length": samples,
                     "corpus": "austen (held-out split)", "dtype": "float32", "methods": out}, argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# how retrieval rankings differ: agreement between score files, and where given heads / layers rank
+
+
+def score_ranks(argv, stems: list[str], k: int, heads: list[str], layers: str | None) -> None:
+    """For retrieval score files ``stems`` (in ``plans/``): Spearman and top-``k`` overlap of every pair, the rank
+    (1 = highest) of each ``heads`` entry (``layer:kv_head``) in each, and how many heads of ``layers`` (``a-b``)
+    each puts in its top ``k``."""
+    from profilers.retrieval import load_retrieval, ranking_agreement
+
+    scores = {stem: load_retrieval(PLANS / stem) for stem in stems}
+    pairs = {f"{a} vs {b}": ranking_agreement(scores[a].scores, scores[b].scores, k)
+             for i, a in enumerate(stems) for b in stems[i + 1:]}
+    wanted = [tuple(int(x) for x in h.split(":")) for h in heads]
+    ranks, in_layers = {}, {}
+    for stem, r in scores.items():
+        order = r.top(r.scores.numel())
+        ranks[stem] = {f"{li}:{h}": order.index((li, h)) + 1 for li, h in wanted}
+        if layers:
+            lo, hi = (int(x) for x in layers.split("-"))
+            in_layers[stem] = sum(lo <= li <= hi for li, _h in order[:k])
+    _save(f"score_ranks_{'_'.join(stems)}", {"k": k, "pairs": pairs, "ranks": ranks, "layers": layers,
+                                              "top_k_in_layers": in_layers}, argv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,7 +498,8 @@ def main(argv=None) -> int:
     rp.add_argument("--sink", type=int, default=SINK)
     tb = sub.add_parser("table")
     tb.add_argument("--evals", nargs="+", required=True, help="fidelity result stems in benchmarks/results")
-    tb.add_argument("--reference", default="run_0.5", help="the default plan in fidelity.json to pair against")
+    tb.add_argument("--reference", default="run_0.5", help="the plan in --reference-file to pair against")
+    tb.add_argument("--reference-file", default="fidelity", help="results stem in benchmarks/results holding it")
     pp = sub.add_parser("perplexity")
     pp.add_argument("--plans", nargs="+", default=["run_0.5", "qa_top_0.5", "gates_top_0.5", "run_0.25",
                                                    "optuna_spans_0.25"])
@@ -476,6 +507,11 @@ def main(argv=None) -> int:
     pp.add_argument("--samples", type=int, default=1)
     pp.add_argument("--model", default=None, help="short model name (default: the default model)")
     pp.add_argument("--label", default="", help="added to the results section's name")
+    sr = sub.add_parser("score-ranks")
+    sr.add_argument("--scores", nargs="+", required=True, help="retrieval score stems in benchmarks/results/plans")
+    sr.add_argument("--k", type=int, default=16)
+    sr.add_argument("--heads", nargs="*", default=[], help="layer:kv_head entries whose ranks to report")
+    sr.add_argument("--layers", default=None, help="a-b: count each ranking's top-k heads in these layers")
     rc = sub.add_parser("reachable")
     rc.add_argument("--model", default="qwen2.5-coder-0.5b")
     rc.add_argument("--retrieval", default=str(PLANS / "qwen_retrieval_scores"))
@@ -497,10 +533,12 @@ def main(argv=None) -> int:
         rankings(argv)
     elif a.step == "perplexity":
         perplexity(argv, a.plans, [int(x) for x in a.lengths.split(",")], a.samples, a.model, a.label)
+    elif a.step == "score-ranks":
+        score_ranks(argv, a.scores, a.k, a.heads, a.layers)
     elif a.step == "reachable":
         reachable(argv, a.model, Path(a.retrieval), a.task, a.n_tokens, a.items, a.shapes, a.part, a.label)
     elif a.step == "table":
-        table(argv, a.evals, a.reference)
+        table(argv, a.evals, a.reference, a.reference_file)
     elif a.step == "ranked-plan":
         ranked_plan(argv, a.signal, a.budget, Path(a.retrieval), a.name, Path(a.compare),
                     tuple(a.qa_profiles.split(",")), a.span, a.sink)
