@@ -71,6 +71,22 @@ def masked_attention(
     """
     if softcap is None and s_aux is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
+    return attention_probabilities(q, k, mask, scale, softcap=softcap, s_aux=s_aux, dropout=dropout) @ v
+
+
+def attention_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+    *,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The softmax weights (B, H, q, k) of q (B, H, q, D) over k (B, H, k, D) under a bool ``mask`` (B, H, q, k),
+    as transformers' eager attention returns them (0 where masked; ``softcap``, ``s_aux`` and ``dropout`` as in
+    :func:`masked_attention`, whose output is these weights times v)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap is not None:
@@ -84,7 +100,7 @@ def masked_attention(
         p = p[..., :-1]
     if dropout:
         p = F.dropout(p, p=dropout, training=True)
-    return p @ v
+    return p
 
 
 def reference_attention(

@@ -57,13 +57,16 @@ def apply(model, plan: Plan):
     for m in attention_modules(model):
         module_state(m).runtime = None
     model.set_attn_implementation(ATTN_NAME)
+    model.config.attn_implementation = ATTN_NAME  # serialised, so model.save_pretrained(dir) reloads patched
     install_cache_hooks(model)
     return model
 
 
 def unapply(model, implementation: str = "sdpa"):
-    """Back to a stock attention implementation (the plan stays in the config but is not used)."""
+    """Back to a stock attention implementation (the plan stays in the config but is not used; a folder saved
+    now loads with ``implementation``)."""
     model.set_attn_implementation(implementation)
+    model.config.__dict__.pop("attn_implementation", None)
     return model
 
 

@@ -72,6 +72,58 @@ def key_layout_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_of
     return out
 
 
+def _packed_positions(layout: KeyLayout, position_ids) -> KeyLayout:
+    """Packed documents (``position_ids`` that restart inside a row, HF's packing format): each token's position is
+    its ``position_ids`` entry, so every document keeps its own sinks and window; other layouts unchanged.
+
+    Only for a call that starts its sequences (queries == keys) with an extra mask from HF (the packed-sequence
+    mask that keeps documents apart); ``position_ids`` of another shape (e.g. multimodal 3D rotary ids) are not
+    positions in this sense and leave the layout as it is."""
+    if (layout.allowed is None or position_ids is None or position_ids.ndim != 2 or layout.q_start != 0
+            or layout.q_pos.shape != layout.k_pos.shape or position_ids.shape[-1] != layout.k_pos.shape[-1]):
+        return layout
+    pos = position_ids.to(layout.k_pos.device).long().expand_as(layout.k_pos)
+    real = layout.k_pos >= 0
+    restarts = ((pos[:, 1:] < pos[:, :-1]) & real[:, 1:] & real[:, :-1]).any()
+    if not bool(restarts):
+        return layout
+    pos = torch.where(real, pos, -1)
+    return KeyLayout(q_pos=pos, k_pos=pos, q_start=0, written=layout.written, allowed=layout.allowed,
+                     source=layout.source)
+
+
+def custom_mask(attention_mask: torch.Tensor, b: int, hq: int, nq: int, nk: int) -> torch.Tensor:
+    """A caller's 4D mask as (B, 1, q, kv) bool (True = may attend), for every shape stock sdpa/eager honour the
+    same way.
+
+    Accepted: bool, or additive float whose entries are 0 (attend) or at most half the dtype's minimum / -inf
+    (blocked); dims broadcastable to (B, Hq, q, kv) with every head alike. Raises CompressError naming the mask for
+    anything else: other ranks, a kv length that is not the call's, per-head masks that differ between heads (the
+    plan's kernels take one key set per sample), or an additive mask with finite biases (not a key set at all)."""
+    shape = tuple(attention_mask.shape)
+    if attention_mask.ndim != 4 or shape[-1] != nk or shape[0] not in (1, b) or shape[1] not in (1, hq) \
+            or shape[2] not in (1, nq):
+        raise CompressError(f"compress attention: a mask of shape {shape} for a call of batch {b}, {hq} query heads, "
+                            f"{nq} queries and {nk} keys; expected a 2D padding mask or a 4D (B|1, 1|Hq, q|1, kv) mask")
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    elif attention_mask.is_floating_point():
+        blocked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+        if bool(((attention_mask != 0) & ~blocked).any()):
+            raise CompressError("compress attention: an additive 4D mask with finite biases (entries other than 0 and "
+                                "-inf / the dtype's minimum) adds scores rather than choosing keys; a plan cannot "
+                                "honour it — pass a bool mask, or run the model without the plan")
+        allowed = ~blocked
+    else:
+        raise CompressError(f"compress attention: a 4D mask of dtype {attention_mask.dtype}; expected bool or float")
+    if shape[1] > 1:
+        if not bool((allowed == allowed[:, :1]).all()):
+            raise CompressError("compress attention: a 4D mask that differs between heads; the plan takes one mask "
+                                "for all heads of a sample")
+        allowed = allowed[:, :1]
+    return allowed.expand(b, 1, nq, nk)
+
+
 def call_layout(attention_mask, query, key, position_ids=None) -> KeyLayout:
     """The :class:`KeyLayout` of one call: from our mask builder, a plain causal call, or a caller's 4D mask.
 
@@ -82,19 +134,12 @@ def call_layout(attention_mask, query, key, position_ids=None) -> KeyLayout:
     b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
     layout = getattr(attention_mask, "compress_layout", None)
     if layout is not None:
-        return layout
+        return _packed_positions(layout, position_ids)
     dev = query.device
     if attention_mask is None:
         k_pos = torch.arange(nk, device=dev).expand(b, nk)
         return KeyLayout(q_pos=k_pos[:, nk - nq :], k_pos=k_pos, q_start=nk - nq, written=nk, source="plain")
-    if attention_mask.dtype == torch.bool:
-        allowed = attention_mask
-    else:
-        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    if allowed.ndim != 4 or allowed.shape[-1] != nk:
-        raise CompressError(f"compress attention: a mask of shape {tuple(attention_mask.shape)} for {nk} keys; "
-                            "expected a 2D padding mask or a 4D (B, 1, q, kv) mask")
-    allowed = allowed[:, :1].expand(b, 1, nq, nk)
+    allowed = custom_mask(attention_mask, b, query.shape[1], nq, nk)
     if position_ids is not None and nq == nk:
         pos = position_ids.to(dev).long().expand(b, nk)
         return KeyLayout(q_pos=pos, k_pos=pos, q_start=0, written=nk, allowed=allowed, source="custom")

@@ -17,6 +17,13 @@ from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
 
 STATE_ATTR = "_compress_state"
+ATTN_NAME = "compress"  # the plan's attention implementation (AttentionInterface / AttentionMaskInterface name)
+
+
+def runs_plan(model) -> bool:
+    """Whether ``model`` runs a plan: the plan's implementation and a ``compress_plan`` in its config."""
+    cfg = model.config
+    return getattr(cfg, "_attn_implementation", None) == ATTN_NAME and getattr(cfg, "compress_plan", None) is not None
 
 
 @dataclass
@@ -133,16 +140,52 @@ def _release_cache(module, args, kwargs, output):
     module_state(module).cache = None
 
 
+def _hook_module(m) -> None:
+    st = module_state(m)
+    if not st.hooked:
+        m.register_forward_pre_hook(_capture_cache, with_kwargs=True)
+        m.register_forward_hook(_release_cache, with_kwargs=True)
+        st.hooked = True
+
+
 def install_cache_hooks(model) -> None:
     """Let the cache passed to forward/generate reach the attention function (idempotent).
 
-    Most models also pass it in the attention kwargs, but GPT-NeoX's ``layer_past`` does not; the hook works for all."""
+    The attention modules receive the cache as an argument but do not pass it on to the attention function (GPT-NeoX
+    calls it ``layer_past``, Llama ``cache``); a forward pre-hook works for all."""
     for m in attention_modules(model):
-        st = module_state(m)
-        if not st.hooked:
-            m.register_forward_pre_hook(_capture_cache, with_kwargs=True)
-            m.register_forward_hook(_release_cache, with_kwargs=True)
-            st.hooked = True
+        _hook_module(m)
+
+
+def _cache_of_caller(module):
+    """The ``transformers.Cache`` among the local variables of ``module``'s forward, found on the call stack.
+
+    Used once per module: for the first call of a model that no :func:`install_cache_hooks` has seen (loaded
+    with ``from_pretrained`` straight into the plan's implementation), whose hooks are installed during that call."""
+    import sys
+
+    from transformers.cache_utils import Cache
+
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        if frame.f_locals.get("self") is module:
+            return next((v for v in frame.f_locals.values() if isinstance(v, Cache)), None)
+        frame = frame.f_back
+    return None
+
+
+def call_cache(module):
+    """The cache of the forward call in flight at ``module`` (None without one).
+
+    A module without hooks (a model built directly with the plan's implementation: ``from_pretrained`` of a patched
+    folder, ``pipeline(...)``) gets them now, and this one call reads the cache from its forward's arguments."""
+    st = module_state(module)
+    if st.hooked:
+        return st.cache
+    _hook_module(module)
+    return _cache_of_caller(module)
 
 
 @contextlib.contextmanager

@@ -3,8 +3,8 @@
 It receives RoPE'd ``q`` (B, Hq, q, D), un-repeated ``k``/``v`` (B, Hkv, kv, D) and the key layout built by our mask
 builder (:mod:`compressor.hf.layout`), and returns (B, q, Hq, D). Spans are ``S = span(N0 + length_offset)`` for each
 sequence's prompt length N0 (real tokens of its first forward), never capped by N0 and fixed while decoding
-(:mod:`plans.span`); N0 lives on the sequence's cache (:class:`SequenceState`) or comes with the call
-(``compress_n0=``), never on a module. The plan itself reaches the function through the model config
+(:mod:`plans.span`); N0 belongs to the sequence (:mod:`compressor.hf.sequence`: on its cache, in uncached
+generation's ``compress_n0`` kwarg, or declared with the call), never on a module. The plan itself reaches the function through the model config
 (``config.compress_plan``) and is viewed per layer by :class:`LayerRuntime`, kept in the module's
 :class:`compressor.hf.modules.ModuleState`.
 """
@@ -18,51 +18,18 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from compressor.hf.layout import KeyLayout, call_layout, key_layout_mask
-from compressor.hf.modules import module_state
+from compressor.hf.modules import ATTN_NAME, call_cache, module_state
 from compressor.hf.plan_cache import PlanCache
+from compressor.hf.sequence import prompt_lengths
 from attention_kernels.dispatch import backend, sparse_attention, sparse_attention_padded
 from attention_kernels.kv_groups import AttendSpec
 from attention_kernels.cheap_operators import head_subset, linear_attention, relu_softmax_attention
-from attention_kernels.reference import pattern_mask, reference_attention
+from attention_kernels.reference import attention_probabilities, pattern_mask, reference_attention, repeat_kv
 from plans.errors import CompressError
 from plans.io import plan_from_dict
 from plans.schema import DensePattern, Plan
 from plans.span import DENSE_SPAN, split_span_tensor
 
-ATTN_NAME = "compress"
-
-
-# -- the state of one sequence lives with its cache ------------------------------------------------------------
-@dataclass
-class SequenceState:
-    """Per-sequence quantities, kept on the sequence's cache object (never on a module or a config).
-
-    n0 (B,): the prompt length each sample's spans are evaluated at (real tokens of the first forward)."""
-
-    n0: torch.Tensor
-
-
-SEQUENCE_ATTR = "compress_sequence"
-
-
-def prompt_lengths(cache, layout: KeyLayout, explicit=None) -> torch.Tensor:
-    """N0 (B,) for this call: ``compress_n0`` when given; else the cache's sequence state, set by the call that
-    starts the sequence (``q_start == 0``); without a cache, the real tokens of this call."""
-    b = layout.q_pos.shape[0]
-    dev = layout.q_pos.device
-    if explicit is not None:
-        n0 = torch.as_tensor(explicit, device=dev).reshape(-1).expand(b).clone()
-        if cache is not None:
-            setattr(cache, SEQUENCE_ATTR, SequenceState(n0))
-        return n0
-    n_now = torch.maximum(layout.q_pos.amax(-1), layout.k_pos.amax(-1)) + 1
-    if cache is None:
-        return n_now
-    state = getattr(cache, SEQUENCE_ATTR, None)
-    if layout.q_start == 0 or state is None or state.n0.shape[0] != b:
-        state = SequenceState(n_now)
-        setattr(cache, SEQUENCE_ATTR, state)
-    return state.n0.to(dev)
 
 
 # -- plan lookup on modules ----------------------------------------------------------------------------------
@@ -147,24 +114,50 @@ def compress_attention(module, query, key, value, attention_mask, scaling=None, 
     """
     rt = layer_runtime(module)
     feats = call_features(scaling, dropout, kwargs)
-    cache = module_state(module).cache
+    cache = call_cache(module)
     layout = call_layout(attention_mask, query, key, kwargs.get("position_ids"))
     plan_layer = cache.layers[module.layer_idx] if isinstance(cache, PlanCache) else None
+    weights = bool(kwargs.get("output_attentions"))
+    if weights and ((plan_layer is not None and plan_layer.has_states) or rt.relu_heads or rt.linear_heads):
+        raise CompressError("output_attentions=True: attention weights are defined for softmax heads over the keys of "
+                            "the call; not for a PlanCache past (evicted keys are gone) nor for relu_softmax / linear "
+                            "heads — use a DynamicCache (or no cache) and a plan of softmax heads")
     if plan_layer is not None and plan_layer.has_states:  # decoding (or a later chunk) with our bounded cache
         return _attend_plan_cache(rt, plan_layer, query, key, value, layout, feats), None
+    n_slots = key.shape[2]
     if layout.written < key.shape[2]:  # empty static-cache slots at the end: never attended
         key, value = key[:, :, : layout.written], value[:, :, : layout.written]
         layout = replace(layout, k_pos=layout.k_pos[:, : layout.written],
                          allowed=None if layout.allowed is None else layout.allowed[..., : layout.written])
-    n0 = prompt_lengths(cache, layout, kwargs.get("compress_n0"))
+    n_now = (layout.k_pos >= 0).sum(-1)  # real tokens of each row once this call is done (every document, packed)
+    n0 = prompt_lengths(cache, layout.q_start, n_now, kwargs.get("compress_n0"))
     sink_eff, window = rt.sink_window(n0, query.device)
-    out = _prefill(rt, query, key, value, layout, sink_eff, window, feats)
+    probs = None
+    if weights:
+        out, probs = _prefill_with_weights(query, key, value, layout, sink_eff, window, feats, n_slots)
+    else:
+        out = _prefill(rt, query, key, value, layout, sink_eff, window, feats)
     if plan_layer is not None:  # prefill into our bounded cache
         n_rep = query.shape[1] // key.shape[1]
         dense_kv = rt.keep_all_q.view(-1, n_rep).any(-1)
         linear_kv = torch.tensor([op == "linear" for op in rt.operators]).view(-1, n_rep).all(-1)
         plan_layer.store(key, value, layout.k_pos, sink_eff, window, dense_kv, linear_kv)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _prefill_with_weights(query, key, value, layout: KeyLayout, sink_eff, window, feats: CallFeatures, n_slots: int):
+    """``output_attentions=True``: the masked reference path, returning its weights (B, Hq, q, n_slots) too (as
+    eager attention does; 0 for keys the plan drops and for empty cache slots)."""
+    n_rep = query.shape[1] // key.shape[1]
+    span = torch.where(window >= DENSE_SPAN, DENSE_SPAN, sink_eff + window)
+    mask = pattern_mask(layout.q_pos, layout.k_pos, layout.k_pos >= 0, sink_eff, span, feats.native_window,
+                        layout.allowed)
+    probs = attention_probabilities(query, repeat_kv(key, n_rep), mask, feats.scaling, softcap=feats.softcap,
+                                    s_aux=feats.s_aux, dropout=feats.dropout)
+    out = probs @ repeat_kv(value, n_rep)
+    if probs.shape[-1] < n_slots:
+        probs = torch.nn.functional.pad(probs, (0, n_slots - probs.shape[-1]))
+    return out, probs
 
 
 def _attend_plan_cache(rt, plan_layer, query, key, value, layout: KeyLayout, feats: CallFeatures):

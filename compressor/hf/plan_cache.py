@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from compressor.hf.modules import install_cache_hooks, text_geometry
+from compressor.hf.modules import install_cache_hooks, runs_plan, text_geometry
+from plans.errors import CompressError
 from attention_kernels.kv_groups import PlanKV
 from plans.identity import identity_from_config
 
@@ -39,6 +40,9 @@ class PlanCacheLayer(CacheLayerMixin, PlanKV):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.cum and not self.has_states:
+            raise CompressError("this PlanCache was filled by an attention that does not run the plan (it stored "
+                                "nothing): give PlanCache only to a model patched with compressor.apply")
         self.cum += key_states.shape[-2]
         return key_states, value_states
 
@@ -72,6 +76,13 @@ class PlanCache(Cache):
     """``generate(..., cache=PlanCache(model))`` keeps per-head bounded KV for a patched model."""
 
     def __init__(self, model):
+        """Raises CompressError when ``model`` does not run a plan (a PlanCache only stores what the plan's
+        attention function hands it; with any other attention it would hold nothing)."""
+        if not runs_plan(model):
+            raise CompressError(
+                f"PlanCache needs a model that runs a plan (attention implementation "
+                f"{model.config._attn_implementation!r}, plan {'present' if getattr(model.config, 'compress_plan', None) else 'absent'}); "
+                "patch it with compressor.apply(model, plan), or use the model's default cache")
         layers, hq, hkv = text_geometry(model.config)
         install_cache_hooks(model)
         super().__init__(layers=[PlanCacheLayer(hq // hkv) for _ in range(layers)])
