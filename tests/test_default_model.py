@@ -81,3 +81,41 @@ def test_searched_plan_answers_a_short_chat_question_like_dense(default_dir):
         got = model.generate(ids, cache=PlanCache(model), **gk)
     assert "Paris" in tok.decode(dense[0, 37:])
     assert torch.equal(got, dense)
+
+
+def test_folder_default_cache_and_pipeline_give_the_plan_cache_tokens(default_dir, tmp_path):
+    """Issue 22, must show 2: a `compress apply` folder of a beta != 0 plan, loaded the stock way — the README's
+    snippet without an explicit cache, and pipeline("text-generation") — gives the 30 tokens of apply + PlanCache."""
+    from importlib.resources import files
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    import compressor
+    from plans.io import load_plan
+
+    plan_path = files("plans") / "examples" / "smollm2_searched_0.25.json"
+    plan = load_plan(plan_path)
+    assert any(p.kind == "sink_window" and p.beta for layer in plan.layers for p in layer.heads)
+    out = tmp_path / "patched"
+    r = runner.invoke(app, ["apply", str(plan_path), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    tok = AutoTokenizer.from_pretrained(default_dir)
+    text = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+            "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+            "a neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 22
+    ids = tok(text, return_tensors="pt").input_ids
+    assert ids.shape[1] > 1100  # past the plan's shortest length (1024), where its beta != 0 spans grow with N
+    gk = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    reference = AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
+    compressor.apply(reference, plan)
+    lk = dict(output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = reference.generate(ids, cache=PlanCache(reference), **gk, **lk)
+        folder = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # the README's snippet, no cache
+        got = folder.generate(ids, **gk, **lk)
+    assert torch.equal(got.sequences, want.sequences)
+    assert (torch.stack(got.logits) - torch.stack(want.logits)).abs().max() < 1e-3  # every step, not just argmax
+    want = want.sequences[0, ids.shape[1]:]
+    gen = pipeline("text-generation", model=str(out), dtype=torch.float32, device="cpu")
+    text_out = gen(text, return_full_text=False, **gk)[0]["generated_text"]
+    assert text_out == tok.decode(want, skip_special_tokens=True)

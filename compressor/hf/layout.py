@@ -45,6 +45,9 @@ def key_layout_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_of
     from real positions, so no (q, kv) mask is built except where HF adds a mask function of its own (packed
     sequences, modality overlays, compiled decode), which is materialised as stock sdpa would and intersected.
     """
+    if attention_mask is not None and attention_mask.ndim != 2:
+        raise CompressError(f"compress attention: a mask of shape {tuple(attention_mask.shape)}; expected a 2D "
+                            "padding mask (B, kv) or a 4D (B|1, 1|Hq, q|1, kv) mask")
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     total = q_offset + q_length  # tokens in the sequence once this call is done (pads included)
     am = None if attention_mask is None else attention_mask.to(torch.bool)
