@@ -89,7 +89,10 @@ def decode_attention(
 ) -> torch.Tensor:
     """One decode step: q (B, Hq, D), caches (B, Hkv, Lmax, D), kv_len (B, Hkv) valid slots (a prefix of each
     head's slots; only those are read) -> (B, Hq, D)."""
-    which = backend(q)
+    return _decode_with(backend(q), q, k_cache, v_cache, kv_len, scale)
+
+
+def _decode_with(which: str, q, k_cache, v_cache, kv_len, scale) -> torch.Tensor:
     if which == "triton":
         from attention_kernels.triton_decode import sparse_decode
 
@@ -103,4 +106,26 @@ def decode_attention(
     return decode_reference(q, k_cache, v_cache, kv_len, scale)
 
 
-__all__ = ["sparse_attention", "sparse_attention_padded", "decode_attention", "backend", "ENV"]
+def decode_attention_prefix(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_valid: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`decode_attention` when every head of every sequence holds the same ``n_valid`` valid slots (a full
+    ring, a dense group without padding): q (B, Hq, D), caches (B, Hkv, Lmax, D) -> (B, Hq, D). On the CPU one
+    SDPA call over ``[:n_valid]`` with no mask and no per-call checks (the decode step's fixed cost)."""
+    which = backend(q)
+    if which != "banded":
+        kv_len = torch.full(k_cache.shape[:2], n_valid, dtype=torch.long, device=q.device)
+        return _decode_with(which, q, k_cache, v_cache, kv_len, scale)
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.view(b, hkv, hq // hkv, d), k_cache[:, :, :n_valid], v_cache[:, :, :n_valid], scale=scale)
+    return out.view(b, hq, d)
+
+
+__all__ = ["sparse_attention", "sparse_attention_padded", "decode_attention", "decode_attention_prefix", "backend",
+           "ENV"]

@@ -62,7 +62,13 @@ def _decode(query: torch.Tensor, qi: torch.Tensor, k: torch.Tensor, v: torch.Ten
     ``kv_len`` (B, Hg) are valid, through :func:`attention_kernels.dispatch.decode_attention` -> (B, Hqg, 1, D)."""
     from attention_kernels.dispatch import decode_attention
 
-    return decode_attention(query[:, qi, 0], k, v, kv_len, scale)[:, :, None]
+    return decode_attention(_heads(query, qi)[:, :, 0], k, v, kv_len, scale)[:, :, None]
+
+
+def _heads(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, H, ...) restricted to heads ``idx`` (sorted, distinct) along dim 1: ``t`` itself (no copy) when
+    ``idx`` is every head, as for a layer whose KV heads form one group (the decode step's common case)."""
+    return t if idx.numel() == t.shape[1] else t.index_select(1, idx)
 
 
 def _extend(t: torch.Tensor, n: int, fill) -> torch.Tensor:
@@ -99,8 +105,8 @@ class DenseGroup:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, new_pos: torch.Tensor) -> None:
         """keys/values (B, Hkv, q, D) of the whole layer, new_pos (B, q)."""
-        self.k = torch.cat([self.k, keys.index_select(1, self.kv)], dim=2)
-        self.v = torch.cat([self.v, values.index_select(1, self.kv)], dim=2)
+        self.k = torch.cat([self.k, _heads(keys, self.kv)], dim=2)
+        self.v = torch.cat([self.v, _heads(values, self.kv)], dim=2)
         self.pos = torch.cat([self.pos, new_pos[:, None, :].expand(-1, self.kv.numel(), -1)], dim=2)
 
     def attend(self, query: torch.Tensor, q_pos: torch.Tensor, spec: AttendSpec, n_rep: int) -> torch.Tensor:
@@ -212,17 +218,18 @@ class RingGroup:
     def _decode_one(self, query, p: int, k_new, v_new, qi, scale) -> torch.Tensor:
         """One sequence, one new token at position p, one (sink, window) for the group: write its slot, attend over
         the valid prefix of the ring (``min(p + 1, sink + window)`` slots, all of them visible)."""
+        from attention_kernels.dispatch import decode_attention_prefix
+
         s, w = self.s0, self.w0
         slot = p if p < s else s + (p - s) % max(w, 1)
         if slot >= self.k.shape[2]:
             self._write(k_new, v_new, torch.full_like(k_new[..., 0], p, dtype=torch.long), horizon=p)
-        else:
-            self.k[:, :, slot] = k_new[:, :, 0]
-            self.v[:, :, slot] = v_new[:, :, 0]
-            self.pos[:, :, slot] = p
+        else:  # in place, one slot: select + copy_ (no advanced indexing)
+            self.k.select(2, slot).copy_(k_new.select(2, 0))
+            self.v.select(2, slot).copy_(v_new.select(2, 0))
+            self.pos.select(2, slot).fill_(p)
         valid = min(p + 1, s + w, self.k.shape[2])
-        kv_len = torch.full(self.k.shape[:2], valid, dtype=torch.long, device=self.k.device)
-        return _decode(query, qi, self.k[:, :, :valid], self.v[:, :, :valid], kv_len, scale)
+        return decode_attention_prefix(_heads(query, qi)[:, :, 0], self.k, self.v, valid, scale)[:, :, None]
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -234,8 +241,7 @@ class RingGroup:
     def append(self, keys: torch.Tensor, values: torch.Tensor, new_pos: torch.Tensor) -> None:
         """keys/values (B, Hkv, q, D) of the whole layer, new_pos (B, q): held until :meth:`attend`."""
         hg = self.kv.numel()
-        self.pending = (keys.index_select(1, self.kv), values.index_select(1, self.kv),
-                        new_pos[:, None, :].expand(-1, hg, -1))
+        self.pending = (_heads(keys, self.kv), _heads(values, self.kv), new_pos[:, None, :].expand(-1, hg, -1))
 
     def attend(self, query: torch.Tensor, q_pos: torch.Tensor, spec: AttendSpec, n_rep: int) -> torch.Tensor:
         """Queries (B, Hq, q, D) of the whole layer at real positions q_pos (B, q) -> (B, Hqg, q, D)."""
@@ -273,7 +279,7 @@ class LinearGroup:
         self.state = LinearState(fn(self.state.S), fn(self.state.count))
 
     def append(self, keys, values, new_pos) -> None:
-        self.pending = (keys.index_select(1, self.kv), values.index_select(1, self.kv), new_pos >= 0)
+        self.pending = (_heads(keys, self.kv), _heads(values, self.kv), new_pos >= 0)
 
     def attend(self, query, q_pos, spec: AttendSpec, n_rep: int) -> torch.Tensor:
         k_new, v_new, valid_new = self.pending
@@ -363,6 +369,8 @@ class PlanKV:
 
     def attend(self, query, q_pos, spec: AttendSpec) -> torch.Tensor:
         """Attention of new queries (B, Hq, q, D) at real positions q_pos (B, q) over the kept slots -> (B, Hq, q, D)."""
+        if len(self.groups) == 1:  # one group holds every head, in order: no scatter into an output
+            return self.groups[0].attend(query, q_pos, spec, self.n_rep)
         out = torch.empty_like(query)
         for g in self.groups:
             out[:, g.query_heads(self.n_rep)] = g.attend(query, q_pos, spec, self.n_rep)

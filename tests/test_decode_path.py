@@ -71,6 +71,10 @@ def test_ring_group_decode_reads_only_the_kept_slots(sink, window, prompt, backe
     real = attention_kernels.dispatch.decode_attention
     monkeypatch.setattr(attention_kernels.dispatch, "decode_attention",
                         lambda q, k, v, kv_len, scale=None: seen.append((k.shape[2], kv_len.clone())) or real(q, k, v, kv_len, scale))
+    real_prefix = attention_kernels.dispatch.decode_attention_prefix  # the same step when every head holds n slots
+    monkeypatch.setattr(attention_kernels.dispatch, "decode_attention_prefix",
+                        lambda q, k, v, n, scale=None: seen.append((min(k.shape[2], n), torch.tensor(n)))
+                        or real_prefix(q, k, v, n, scale))
     spec = AttendSpec(torch.full((1, n_rep), sink), torch.full((1, n_rep), window), scale=0.3)
     for p in range(prompt, total):
         ring.append(keys[:, :, p : p + 1], values[:, :, p : p + 1], torch.tensor([[p]]))
@@ -117,6 +121,9 @@ def test_plan_cache_generation_takes_the_kept_token_path(monkeypatch):
     real = attention_kernels.dispatch.decode_attention
     monkeypatch.setattr(attention_kernels.dispatch, "decode_attention",
                         lambda q, k, v, kv_len, scale=None: calls.append(k.shape[2]) or real(q, k, v, kv_len, scale))
+    real_prefix = attention_kernels.dispatch.decode_attention_prefix  # a full ring: every head holds n slots
+    monkeypatch.setattr(attention_kernels.dispatch, "decode_attention_prefix",
+                        lambda q, k, v, n, scale=None: calls.append(min(k.shape[2], n)) or real_prefix(q, k, v, n, scale))
     cache = PlanCache(model)
     got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, cache=cache,
                          pad_token_id=0)
