@@ -110,7 +110,7 @@ def _answer_loss(model, samples) -> float:
 
 def second_order(argv, heads_per_group: int) -> None:
     from compressor.models import compress_home, load_model
-    from compressor.patching import apply, unapply
+    from compressor.patching import plan_applied
     from compressor.pipeline import calibration_recipe
     from plans.identity import identity_from_config
     from profilers.calibration import get_or_build_calibration
@@ -135,9 +135,8 @@ def second_order(argv, heads_per_group: int) -> None:
     base = _answer_loss(model, samples)
     rows = []
     for e, li, h in picks:
-        apply(model, keep_dense_plan(ident, [x for x in all_heads if x != (li, h)], SPAN, SINK))
-        rows.append({"layer": li, "kv_head": h, "estimate": e, "measured": _answer_loss(model, samples) - base})
-        unapply(model, "sdpa")
+        with plan_applied(model, keep_dense_plan(ident, [x for x in all_heads if x != (li, h)], SPAN, SINK)):
+            rows.append({"layer": li, "kv_head": h, "estimate": e, "measured": _answer_loss(model, samples) - base})
         print(rows[-1], flush=True)
     ranked = load_retrieval(RETRIEVAL).top(L * H)
     whole = []
@@ -145,10 +144,9 @@ def second_order(argv, heads_per_group: int) -> None:
         plan = keep_dense_plan(ident, kept, SPAN, SINK)
         ks = set(kept)
         e = float(sum(est[li, h] for li, h in all_heads if (li, h) not in ks))
-        apply(model, plan)
-        whole.append({"plan": name, "density": plan.density(n), "estimate_sum": e,
-                      "measured": _answer_loss(model, samples) - base})
-        unapply(model, "sdpa")
+        with plan_applied(model, plan):
+            whole.append({"plan": name, "density": plan.density(n), "estimate_sum": e,
+                          "measured": _answer_loss(model, samples) - base})
         print(whole[-1], flush=True)
     rho = spearmanr([r["estimate"] for r in rows], [r["measured"] for r in rows]).statistic
     _save("second_order", {"n_tokens": n, "samples": len(samples), "dense_answer_ce": base, "single_heads": rows,
@@ -166,7 +164,7 @@ def optuna_spans(argv, budget: str, trials: int, items: int, n_val: int, groups:
     from compressor.evaluation import answer_score
     from compressor.fidelity import FidelityGrid, make_cell_items
     from compressor.models import load_model
-    from compressor.patching import apply, unapply
+    from compressor.patching import plan_applied
     from plans.identity import identity_from_config
     from plans.io import save_plan
     from profilers import ruler
@@ -202,9 +200,8 @@ def optuna_spans(argv, budget: str, trials: int, items: int, n_val: int, groups:
         except Exception as e:  # no plan at all under the budget with these spans
             cache[t] = {"sink": t[0], "spans": list(t[1:]), "feasible": False, "why": str(e)[:120]}
             return cache[t]
-        apply(model, plan)
-        scores = [answer_score(model, s) for s in val]
-        unapply(model, "sdpa")
+        with plan_applied(model, plan):
+            scores = [answer_score(model, s) for s in val]
         correct = sum(ok for ok, _ce, _n in scores)
         ce = sum(c / max(1, m) for _ok, c, m in scores) / len(scores)
         k = _kept_dense(plan)
@@ -446,7 +443,7 @@ def reachable(argv, model_name: str, retrieval: Path, task: str, n_tokens: int, 
     from compressor.evaluation import answer_score
     from compressor.fidelity import FidelityGrid, make_cell_items
     from compressor.models import load_model
-    from compressor.patching import apply, unapply
+    from compressor.patching import plan_applied
     from plans.identity import identity_from_config
     from profilers import ruler
     from profilers.retrieval import load_retrieval
@@ -462,11 +459,8 @@ def reachable(argv, model_name: str, retrieval: Path, task: str, n_tokens: int, 
     rows, t0 = [], time.time()
     for shape in mine:
         plan = shape_plan(ident, ranked, shape)
-        if plan is not None:
-            apply(model, plan)
-        scores = [answer_score(model, s) for s in val]
-        if plan is not None:
-            unapply(model, "sdpa")
+        with plan_applied(model, plan):
+            scores = [answer_score(model, s) for s in val]
         cost = ({"kept_dense": ident.num_layers * ident.num_kv_heads, "density": 1.0, "density_4096": 1.0,
                  "kv_density": 1.0} if plan is None else
                 {"kept_dense": _kept_dense(plan), "density": plan.density(n_tokens), "density_4096": plan.density(4096),

@@ -176,7 +176,7 @@ def evaluate(model, tokenizer, plans: dict[str, Plan], task: str, lengths: list[
     """Evaluate dense, the plans and their uniform baselines on identical samples. With ``progress``: a bar on a
     terminal, plain lines on stderr otherwise (see :mod:`profilers.progress`), one step per sample, and the stage
     names the method and length."""
-    from compressor.patching import apply, unapply
+    from compressor.patching import plan_applied
     from profilers.progress import progress as progress_helper
 
     if task not in TASKS:
@@ -202,30 +202,27 @@ def evaluate(model, tokenizer, plans: dict[str, Plan], task: str, lengths: list[
                     report.methods.append(name)
             for name, p in methods.items():
                 tick(0, stage=f"eval {task}: {name} N={n}")
-                if p is None:
-                    unapply(model, "sdpa")
-                else:
-                    apply(model, p)
-                for (nn, d), ss in data.items():
-                    if nn != n:
-                        continue
-                    cell = Cell(name, task, n, d, density=1.0 if p is None else p.density(n))
-                    for s in ss:
-                        if task == "ppl":
-                            loss, toks = text_loss(model, s.input_ids)
-                            cell.loss_sum += loss
-                            cell.tokens += toks
-                        else:
-                            ok, loss, toks = answer_score(model, s)
-                            cell.correct += int(ok)
-                            cell.total += 1
-                            cell.outcomes.append(bool(ok))
-                            cell.loss_sum += loss
-                            cell.tokens += toks
-                        tick(1, work=n)
-                    report.cells.append(cell)
-    unapply(model, "sdpa")
+                with plan_applied(model, p):
+                    report.cells += [_score_cell(model, task, name, n, d, p, ss, tick)
+                                     for (nn, d), ss in data.items() if nn == n]
     return report
+
+
+def _score_cell(model, task: str, name: str, n: int, depth, plan: Plan | None, samples, tick) -> Cell:
+    """One (method, length, depth) cell over its samples, with the model already under ``plan``."""
+    cell = Cell(name, task, n, depth, density=1.0 if plan is None else plan.density(n))
+    for s in samples:
+        if task == "ppl":
+            loss, toks = text_loss(model, s.input_ids)
+        else:
+            ok, loss, toks = answer_score(model, s)
+            cell.correct += int(ok)
+            cell.total += 1
+            cell.outcomes.append(bool(ok))
+        cell.loss_sum += loss
+        cell.tokens += toks
+        tick(1, work=n)
+    return cell
 
 
 def heldout_corpus(corpus: str) -> list[str]:

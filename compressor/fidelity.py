@@ -151,7 +151,7 @@ def run_fidelity(model, tokenizer, plans: dict[str, Plan], grid: FidelityGrid, m
     ``checkpoint``: a JSON file rewritten atomically after every (length, method, task) cell; a rerun with the same
     grid, plans and model resumes from it (cells already measured are not measured again). A checkpoint of another
     grid, plan set or model is refused (CompressError) rather than mixed in."""
-    from compressor.patching import apply, unapply
+    from compressor.patching import plan_applied
 
     haystack = _haystack(grid.haystack)
     key = _checkpoint_key(grid, plans, model_name, model)
@@ -159,16 +159,14 @@ def run_fidelity(model, tokenizer, plans: dict[str, Plan], grid: FidelityGrid, m
     if style is None:
         style, probe = choose_style(model, tokenizer, grid, haystack)
     rep = FidelityReport(model=model_name, style=style, grid=grid, style_probe=probe)
-    impl = model.config._attn_implementation if model.config._attn_implementation != "compress" else "sdpa"
     total = len(grid.tasks) * len(grid.lengths) * grid.n_per_cell * len(methods_at(plans, grid.lengths[0]))
-    try:
-        with progress("fidelity", total=total, unit="items") as tick:
-            for n in grid.lengths:
-                cells = {t: make_cell_items(t, tokenizer, n, grid, style, haystack) for t in grid.tasks}
-                for t, items in cells.items():
-                    rep.item_depths[(t, n)] = [it.depth for it in items]
-                for m in methods_at(plans, n):
-                    apply(model, m.plan) if m.plan is not None else unapply(model, impl)
+    with progress("fidelity", total=total, unit="items") as tick:
+        for n in grid.lengths:
+            cells = {t: make_cell_items(t, tokenizer, n, grid, style, haystack) for t in grid.tasks}
+            for t, items in cells.items():
+                rep.item_depths[(t, n)] = [it.depth for it in items]
+            for m in methods_at(plans, n):
+                with plan_applied(model, m.plan):
                     for t, items in cells.items():
                         if f"{t}|{n}|{m.name}" in done:
                             rep.outcomes[(t, n, m.name)] = [bool(x) for x in done[f"{t}|{n}|{m.name}"]]
@@ -178,9 +176,7 @@ def run_fidelity(model, tokenizer, plans: dict[str, Plan], grid: FidelityGrid, m
                                                         for it in items if tick(1) or True]
                         done[f"{t}|{n}|{m.name}"] = [int(x) for x in rep.outcomes[(t, n, m.name)]]
                         _save_checkpoint(checkpoint, key, style, probe, done)
-                    rep.cells += [_cell(rep, t, n, m) for t in grid.tasks]
-    finally:
-        unapply(model, impl)
+                rep.cells += [_cell(rep, t, n, m) for t in grid.tasks]
     rep.comparisons = compare(rep, plans)
     return rep
 

@@ -10,6 +10,8 @@ The attention function itself, its mask builder and the bounded cache live in :m
 
 from __future__ import annotations
 
+import contextlib
+
 from compressor.hf.modules import (
     attention_modules,
     check_model_supported,
@@ -20,6 +22,8 @@ from compressor.hf.plan_attention import ATTN_NAME, plan_from_config
 from plans.errors import CompressError
 from plans.identity import identity_from_config
 from plans.schema import Plan
+
+BASE_IMPL_ATTR = "_compress_base_implementation"  # the implementation apply() replaced (model.__dict__, not saved)
 
 UNSUPPORTED_FEATURES = {
     "attention_chunk_size": "chunked local attention (Llama 4 style)",
@@ -53,6 +57,8 @@ def apply(model, plan: Plan):
     check_attention_features(model)
     ident = identity_from_config(model.config)
     plan.model.check_matches(ident, "the plan")
+    if model.config._attn_implementation != ATTN_NAME:
+        model.__dict__[BASE_IMPL_ATTR] = model.config._attn_implementation
     model.config.compress_plan = plan.model_dump(mode="json")
     for m in attention_modules(model):
         module_state(m).runtime = None
@@ -62,12 +68,38 @@ def apply(model, plan: Plan):
     return model
 
 
-def unapply(model, implementation: str = "sdpa"):
-    """Back to a stock attention implementation (the plan stays in the config but is not used; a folder saved
-    now loads with ``implementation``)."""
-    model.set_attn_implementation(implementation)
+def unapply(model, implementation: str | None = None):
+    """Back to a stock attention implementation: ``implementation``, or by default the one the model had before
+    its first :func:`apply` ("sdpa" when unknown). The plan stays in the config but is not used; a folder saved
+    now loads stock."""
+    model.set_attn_implementation(implementation or model.__dict__.get(BASE_IMPL_ATTR, "sdpa"))
     model.config.__dict__.pop("attn_implementation", None)
     return model
+
+
+@contextlib.contextmanager
+def plan_applied(model, plan: Plan | None):
+    """``with plan_applied(model, plan):`` runs ``model`` under ``plan`` (None: its stock attention) inside the
+    block, then restores the attention implementation and plan it had before — the one way to switch a plan on
+    and off around a measurement. Raises CompressError as :func:`apply` does."""
+    cfg = model.config
+    before = (cfg._attn_implementation, getattr(cfg, "compress_plan", None), cfg.__dict__.get("attn_implementation"))
+    try:
+        apply(model, plan) if plan is not None else unapply(model)
+        yield model
+    finally:
+        impl, data, attr = before
+        if data is None:
+            cfg.__dict__.pop("compress_plan", None)
+        else:
+            cfg.compress_plan = data
+        for m in attention_modules(model):
+            module_state(m).runtime = None
+        if cfg._attn_implementation != impl:
+            model.set_attn_implementation(impl)
+        cfg.__dict__.pop("attn_implementation", None)
+        if attr is not None:
+            cfg.attn_implementation = attr
 
 
 def plan_of(model) -> Plan | None:

@@ -288,3 +288,29 @@ def test_output_attentions_with_a_plan_cache_past_is_refused_by_name():
         m(prompt(20), cache=cache)
         with pytest.raises(CompressError, match="output_attentions"):
             m(prompt(1), cache=cache, output_attentions=True)
+
+
+# -- one way to switch a plan on and off around a measurement ---------------------------------------------------
+def test_plan_applied_restores_the_models_own_implementation_and_plan():
+    from compressor.patching import plan_applied
+
+    m = tiny_model()
+    m.set_attn_implementation("eager")
+    plan = same_heads_plan(m, GROWING)
+    ids = prompt(20)
+    with torch.no_grad():
+        stock = m(ids).logits
+        with plan_applied(m, plan):
+            assert m.config._attn_implementation == "compress"
+            planned = m(ids).logits
+        assert m.config._attn_implementation == "eager" and getattr(m.config, "compress_plan", None) is None
+        assert torch.equal(m(ids).logits, stock)
+        compressor.apply(m, plan)
+        with pytest.raises(RuntimeError), plan_applied(m, None):  # restored on an error too
+            assert m.config._attn_implementation == "eager"
+            assert (m(ids).logits - stock).abs().max() < 1e-5
+            raise RuntimeError
+        assert m.config._attn_implementation == "compress"
+        assert torch.equal(m(ids).logits, planned)
+        compressor.unapply(m)  # back to the implementation apply replaced, not a hard-coded one
+        assert m.config._attn_implementation == "eager"
