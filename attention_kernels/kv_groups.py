@@ -240,8 +240,7 @@ class RingGroup:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, new_pos: torch.Tensor) -> None:
         """keys/values (B, Hkv, q, D) of the whole layer, new_pos (B, q): held until :meth:`attend`."""
-        hg = self.kv.numel()
-        self.pending = (_heads(keys, self.kv), _heads(values, self.kv), new_pos[:, None, :].expand(-1, hg, -1))
+        self.pending = (_heads(keys, self.kv), _heads(values, self.kv), new_pos)
 
     def attend(self, query: torch.Tensor, q_pos: torch.Tensor, spec: AttendSpec, n_rep: int) -> torch.Tensor:
         """Queries (B, Hq, q, D) of the whole layer at real positions q_pos (B, q) -> (B, Hqg, q, D)."""
@@ -249,8 +248,11 @@ class RingGroup:
         self.pending = None
         qi = self.query_heads(n_rep)
         simple = self.uniform and spec.plain_decode(query, self.query_head_set(n_rep))
-        if simple and self.same and q_pos.shape[0] == 1 and int(q_pos[0, 0]) >= 0:  # one sequence: int arithmetic
-            return self._decode_one(query, int(q_pos[0, 0]), k_new, v_new, qi, spec.scale)
+        if simple and self.same and q_pos.shape[0] == 1:  # one sequence: int arithmetic
+            p = int(q_pos[0, 0])
+            if p >= 0:
+                return self._decode_one(query, p, k_new, v_new, qi, spec.scale)
+        p_new = p_new[:, None, :].expand(-1, self.kv.numel(), -1)  # (B, Hg, q)
         if simple and bool((q_pos >= 0).all()):
             self._write(k_new, v_new, p_new, horizon=p_new)
             kv_len = torch.minimum(q_pos + 1, self.sink + self.window).clamp(max=self.k.shape[2])
@@ -363,7 +365,7 @@ class PlanKV:
 
     def append(self, keys, values, new_pos) -> None:
         """Add new tokens (B, Hkv, q, D) with real positions new_pos (B, q) to every group."""
-        self.n_real = self.n_real + (new_pos >= 0).sum(-1)
+        self.n_real += (new_pos >= 0).sum(-1)
         for g in self.groups:
             g.append(keys, values, new_pos)
 
