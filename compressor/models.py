@@ -265,18 +265,45 @@ def _maybe_offline_error(path: str) -> None:
         raise CompressError(f"model {path!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1)")
 
 
+def load_config(model: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
+    """The model's ``PretrainedConfig`` alone (no weights), so checks against it fail before anything loads."""
+    from transformers import AutoConfig
+
+    path = resolve_model(model)
+    if not Path(path).exists():
+        _maybe_offline_error(path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CompressError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+
+
+def check_lengths_fit(model_or_config, lengths) -> None:
+    """Raise CompressError when a length exceeds the model's ``max_position_embeddings`` (positions it was never
+    trained on: results there are not the model's). Takes a model or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    max_pos = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    for n in lengths:
+        if max_pos and n > max_pos:
+            raise CompressError(f"length {n} exceeds the model's max_position_embeddings ({max_pos})")
+
+
 def apply_to_folder(plan_path: str | Path, model: str | None, out: str | Path, *, trust_remote_code: bool = False,
-                    device_map=None, max_memory=None, offload_folder=None) -> Path:
+                    device_map=None, max_memory=None, offload_folder=None, allow_other_model: bool = False) -> Path:
     """Write a self-contained patched model folder: safetensors weights, tokenizer, plan.json, config that
     selects the ``compress`` attention. Nothing is written to ``out`` unless everything succeeds. The model may be
     loaded split across devices (``device_map``…, see :func:`load_model`)."""
     from compressor.patching import apply
     from plans.io import load_plan
 
+    from plans.identity import identity_from_config
+
     plan = load_plan(plan_path)
+    config = load_config(model, trust_remote_code=trust_remote_code)  # a plan of another model fails before loading
+    plan.model.check_matches(identity_from_config(config), "the plan", allow_other_model=allow_other_model)
     m, tok = load_model(model, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
                         offload_folder=offload_folder)
-    apply(m, plan)
+    apply(m, plan, allow_other_model=allow_other_model)
     return save_patched(m, tok, plan, out)
 
 

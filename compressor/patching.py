@@ -48,15 +48,16 @@ def check_attention_features(model) -> None:
                             "with a causal sink+window plan")
 
 
-def apply(model, plan: Plan):
+def apply(model, plan: Plan, *, allow_other_model: bool = False):
     """Patch ``model`` in place to run ``plan``; returns the model.
 
     Raises CompressError when the model does not route through AttentionInterface, has an attention feature the plan
-    cannot honour (:func:`check_attention_features`), or does not match the plan's model identity."""
+    cannot honour (:func:`check_attention_features`), or does not match the plan's model identity (with
+    ``allow_other_model``, a plan of another model of the same shape is accepted: :meth:`ModelIdentity.check_matches`)."""
     check_model_supported(model, "patched")
     check_attention_features(model)
     ident = identity_from_config(model.config)
-    plan.model.check_matches(ident, "the plan")
+    plan.model.check_matches(ident, "the plan", allow_other_model=allow_other_model)
     if model.config._attn_implementation != ATTN_NAME:
         model.__dict__[BASE_IMPL_ATTR] = model.config._attn_implementation
     model.config.compress_plan = plan.model_dump(mode="json")

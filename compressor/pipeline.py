@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from rich.console import Console
+from compressor.terminal import LiteralConsole
 
 from compressor.models import apply_to_folder, save_patched  # noqa: F401  (`compress apply`; distill's folder)
 from plans.atomic import write_text_atomic
@@ -30,7 +30,7 @@ from plans.importers import import_plan_file
 from plans.io import load_plan, save_plan
 from plans.schema import Plan, span_for_density, uniform_plan
 
-console = Console(stderr=True)
+console = LiteralConsole(stderr=True)  # user text printed literally
 
 
 def model_identity(model: str | None) -> ModelIdentity:
@@ -196,6 +196,10 @@ def profile(out: str | Path = "profile", model: str | None = None, *, lengths: S
     if method not in PROFILE_METHODS:
         raise CompressError(f"unknown profiling method {method!r} (available: {', '.join(PROFILE_METHODS)})")
     place = placement_kwargs(device_map, max_memory, offload_folder)
+    if not allow_extrapolation:  # before the model loads
+        from compressor.models import check_lengths_fit, load_config
+
+        check_lengths_fit(load_config(model), lengths)
     if world_size_from_env() > 1:
         if method != "taylor":
             raise CompressError(f"data-parallel profiling (torchrun, --workers) is for --method taylor, not {method}")
@@ -343,14 +347,16 @@ def evaluate(task: str = "passkey", plans: Sequence[str | Path] = (), model: str
     :class:`compressor.evaluation.EvalReport`. ``device_map``…: the model split across devices
     (:mod:`compressor.placement`)."""
     from compressor.evaluation import evaluate as run_eval, heatmap_png, heldout_corpus
-    from compressor.models import load_model
+    from compressor.models import check_lengths_fit, load_config, load_model
     from compressor.placement import placement_kwargs
 
     named = {Path(p).stem: load_plan(p) for p in plans}
-    m, tok = load_model(model, **placement_kwargs(device_map, max_memory, offload_folder))
-    ident = identity_from_config(m.config)
+    config = load_config(model)  # plans of another model and lengths past its positions fail before loading
+    check_lengths_fit(config, lengths)
+    ident = identity_from_config(config)
     for name, p in named.items():
         p.model.check_matches(ident, f"plan {name}")
+    m, tok = load_model(model, **placement_kwargs(device_map, max_memory, offload_folder))
     haystack = heldout_corpus(corpus) if task in ("passkey", "ppl") else None
     report = run_eval(m, tok, named, task, list(lengths), depths=list(depths), samples=samples, seed=seed,
                       haystack=haystack, progress=progress)
@@ -374,7 +380,7 @@ def bench(model: str | None = None, *, plan: str | Path | None = None, density: 
     import torch
 
     from compressor.bench import BenchReport, bench as measure, kernel_table as measure_kernels
-    from compressor.models import load_model
+    from compressor.models import check_lengths_fit, load_config, load_model
     from compressor.placement import placement_kwargs
 
     if threads:
@@ -382,8 +388,10 @@ def bench(model: str | None = None, *, plan: str | Path | None = None, density: 
     lengths = list(lengths)
     if kv_budget_gib is not None and (kv_budget_gib <= 0 or max_batch < 1):  # before loading anything
         raise CompressError(f"--kv-budget must be > 0 GiB and --max-batch >= 1 (got {kv_budget_gib}, {max_batch})")
+    p = load_plan(plan) if plan else None  # a bad plan file or length fails before the model loads
+    check_lengths_fit(load_config(model), lengths)
     m, _ = load_model(model, **placement_kwargs(device_map, max_memory, offload_folder))
-    p = load_plan(plan) if plan else make_uniform_plan(model, density=density, length=lengths[0])
+    p = p or make_uniform_plan(model, density=density, length=lengths[0])
     if kernel_table:
         table = measure_kernels(lengths, p.model.head_dim)
         write_text_atomic(kernel_table, table.model_dump_json(indent=2))

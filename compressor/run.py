@@ -27,13 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from rich.console import Console
+from compressor.terminal import LiteralConsole
 
 from plans.atomic import write_text_atomic
 from plans.errors import CompressError
 from plans.io import load_plan, save_plan
 
-console = Console(stderr=True)
+console = LiteralConsole(stderr=True)  # user text printed literally
 
 
 @dataclass

@@ -199,9 +199,9 @@ def print_report(rep: dict, console) -> None:
     if console.is_terminal:
         console.print(t)
     else:  # a log file or a pipe has no width: print the whole table rather than rich's 80-column default
-        from rich.console import Console
+        from compressor.terminal import LiteralConsole
 
-        Console(file=console.file, width=160, soft_wrap=False).print(t)
+        LiteralConsole(file=console.file, width=160, soft_wrap=False).print(t)
 
 
 def markdown_section(rep: dict) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from plans.errors import CompressError
 
@@ -17,15 +17,18 @@ _GEOMETRY_KEYS = (
 )
 
 
+MAX_COUNT = 2**31 - 1  # bound on layer / head / position counts read from a file
+
+
 class ModelIdentity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_type: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_positions: int | None = None
+    num_layers: int = Field(le=MAX_COUNT)
+    num_heads: int = Field(le=MAX_COUNT)
+    num_kv_heads: int = Field(le=MAX_COUNT)
+    head_dim: int = Field(le=MAX_COUNT)
+    max_positions: int | None = Field(None, le=MAX_COUNT)
     config_hash: str = ""
     name: str | None = None
 
@@ -33,12 +36,25 @@ class ModelIdentity(BaseModel):
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def check_matches(self, other: "ModelIdentity", what: str) -> None:
-        """Raise a CompressError naming the first field that differs between ``other`` (the model) and self."""
+    def check_matches(self, other: "ModelIdentity", what: str, *, allow_other_model: bool = False) -> None:
+        """Raise a CompressError naming the first field that differs between ``other`` (the model) and self.
+
+        The geometry (model type, layers, heads, KV heads) must always match. ``head_dim`` and the config hash
+        (:data:`_GEOMETRY_KEYS`: vocabulary, positions, RoPE base, sliding window, ...) tell a model of the same
+        shape apart from the one the file was made for; they are checked unless ``allow_other_model``."""
         for field in ("model_type", "num_layers", "num_heads", "num_kv_heads"):
             a, b = getattr(self, field), getattr(other, field)
             if a != b:
                 raise CompressError(f"{what} was made for {field}={a}, but the model has {field}={b}")
+        if allow_other_model:
+            return
+        hint = "; to use it on this model anyway pass --allow-other-model (apply(..., allow_other_model=True))"
+        if self.head_dim != other.head_dim:
+            raise CompressError(f"{what} was made for head_dim={self.head_dim}, but the model has "
+                                f"head_dim={other.head_dim}{hint}")
+        if self.config_hash and other.config_hash and self.config_hash != other.config_hash:
+            raise CompressError(f"{what} was made for another model of this shape (config hash {self.config_hash}, "
+                                f"this model {other.config_hash}: vocabulary, positions, RoPE or window differ){hint}")
 
 
 def text_config(config):

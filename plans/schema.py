@@ -22,6 +22,7 @@ from plans.identity import ModelIdentity
 from plans.span import DENSE_SPAN, decode_density, prefill_density, span_at
 
 PLAN_FORMAT_VERSION = 1
+MAX_TOKENS = 2**31 - 1  # bound on every token count in a plan (sink, spans, block, offsets, lengths): int32 range
 
 
 def tool_version() -> str:
@@ -63,12 +64,13 @@ class SinkWindowPattern(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # alpha/beta: finite numbers only
     kind: Literal["sink_window"] = "sink_window"
     operator: Operator = Field("softmax", description=OPERATOR_HELP)
-    sink: int = Field(64, ge=0, description="sink tokens (inside the span)")
-    alpha: float = Field(description="additive span term, tokens (may be negative, as in MoA)")
+    sink: int = Field(64, ge=0, le=MAX_TOKENS, description="sink tokens (inside the span)")
+    alpha: float = Field(ge=-MAX_TOKENS, le=MAX_TOKENS,
+                         description="additive span term, tokens (may be negative, as in MoA); |alpha| < 2^31")
     beta: float = Field(0.0, ge=0.0, le=1.0, description="span grows by beta tokens per input token")
-    min_span: int | None = Field(None, ge=1)
-    max_span: int | None = Field(None, ge=1)
-    block: int = Field(1, ge=1, description="span is rounded up to a multiple of this")
+    min_span: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_span: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    block: int = Field(1, ge=1, le=MAX_TOKENS, description="span is rounded up to a multiple of this")
 
     @model_validator(mode="after")
     def _check(self):
@@ -114,7 +116,7 @@ class LayerPlan(BaseModel):
     heads: list[HeadPattern]
 
 
-_Length = Annotated[int, Field(ge=1)]  # an input length, tokens
+_Length = Annotated[int, Field(ge=1, le=MAX_TOKENS)]  # an input length, tokens
 _Fraction = Annotated[float, Field(ge=0, le=1)]  # a predicted density (rounding may give 0 at huge lengths)
 
 
@@ -123,8 +125,8 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["density", "kv_density", "latency_ms"]
-    value: float = Field(gt=0)
-    length: int | None = Field(None, ge=1, description="None: at every target length")
+    value: float = Field(gt=0, le=1e9, description="a fraction in (0, 1], or milliseconds for latency_ms")
+    length: int | None = Field(None, ge=1, le=MAX_TOKENS, description="None: at every target length")
 
     @model_validator(mode="after")
     def _check_fraction(self):
@@ -159,7 +161,7 @@ class Plan(BaseModel):
     model: ModelIdentity
     granularity: Literal["query_head", "kv_head"] = "kv_head"
     length_offset: int = Field(
-        0, ge=0, description=("tokens added to the prompt length N0 before evaluating span rules: S = span(N0 + length_offset), "
+        0, ge=0, le=MAX_TOKENS, description=("tokens added to the prompt length N0 before evaluating span rules: S = span(N0 + length_offset), "
                      "never capped by N0, fixed while decoding (MoA run time: 1024)")
     )
     lengths: list[_Length] = Field(default_factory=list, description="input lengths the plan targets")
