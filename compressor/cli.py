@@ -65,6 +65,13 @@ def user_errors(fn):
     return wrapper
 
 
+def at_least(low: float, **values) -> None:
+    """Refuse an option below ``low`` (before any work): ``at_least(1, samples=samples)`` -> ``--samples``."""
+    for name, value in values.items():
+        if value is not None and value < low:
+            raise CompressError(f"--{name.replace('_', '-')} must be >= {low:g}, got {value}")
+
+
 def check_out(path: Optional[Path], kind: str = "file") -> None:
     """Refuse an ``--out`` that cannot be written (before any work): see :func:`plans.atomic.check_writable`."""
     if path is not None:
@@ -226,7 +233,7 @@ def data_build(
     from compressor.pipeline import build_calibration
 
     check_out(out, "folder")
-
+    at_least(1, samples=samples)
     path, data = build_calibration(model, out=out, lengths=_lengths(lengths), samples=samples, sources=_names(sources),
                                    seed=seed)
     console.print(f"calibration set in {path}: " + ", ".join(f"{n}: {len(v)} samples" for n, v in sorted(data.items())))
@@ -291,6 +298,7 @@ def profile_cmd(
     check_retrieval_task(retrieval_task)
     for suffix in (".safetensors", ".json"):  # before any work: the stem's two files
         check_out(Path(f"{out}{suffix}"))
+    at_least(1, samples=samples, block=block, gate_steps=gate_steps, gate_window=gate_window)
     if (retrieval_task != "niah_single" or query_rows != "question") and method != "retrieval":
         raise CompressError(f"--retrieval-task and --query-rows are for --method retrieval, not --method {method}")
     if query_rows != "question" and not (query_rows.isdigit() and int(query_rows) >= 1):
@@ -387,7 +395,6 @@ def search_cmd(
     from compressor.pipeline import search, search_summary
 
     check_out(out, "folder")
-
     res = search(profile, budget, out=out, model=model, granularity=granularity, k=k, solver=solver,
                  time_limit=time_limit, trials=trials, validate_length=validate_length, val_samples=val_samples,
                  latency_table=latency_table, storage=storage, study_name=study_name, resume=resume,
@@ -442,7 +449,6 @@ def run_cmd(
     from compressor.run import RunConfig
 
     check_out(out, "folder")
-
     cfg = RunConfig(model=model, out=str(out), profile_lengths=_lengths(profile_lengths), validate_length=validate_length,
                     eval_lengths=_lengths(eval_lengths), budgets=list(budget), samples=samples, trials=trials,
                     eval_tasks=_names(eval_tasks), eval_depths=_floats(eval_depths, "--eval-depths"),
@@ -474,7 +480,9 @@ def distill_cmd(
     from compressor.pipeline import distill
 
     check_out(out, "folder")
-
+    at_least(1, steps=steps, samples=samples)
+    if not lr > 0:
+        raise CompressError(f"--lr must be > 0, got {lr}")
     losses = distill(plan, out, model, steps=steps, lr=lr, lengths=_lengths(lengths), samples=samples,
                      sources=_names(sources), seed=seed, resume=resume)
     console.print(f"distilled {len(losses)} steps (loss {losses[0]:.4g} -> {losses[-1]:.4g}); model in {out / 'model'}")
@@ -503,7 +511,7 @@ def eval_cmd(
     from compressor.pipeline import evaluate
 
     check_out(out, "folder")
-
+    at_least(1, samples=samples)
     report = evaluate(task, plan, model, lengths=_lengths(lengths), depths=_floats(depths, "--depths"), samples=samples,
                       corpus=corpus, seed=seed, out=out, device_map=device_map, max_memory=max_memory,
                       offload_folder=offload_folder)
@@ -554,6 +562,7 @@ def bench_cmd(
 
     check_out(out)
     check_out(kernel_table)
+    at_least(1, repeats=repeats, threads=threads, max_batch=max_batch, decode_steps=decode_steps)
 
     report = bench(model, plan=plan, density=density, lengths=_lengths(lengths), repeats=repeats, threads=threads,
                    whole_model=whole_model, decode=decode, kernel_table=kernel_table, out=out, device_map=device_map,

@@ -149,9 +149,10 @@ def build_calibration(model: str | None = None, *, out: str | Path | None = None
                       lengths: Sequence[int] = (1024, 2048, 4096), samples: int = 4,
                       sources: Sequence[str] = DEFAULT_SOURCES, seed: int = 0) -> tuple[Path, dict]:
     """Build (or load from the cache folder ``out``) a calibration set; returns (its folder, samples by length)."""
-    from compressor.models import compress_home
+    from compressor.models import check_lengths_fit, compress_home, load_config
     from profilers.calibration import calibration_dir
 
+    check_lengths_fit(load_config(model), lengths)  # before the model loads
     cache = out or compress_home() / "calibration"
     _, tok, recipe, data = _calibration(model, lengths, samples, sources, seed, cache=cache)
     return calibration_dir(cache, tok, recipe), data

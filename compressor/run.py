@@ -112,6 +112,7 @@ def run(cfg: RunConfig) -> dict:
     line/bar for the stages, and the stages' own (calibration, profile samples, search trials, eval samples)."""
     from compressor.progress import progress
 
+    check_run_config(cfg)  # before the progress line and before anything is loaded or written
     with progress("run", total=1 + len(cfg.budgets) + 1 + len(cfg.eval_tasks) + 1, unit="stages") as tick:
         return _run(cfg, tick)
 
@@ -129,6 +130,28 @@ class _Ctx:
     timings: dict = field(default_factory=dict)
 
 
+def check_run_config(cfg: RunConfig) -> None:
+    """Raise CompressError for a value the run cannot use, before anything is loaded or written: the option
+    values, and every length against the model's positions (read from its config alone)."""
+    from compressor.models import check_lengths_fit, load_config
+
+    if cfg.bench_length is not None and cfg.bench_length < 0:
+        raise CompressError(f"--bench-length must be >= 0 (0: no bench), got {cfg.bench_length}")
+    if cfg.validate_length <= max(cfg.profile_lengths):
+        raise CompressError(
+            f"--validate-length {cfg.validate_length} must exceed every profiled length {cfg.profile_lengths}")
+    if cfg.plan_shape not in ("keep_dense", "search"):
+        raise CompressError(f"--plan-shape must be keep_dense or search, got {cfg.plan_shape!r}")
+    if cfg.plan_shape == "keep_dense" and cfg.retrieval_samples < 2:
+        raise CompressError("--plan-shape keep_dense needs --retrieval-samples >= 2")
+    for name in ("samples", "eval_samples", "trials"):
+        if getattr(cfg, name) < (0 if name == "trials" else 1):
+            raise CompressError(f"--{name.replace('_', '-')} must be >= {0 if name == 'trials' else 1}, "
+                                f"got {getattr(cfg, name)}")
+    lengths = [*cfg.profile_lengths, cfg.validate_length, *cfg.eval_lengths, *([cfg.bench_length] if cfg.bench_length else [])]
+    check_lengths_fit(load_config(cfg.model), lengths)
+
+
 def _run(cfg: RunConfig, tick) -> dict:
     from compressor.models import load_model
     from compressor.patching import unapply
@@ -141,11 +164,6 @@ def _run(cfg: RunConfig, tick) -> dict:
     tick(0, stage="run: load model")
     model, tok = load_model(cfg.model)
     model_name = str(cfg.model or "default")
-    if cfg.bench_length is not None and cfg.bench_length < 0:
-        raise CompressError(f"--bench-length must be >= 0 (0: no bench), got {cfg.bench_length}")
-    if cfg.validate_length <= max(cfg.profile_lengths):
-        raise CompressError(
-            f"--validate-length {cfg.validate_length} must exceed every profiled length {cfg.profile_lengths}")
     ctx = _Ctx(cfg, out, model, tok, model_name, tick)
 
     # 1. calibration + profile
@@ -153,11 +171,7 @@ def _run(cfg: RunConfig, tick) -> dict:
                                seed=cfg.seed, model=model_name)
     val_recipe = CalibrationRecipe(sources=cfg.sources, lengths=[cfg.validate_length],
                                    samples_per_length=cfg.val_samples, seed=cfg.seed + 1, model=model_name)
-    if cfg.plan_shape not in ("keep_dense", "search"):
-        raise CompressError(f"--plan-shape must be keep_dense or search, got {cfg.plan_shape!r}")
     if cfg.plan_shape == "keep_dense":
-        if cfg.retrieval_samples < 2:
-            raise CompressError("--plan-shape keep_dense needs --retrieval-samples >= 2")
         plans = _keep_dense_stages(ctx, _retrieval_stage(ctx, _fp(model_name)))
     else:
         profile_fp = _profile_stage(ctx, recipe)
