@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
-from compressor.terminal import LiteralConsole, literal
+from profilers.terminal import LiteralConsole, literal
 from plans.atomic import check_writable
 from plans.errors import CompressError
 from plans.schema import MAX_TOKENS

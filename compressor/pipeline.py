@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from compressor.terminal import LiteralConsole
+from profilers.terminal import LiteralConsole
 
 from compressor.models import apply_to_folder, save_patched  # noqa: F401  (`compress apply`; distill's folder)
 from plans.atomic import write_text_atomic

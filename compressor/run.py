@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from compressor.terminal import LiteralConsole
+from profilers.terminal import LiteralConsole
 
 from plans.atomic import write_text_atomic
 from plans.errors import CompressError

@@ -199,7 +199,7 @@ def print_report(rep: dict, console) -> None:
     if console.is_terminal:
         console.print(t)
     else:  # a log file or a pipe has no width: print the whole table rather than rich's 80-column default
-        from compressor.terminal import LiteralConsole
+        from profilers.terminal import LiteralConsole
 
         LiteralConsole(file=console.file, width=160, soft_wrap=False).print(t)
 

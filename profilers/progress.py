@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Callable
 
+from profilers.terminal import LiteralConsole, literal
+
 DEFAULT_INTERVAL = 30.0
 MODES = ("auto", "rich", "plain", "off")
 _MIN_HEARTBEAT = 0.01  # seconds; the smallest heartbeat period
@@ -150,7 +152,7 @@ class Progress:
         with _lock:
             now = self._clock()
             try:
-                self.stream.write(self.line(now, end) + "\n")
+                self.stream.write(literal(self.line(now, end)) + "\n")  # stage names may hold user text
                 self.stream.flush()
             except (OSError, ValueError):  # a closed stream must not kill the work
                 pass
@@ -184,18 +186,18 @@ class Progress:
         if mode == "rich":
             with _lock:
                 if _rich is None:
-                    from rich.console import Console
                     from rich.progress import (BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn,
                                                TimeRemainingColumn)
 
-                    _rich = RichProgress(
-                        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(),
-                        console=Console(file=self._stream) if self._stream is not None else Console(stderr=True))
+                    _rich = RichProgress(  # stage names and info may hold user text: no markup, literal
+                        TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                        TextColumn("{task.fields[count]}", markup=False), TextColumn("{task.fields[info]}", markup=False),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        console=(LiteralConsole(file=self._stream) if self._stream is not None
+                                 else LiteralConsole(stderr=True)))
                     _rich.start()
                 _rich_users += 1
-                self._task = _rich.add_task(self.stage, total=self._rich_total(), completed=self._rich_completed(),
+                self._task = _rich.add_task(literal(self.stage), total=self._rich_total(), completed=self._rich_completed(),
                                             count=self._count_text(), info="")
         elif mode == "plain":
             with _lock:
@@ -254,7 +256,7 @@ class Progress:
                 self.work += float(work)
             if self.mode == "rich":
                 if _rich is not None and self._task is not None:
-                    _rich.update(self._task, description=self.stage, completed=self._rich_completed(),
+                    _rich.update(self._task, description=literal(self.stage), completed=self._rich_completed(),
                                  count=self._count_text(), info=self._info_text())
                 return
             if renamed:  # a new stage (the next method, length, phase) is worth a line

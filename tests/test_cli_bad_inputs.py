@@ -241,3 +241,17 @@ def test_written_files_follow_the_umask(env, tmp_path, mask):
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
     for d in (tmp_path / "sub", tmp_path / "patched"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~mask, d
+
+
+@pytest.mark.parametrize("mode", ["plain", "rich"])
+def test_progress_lines_print_user_stage_names_literally(mode):
+    import io
+
+    from profilers.progress import progress
+
+    buf = io.StringIO()
+    with progress("eval [red]my[/] plan\x1b[2J", total=2, interval=0, stream=buf, mode=mode, heartbeat=False) as tick:
+        tick(1)
+        tick(1)
+    text = buf.getvalue()
+    assert "\x1b[2J" not in text and "\\x1b[2J" in text and "[red]my[/]" in text
