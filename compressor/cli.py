@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
-from profilers.terminal import LiteralConsole, literal
 from plans.atomic import check_writable
 from plans.errors import CompressError
 from plans.schema import MAX_TOKENS
+from profilers.terminal import LiteralConsole, literal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

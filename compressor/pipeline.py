@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from profilers.terminal import LiteralConsole
-
 from compressor.models import apply_to_folder, save_patched  # noqa: F401  (`compress apply`; distill's folder)
 from plans.atomic import write_text_atomic
 from plans.errors import CompressError
@@ -29,6 +27,7 @@ from plans.identity import ModelIdentity, identity_from_config
 from plans.importers import import_plan_file
 from plans.io import load_plan, save_plan
 from plans.schema import Plan, span_for_density, uniform_plan
+from profilers.terminal import LiteralConsole
 
 console = LiteralConsole(stderr=True)  # user text printed literally
 

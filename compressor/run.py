@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from profilers.terminal import LiteralConsole
 
 from plans.atomic import write_text_atomic
 from plans.errors import CompressError
 from plans.io import load_plan, save_plan
+from profilers.terminal import LiteralConsole
 
 console = LiteralConsole(stderr=True)  # user text printed literally
 
@@ -144,12 +144,11 @@ def check_run_config(cfg: RunConfig) -> None:
         raise CompressError(f"--plan-shape must be keep_dense or search, got {cfg.plan_shape!r}")
     if cfg.plan_shape == "keep_dense" and cfg.retrieval_samples < 2:
         raise CompressError("--plan-shape keep_dense needs --retrieval-samples >= 2")
-    for name in ("samples", "eval_samples", "trials"):
-        if getattr(cfg, name) < (0 if name == "trials" else 1):
-            raise CompressError(f"--{name.replace('_', '-')} must be >= {0 if name == 'trials' else 1}, "
-                                f"got {getattr(cfg, name)}")
-    lengths = [*cfg.profile_lengths, cfg.validate_length, *cfg.eval_lengths, *([cfg.bench_length] if cfg.bench_length else [])]
-    check_lengths_fit(load_config(cfg.model), lengths)
+    for name, low in (("samples", 1), ("eval_samples", 1), ("trials", 0)):
+        if getattr(cfg, name) < low:
+            raise CompressError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    bench = [cfg.bench_length] if cfg.bench_length else []
+    check_lengths_fit(load_config(cfg.model), [*cfg.profile_lengths, cfg.validate_length, *cfg.eval_lengths, *bench])
 
 
 def _run(cfg: RunConfig, tick) -> dict:
