@@ -314,3 +314,60 @@ def test_plan_applied_restores_the_models_own_implementation_and_plan():
         assert torch.equal(m(ids).logits, planned)
         compressor.unapply(m)  # back to the implementation apply replaced, not a hard-coded one
         assert m.config._attn_implementation == "eager"
+
+
+# -- a 4D mask that hides pads: pads are pads (N0, positions), prefill and decode ----------------------------------
+def _left_padded():
+    ids = torch.randint(4, 90, (2, 30), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :8] = 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("form", ["bool", "bool_heads", "float"])
+def test_a_4d_mask_hiding_left_pads_equals_the_padding_mask_and_the_oracle(form):
+    m, plan = patched()
+    ids, mask, pos = _left_padded()
+    m4 = torch.ones(30, 30, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    if form == "bool_heads":
+        m4 = m4.expand(2, 4, 30, 30)
+    elif form == "float":
+        m4 = torch.zeros(m4.shape).masked_fill(~m4, float("-inf"))
+    with torch.no_grad():
+        got = m(ids, attention_mask=m4, position_ids=pos).logits
+    want = oracle_logits(tiny_model(seed=0), plan, ids[1:, 8:])[0]  # the padded row alone, N0 = its 22 real tokens
+    assert (got[1, 8:] - want).abs().max() < 1e-4
+    assert (got[0] - oracle_logits(tiny_model(seed=0), plan, ids[:1])[0]).abs().max() < 1e-4
+
+
+def test_a_decode_step_with_a_4d_mask_equals_the_padding_mask():
+    m, _ = patched()
+    ids, mask, pos = _left_padded()
+    tok, step_mask = torch.tensor([[7], [9]]), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    out = []
+    with torch.no_grad():
+        for am in (step_mask, step_mask.bool()[:, None, None, :]):
+            cache = DynamicCache(config=m.config)
+            m(ids, attention_mask=mask, position_ids=pos, cache=cache)
+            out.append(m(tok, attention_mask=am, position_ids=pos[:, -1:] + 1, cache=cache).logits[:, -1])
+        assert (out[0] - out[1]).abs().max() < 1e-5
+        cache = PlanCache(m)
+        m(ids, attention_mask=mask, position_ids=pos, cache=cache)
+        with pytest.raises(CompressError, match="custom 4D attention mask cannot be combined with PlanCache"):
+            m(tok, attention_mask=step_mask.bool()[:, None, None, :], position_ids=pos[:, -1:] + 1, cache=cache)
+
+
+def test_a_2d_mask_of_another_batch_is_refused_by_name():
+    m, _ = patched()
+    with torch.no_grad(), pytest.raises(CompressError, match=r"a mask of shape \(30, 30\) for a batch of 2"):
+        m(torch.randint(4, 90, (2, 30)), attention_mask=torch.ones(30, 30, dtype=torch.bool).tril())
+
+
+def test_assisted_decoding_runs_with_the_default_cache_and_refuses_a_plan_cache_by_name():
+    m, plan = patched()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10] * 6])
+    kw = dict(max_new_tokens=8, min_new_tokens=8, **GEN)
+    with torch.no_grad():
+        assert torch.equal(m.generate(ids, prompt_lookup_num_tokens=3, **kw), oracle_greedy(tiny_model(seed=0), plan, ids, 8))
+        with pytest.raises(CompressError, match="PlanCache cannot"):
+            m.generate(ids, cache=PlanCache(m), prompt_lookup_num_tokens=3, **kw)

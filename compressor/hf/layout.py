@@ -45,9 +45,10 @@ def key_layout_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_of
     from real positions, so no (q, kv) mask is built except where HF adds a mask function of its own (packed
     sequences, modality overlays, compiled decode), which is materialised as stock sdpa would and intersected.
     """
-    if attention_mask is not None and attention_mask.ndim != 2:
-        raise CompressError(f"compress attention: a mask of shape {tuple(attention_mask.shape)}; expected a 2D "
-                            "padding mask (B, kv) or a 4D (B|1, 1|Hq, q|1, kv) mask")
+    if attention_mask is not None and (attention_mask.ndim != 2 or attention_mask.shape[0] not in (1, batch_size)):
+        raise CompressError(f"compress attention: a mask of shape {tuple(attention_mask.shape)} for a batch of "
+                            f"{batch_size}; expected a 2D padding mask ({batch_size}, kv) or a 4D (B|1, 1|Hq, q|1, kv) "
+                            "mask")
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     total = q_offset + q_length  # tokens in the sequence once this call is done (pads included)
     am = None if attention_mask is None else attention_mask.to(torch.bool)
@@ -130,9 +131,11 @@ def custom_mask(attention_mask: torch.Tensor, b: int, hq: int, nq: int, nk: int)
 def call_layout(attention_mask, query, key, position_ids=None) -> KeyLayout:
     """The :class:`KeyLayout` of one call: from our mask builder, a plain causal call, or a caller's 4D mask.
 
-    A 4D mask given by the caller (bool, or additive float) is intersected with the plan; its positions are the
-    call's ``position_ids`` when queries and keys are the same tokens (packed documents then keep their own
-    sinks), else the slot indices.
+    A 4D mask given by the caller (bool, or additive float) is intersected with the plan. Its real keys are the
+    slots the mask lets a token see of itself (queries == keys: the diagonal; with a past: the slots the newest
+    query sees), so pads a 4D mask hides are pads here too — not counted in N0 nor in positions. Positions are
+    the call's ``position_ids`` for real tokens when queries and keys are the same tokens (packed documents then
+    keep their own sinks), else the count of real slots before each one.
     """
     b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
     layout = getattr(attention_mask, "compress_layout", None)
@@ -143,9 +146,9 @@ def call_layout(attention_mask, query, key, position_ids=None) -> KeyLayout:
         k_pos = torch.arange(nk, device=dev).expand(b, nk)
         return KeyLayout(q_pos=k_pos[:, nk - nq :], k_pos=k_pos, q_start=nk - nq, written=nk, source="plain")
     allowed = custom_mask(attention_mask, b, query.shape[1], nq, nk)
+    real = allowed[:, 0].diagonal(dim1=-2, dim2=-1) if nq == nk else allowed[:, 0, -1, :]  # (B, kv)
+    k_pos = torch.where(real, real.long().cumsum(-1) - 1, -1)
     if position_ids is not None and nq == nk:
-        pos = position_ids.to(dev).long().expand(b, nk)
-        return KeyLayout(q_pos=pos, k_pos=pos, q_start=0, written=nk, allowed=allowed, source="custom")
-    k_pos = torch.arange(nk, device=dev).expand(b, nk)
+        k_pos = torch.where(real, position_ids.to(dev).long().expand(b, nk), -1)
     return KeyLayout(q_pos=k_pos[:, nk - nq :], k_pos=k_pos, q_start=nk - nq, written=nk, allowed=allowed,
                      source="custom")

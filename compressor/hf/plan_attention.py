@@ -115,8 +115,13 @@ def compress_attention(module, query, key, value, attention_mask, scaling=None, 
     rt = layer_runtime(module)
     feats = call_features(scaling, dropout, kwargs)
     cache = call_cache(module)
-    layout = call_layout(attention_mask, query, key, kwargs.get("position_ids"))
     plan_layer = cache.layers[module.layer_idx] if isinstance(cache, PlanCache) else None
+    if (plan_layer is not None and plan_layer.has_states and attention_mask is not None
+            and getattr(attention_mask, "compress_layout", None) is None):
+        raise CompressError("a custom 4D attention mask cannot be combined with PlanCache after the prefill (its "
+                            "slots hold only the kept tokens); pass a 2D padding mask, or use a DynamicCache (or no "
+                            "cache) for masked continuation")
+    layout = call_layout(attention_mask, query, key, kwargs.get("position_ids"))
     weights = bool(kwargs.get("output_attentions"))
     if weights and ((plan_layer is not None and plan_layer.has_states) or rt.relu_heads or rt.linear_heads):
         raise CompressError("output_attentions=True: attention weights are defined for softmax heads over the keys of "
@@ -162,9 +167,9 @@ def _prefill_with_weights(query, key, value, layout: KeyLayout, sink_eff, window
 
 def _attend_plan_cache(rt, plan_layer, query, key, value, layout: KeyLayout, feats: CallFeatures):
     """New tokens against a PlanCache that already holds the sequence's kept slots."""
-    if layout.allowed is not None:
-        raise CompressError("a custom attention mask cannot be combined with PlanCache after the prefill; "
-                            "use a DynamicCache (or no cache) for masked continuation")
+    if layout.allowed is not None:  # an extra mask function of HF's own (packed sequences, overlays) while decoding
+        raise CompressError("an extra attention mask (packed sequences, modality overlays) cannot be combined with "
+                            "PlanCache after the prefill; use a DynamicCache (or no cache) for masked continuation")
     nq = query.shape[2]
     if layout.source == "builder":
         new_pos = layout.q_pos  # padding-aware real positions from our mask builder

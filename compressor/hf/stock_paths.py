@@ -23,6 +23,7 @@ from transformers.utils.generic import TransformersKwargs
 
 from compressor.hf.modules import ATTN_NAME, install_cache_hooks, runs_plan
 from compressor.hf.sequence import SequenceState
+from plans.errors import CompressError
 
 N0_KWARG = "compress_n0"
 
@@ -49,6 +50,12 @@ def _generation_uses_cache(model, kwargs) -> bool:
 
 @functools.wraps(_stock_generate)
 def _generate(self, *args, **kwargs):
+    from compressor.hf.plan_cache import PlanCache
+
+    assisted = kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens")
+    if assisted and isinstance(kwargs.get("cache"), PlanCache):
+        raise CompressError("assisted / prompt-lookup decoding rolls back rejected draft tokens, which a bounded "
+                            "PlanCache cannot (evicted tokens are gone); use the default cache: same tokens")
     if runs_plan(self) and kwargs.get(N0_KWARG) is None and not _generation_uses_cache(self, kwargs):
         kwargs[N0_KWARG] = SequenceState()
     return _stock_generate(self, *args, **kwargs)
