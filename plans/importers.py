@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from plans.errors import CompressError
 from plans.identity import ModelIdentity
-from plans.io import _describe, loads_json
+from plans.io import describe_validation_error, loads_json
 from plans.schema import DensePattern, LayerPlan, Plan, SinkWindowPattern
 
 MOA_SINK, MOA_BLOCK, MOA_MIN_SPAN, MOA_NEW_TOKENS = 64, 64, 128, 1024
@@ -89,7 +89,7 @@ def _plan(where: str, **kw) -> Plan:
     try:
         return Plan(**kw)
     except ValidationError as e:
-        raise CompressError(f"{where}: the imported plan is invalid: {_describe(e)}") from None
+        raise CompressError(f"{where}: the imported plan is invalid: {describe_validation_error(e)}") from None
 
 
 def from_moa(data: dict, model: ModelIdentity, *, new_tokens: int = MOA_NEW_TOKENS, where: str = "MoA plan") -> Plan:

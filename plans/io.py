@@ -114,7 +114,8 @@ def _loc(loc) -> str:
 _PATTERN_TAGS = {"dense", "sink_window", "linear"}
 
 
-def _describe(e: ValidationError) -> str:
+def describe_validation_error(e: ValidationError) -> str:
+    """The first errors of a pydantic ValidationError as one line: ``field.path = value: message; ...``."""
     parts = []
     for err in e.errors()[:5]:
         loc = _loc(err["loc"])
@@ -139,7 +140,7 @@ def plan_from_dict(data: dict, where: str = "plan") -> Plan:
     try:
         return Plan.model_validate(data)
     except ValidationError as e:
-        raise CompressError(f"{where}: invalid plan: {_describe(e)}") from None
+        raise CompressError(f"{where}: invalid plan: {describe_validation_error(e)}") from None
 
 
 def load_plan(path: str | Path) -> Plan:

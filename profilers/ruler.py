@@ -82,12 +82,12 @@ from plans.errors import CompressError
 from profilers import corpora
 from profilers.samples import Sample
 from profilers.synthetic import (
-    _ADJECTIVES,
-    _NOUNS,
+    ADJECTIVES,
+    NOUNS,
     PASSKEY_FILLER,
-    _check_depth,
-    _check_room,
-    _filler_token,
+    check_depth,
+    check_room,
+    filler_token,
     build_frame,
     encode,
     nearest,
@@ -264,7 +264,7 @@ def _draw_value(rng: random.Random, kind: str) -> str:
     if kind == "number":
         return str(rng.randint(10 ** 6, 10 ** 7 - 1))
     if kind == "word":
-        return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
+        return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
@@ -301,7 +301,7 @@ def _splice(tokenizer, fr: _Frame, pieces: list[_Piece], haystack: Haystack, rng
     boundaries nearest to ``frac * len(window)`` (list order at equal positions) + tail."""
     ids = [encode(tokenizer, " " + p.text) for p in pieces]
     fixed = len(fr.head) + len(fr.tail) + sum(map(len, ids))
-    _check_room(fr.n_tokens, fixed, fr.task)
+    check_room(fr.n_tokens, fixed, fr.task)
     n_hay = fr.n_tokens - fixed
     hay, bounds = text_window(tokenizer, haystack.source_text(tokenizer, n_hay), n_hay, rng,
                               what=f"the {haystack.name} haystack")
@@ -335,12 +335,12 @@ def _item(fr: _Frame, prompt: list[int], context: tuple[int, int], answers: list
 
 def _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, *, task, n_keys, n_values, n_queries
           ) -> EvalItem:
-    depth = _check_depth(depth)
+    depth = check_depth(depth)
     if value_kind not in VALUE_KINDS:
         raise CompressError(f"value_kind must be one of {VALUE_KINDS}, got {value_kind!r}")
     rng = random.Random(seed)
     taken: list[str] = []
-    keys = [_unique(rng, lambda: f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}", taken) for _ in range(n_keys)]
+    keys = [_unique(rng, lambda: f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}", taken) for _ in range(n_keys)]
     values = [[_unique(rng, lambda: _draw_value(rng, value_kind), taken) for _ in range(n_values)] for _ in keys]
     plural = _PLURAL[value_kind]
     pieces = []
@@ -404,7 +404,7 @@ def make_variable_tracking(tokenizer, n_tokens: int, depth: float, seed: int, *,
     """``n_chains`` chains ``VAR X0 = <5 digits>.``, ``VAR X1 = VAR X0.``, ... ``VAR Xh = VAR Xh-1.`` (each in
     reading order, distinct values); the queried chain starts at ``depth``. Answer: its ``n_hops + 1`` variables,
     in chain order. Variable names are 5 distinct upper-case letters."""
-    depth = _check_depth(depth)
+    depth = check_depth(depth)
     if n_chains < 1 or n_hops < 1:
         raise CompressError(f"variable_tracking needs n_chains >= 1 and n_hops >= 1, got {n_chains}, {n_hops}")
     rng = random.Random(seed)
@@ -451,7 +451,7 @@ class _Pieces:
 
 def _word_pool() -> list[str]:
     """Distinct simple words, none a substring of another (so string matching cannot confuse them)."""
-    pool = sorted(set(_ADJECTIVES) | set(_NOUNS))
+    pool = sorted(set(ADJECTIVES) | set(NOUNS))
     return [w for w in pool if not any(w != v and w in v for v in pool)]
 
 
@@ -482,7 +482,7 @@ def make_common_words(tokenizer, n_tokens: int, depth: float | None, seed: int, 
     both repeat counts up by the same factor (the word pool is finite); short ones lower ``common_repeats``
     (to at least ``uncommon_repeats + 2``) so the common words take at most about half the list. Answer: the
     common words, in order of first appearance. ``depth`` has no meaning here (recorded as given)."""
-    depth = None if depth is None else _check_depth(depth)
+    depth = None if depth is None else check_depth(depth)
     rng = random.Random(seed)
     pool = _word_pool()
     rng.shuffle(pool)
@@ -490,7 +490,7 @@ def make_common_words(tokenizer, n_tokens: int, depth: float | None, seed: int, 
     question = CWE_QUESTION.format(k=n_common)
     fr = _frame(tokenizer, "common_words", n_tokens, depth, seed, style, CWE_INSTRUCTION, question,
                 "\nQuestion: " + question, CWE_ANSWER_PREFIX.format(k=n_common))
-    _check_room(fr.n_tokens, len(fr.head) + len(fr.tail) + 1, fr.task)
+    check_room(fr.n_tokens, len(fr.head) + len(fr.tail) + 1, fr.task)
     budget = fr.n_tokens - len(fr.head) - len(fr.tail)
     pieces = _Pieces(tokenizer)
     per_entry = float(np.mean(pieces.lens([" " + w for w in pool]))) + pieces.lens([" 100."])[0]
@@ -516,7 +516,7 @@ def make_common_words(tokenizer, n_tokens: int, depth: float | None, seed: int, 
 def _words_item(tokenizer, fr: _Frame, pieces: _Pieces, texts: list[str], left: int, answers: list[str],
                 meta: dict) -> EvalItem:
     body = [i for ids in pieces.ids(texts) for i in ids]
-    prompt = fr.head + body + _filler_token(tokenizer) * left + fr.tail
+    prompt = fr.head + body + filler_token(tokenizer) * left + fr.tail
     context = (len(fr.head), len(fr.head) + len(body))
     return _item(fr, prompt, context, answers, [], {**meta, "n_pad": left})
 
@@ -536,7 +536,7 @@ def make_frequent_words(tokenizer, n_tokens: int, depth: float | None, seed: int
     """RULER's frequent-words extraction: coded words (``word_len`` random letters) where the word of rank k occurs
     ``floor(W * k^-alpha / zeta(alpha))`` times (W as large as fits), rank 1 being ``....``; unused words fill the
     rest once each. Answer: ranks 2 .. n_top + 1, most frequent first. ``depth`` has no meaning here."""
-    depth = None if depth is None else _check_depth(depth)
+    depth = None if depth is None else check_depth(depth)
     if n_top < 1 or vocab_size < n_top + 3:
         raise CompressError(f"frequent_words needs n_top >= 1 and vocab_size >= n_top + 3, got {n_top}, {vocab_size}")
     rng = random.Random(seed)
@@ -545,7 +545,7 @@ def make_frequent_words(tokenizer, n_tokens: int, depth: float | None, seed: int
     question = FWE_QUESTION.format(k=k)
     fr = _frame(tokenizer, "frequent_words", n_tokens, depth, seed, style, FWE_INSTRUCTION.format(k=k), question,
                 "\nQuestion: " + question, FWE_ANSWER_PREFIX.format(k=k))
-    _check_room(fr.n_tokens, len(fr.head) + len(fr.tail) + 1, fr.task)
+    check_room(fr.n_tokens, len(fr.head) + len(fr.tail) + 1, fr.task)
     budget = fr.n_tokens - len(fr.head) - len(fr.tail)
     pieces = _Pieces(tokenizer)
     wc = np.array(pieces.lens([" " + w for w in vocab]), dtype=np.int64)

@@ -52,7 +52,7 @@ LINES_QUESTION = ("\nNow the record is over. Tell me what is the <REGISTER_CONTE
                   "I need the number.")
 LINES_ANSWER_PREFIX = "The <REGISTER_CONTENT> in line {key} is <"
 
-_ADJECTIVES = (
+ADJECTIVES = (
     "able acid agile airy amber ample angry arctic ashen awake azure bald balmy bent big bitter black bland "
     "blue bold brave brief brisk broad brown busy calm candid cheap chief civil clean clear clever cold cool "
     "coral cosy crisp curly cute damp dark dear deep dense dizzy dry dull eager early easy empty equal even "
@@ -65,7 +65,7 @@ _ADJECTIVES = (
     "sour spare stark steep stiff still stormy strict strong sunny super sweet swift tall tame tender thick "
     "thin tidy tiny tough true ugly vast violet vivid warm weak wet white wide wild windy wise witty young"
 ).split()
-_NOUNS = (
+NOUNS = (
     "acorn actor anchor angle apple arch arrow atlas badge bakery ball banana band barn basket beach bean bear "
     "bell bench berry bird blade blanket boat bone book boot bottle bowl box branch bread brick bridge brush "
     "bucket cabin cable cake camel camera candle canoe canyon car carpet castle cat cave chair chalk cherry "
@@ -282,13 +282,16 @@ def _token_span_of(tokenizer, ids: list[int], text: str, value: str) -> tuple[in
     return start, end
 
 
-def _check_room(n_tokens: int, fixed: int, what: str) -> None:
+def check_room(n_tokens: int, fixed: int, what: str) -> None:
+    """Raise CompressError when ``n_tokens`` cannot hold a task's ``fixed`` tokens (template, question, needle,
+    answer)."""
     if n_tokens < fixed:
         raise CompressError(f"n_tokens={n_tokens} is too small for the {what} task: its template, question, "
                             f"needle and answer alone take {fixed} tokens")
 
 
-def _check_depth(depth: float) -> float:
+def check_depth(depth: float) -> float:
+    """``depth`` as a float in [0, 1] (a needle's relative position in the haystack); CompressError otherwise."""
     depth = float(depth)
     if not 0.0 <= depth <= 1.0:
         raise CompressError(f"depth must be in [0, 1], got {depth}")
@@ -307,7 +310,7 @@ def passkey(tokenizer, haystack_text: str | Sequence[str], n_tokens: int, depth:
     boundary), then "What is the pass key?" and the answer prefix "The pass key is". Exactly ``n_tokens``
     tokens including the answer " 12345"."""
     rng = as_rng(rng)
-    depth = _check_depth(depth)
+    depth = check_depth(depth)
     if not isinstance(haystack_text, str):
         haystack_text = "\n\n".join(haystack_text)
     key = key if key is not None else str(rng.randint(10000, 99999))
@@ -317,7 +320,7 @@ def passkey(tokenizer, haystack_text: str | Sequence[str], n_tokens: int, depth:
     head, tail, chat = build_frame(tokenizer, PASSKEY_INSTRUCTION, PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX,
                                    use_chat_template)
     fixed = len(head) + len(tail) + len(needle_ids) + len(answer_ids)
-    _check_room(n_tokens, fixed, "passkey")
+    check_room(n_tokens, fixed, "passkey")
     hay, bounds = text_window(tokenizer, haystack_text, n_tokens - fixed, rng, what="the passkey haystack")
     at = nearest(bounds, depth * len(hay))
     prompt = head + hay[:at] + needle_ids + hay[at:] + tail
@@ -348,7 +351,7 @@ class _LineSource:
 
     def _new_id(self) -> str:
         for attempt in range(1000):
-            i = f"{self.rng.choice(_ADJECTIVES)}-{self.rng.choice(_NOUNS)}"
+            i = f"{self.rng.choice(ADJECTIVES)}-{self.rng.choice(NOUNS)}"
             if attempt > 50:
                 i += f"-{self.rng.randint(2, 999)}"
             if i not in self.ids:
@@ -369,7 +372,8 @@ class _LineSource:
         return [(i, v, list(t)) for (i, v), t in zip(rows, toks)]
 
 
-def _filler_token(tokenizer) -> list[int]:
+def filler_token(tokenizer) -> list[int]:
+    """A one-token filler (newline, space or full stop, whichever the tokenizer encodes as one token)."""
     for s in ("\n", " \n", " ", "."):
         ids = encode(tokenizer, s)
         if len(ids) == 1:
@@ -387,7 +391,7 @@ def lines_retrieval(tokenizer, n_tokens: int, depth: float, rng: random.Random |
     length, or a budget smaller than one line) the rest is single newline tokens after the record
     (``meta["n_pad"]``, usually 0)."""
     rng = as_rng(rng)
-    depth = _check_depth(depth)
+    depth = check_depth(depth)
     src = _LineSource(tokenizer, rng)
     key_id, key_num, key_line = src.take(1)[0]
     answer = str(key_num)
@@ -395,7 +399,7 @@ def lines_retrieval(tokenizer, n_tokens: int, depth: float, rng: random.Random |
     head, tail, chat = build_frame(tokenizer, LINES_INSTRUCTION, LINES_QUESTION.format(key=key_id),
                                    LINES_ANSWER_PREFIX.format(key=key_id), use_chat_template)
     fixed = len(head) + len(tail) + len(answer_ids) + len(key_line)
-    _check_room(n_tokens, fixed, "lines")
+    check_room(n_tokens, fixed, "lines")
     remaining = n_tokens - fixed
     others: list[tuple[str, int, list[int]]] = []
     pool = src.take(256)
@@ -436,7 +440,7 @@ def lines_retrieval(tokenizer, n_tokens: int, depth: float, rng: random.Random |
         pool = src.take(64)
     rng.shuffle(others)
     n_pad = remaining
-    pad = _filler_token(tokenizer) * n_pad
+    pad = filler_token(tokenizer) * n_pad
     k = int(round(depth * len(others)))  # the key line's index among len(others) + 1 lines
     rows = others[:k] + [(key_id, key_num, key_line)] + others[k:]
     record: list[int] = []

@@ -104,6 +104,30 @@ def test_no_function_over_100_lines():
     assert not long, "functions over 100 lines:\n" + "\n".join(long)
 
 
+def private_imports(paths, root: Path = ROOT) -> list[str]:
+    """``from our_module import _name`` anywhere in ``paths`` (module-level or inside functions)."""
+    ours = tuple(ORDER)
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ours:
+                found += [f"{path.relative_to(root)}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_import_of_another_modules_private_names():
+    """A leading underscore means "this module only": packages and benchmarks import public names."""
+    paths = list(modules().values()) + sorted((ROOT / "benchmarks").glob("*.py"))
+    assert private_imports(paths) == []
+
+
+def test_the_private_import_checker_sees_one(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("import plans\ndef g():\n    from plans.io import _loc, loads_json\n")
+    assert private_imports([f], tmp_path) == ["x.py:3 plans.io._loc"]
+
+
 def test_the_checker_sees_function_level_imports(tmp_path):
     """The walk must catch an import hidden inside a function (the kind that made today's cycles)."""
     f = tmp_path / "m.py"
