@@ -231,6 +231,20 @@ class RingGroup:
         valid = min(p + 1, s + w, self.k.shape[2])
         return decode_attention_prefix(_heads(query, qi)[:, :, 0], self.k, self.v, valid, scale)[:, :, None]
 
+    def _decode_per_query_head(self, query, q_pos, qi, spec: AttendSpec, n_rep: int) -> torch.Tensor:
+        """A decode step (query (B, Hq, 1, D)) of a group whose query heads keep narrower patterns than their KV
+        head's ring (which holds the widest): the n_rep query heads of a KV head are n_rep rows of one SDPA call
+        over the ring, each row masked by its own :func:`plans.span.sees` — no copy of the ring, no repeat_kv.
+        -> (B, Hqg, 1, D)."""
+        b, hg, d = query.shape[0], self.kv.numel(), query.shape[-1]
+        sink = spec.sink_q.index_select(1, qi).view(b, hg, n_rep, 1)
+        window = spec.window_q.index_select(1, qi).view(b, hg, n_rep, 1)
+        kp = self.pos[:, :, None, :]  # (B, Hg, 1, L)
+        ok = (kp >= 0) & sees(q_pos.view(b, 1, 1, 1), kp, sink, window)  # (B, Hg, n_rep, L)
+        qg = _heads(query, qi)[:, :, 0].reshape(b, hg, n_rep, d)
+        out = torch.nn.functional.scaled_dot_product_attention(qg, self.k, self.v, attn_mask=ok, scale=spec.scale)
+        return out.reshape(b, hg * n_rep, 1, d)
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
@@ -253,6 +267,10 @@ class RingGroup:
             if p >= 0:
                 return self._decode_one(query, p, k_new, v_new, qi, spec.scale)
         p_new = p_new[:, None, :].expand(-1, self.kv.numel(), -1)  # (B, Hg, q)
+        if (not self.uniform and spec.plain_decode(query, self.query_head_set(n_rep))
+                and bool((q_pos >= 0).all())):  # query heads of a KV head with their own (sink, window)
+            self._write(k_new, v_new, p_new, horizon=p_new)
+            return self._decode_per_query_head(query, q_pos, qi, spec, n_rep)
         if simple and bool((q_pos >= 0).all()):
             self._write(k_new, v_new, p_new, horizon=p_new)
             kv_len = torch.minimum(q_pos + 1, self.sink + self.window).clamp(max=self.k.shape[2])

@@ -131,3 +131,35 @@ def test_plan_cache_generation_takes_the_kept_token_path(monkeypatch):
     layers = identity_from_config(model.config).num_layers
     assert len(calls) == 19 * layers * 2  # every decode step, every layer, the dense and the ring group
     assert min(calls) == 6  # a span-6 head (sink 2 + window 4) keeps a ring of 6 slots, never more
+
+
+def test_query_heads_with_their_own_windows_decode_over_the_shared_ring(monkeypatch):
+    """query_head plans: the query heads of one KV head keep different (sink, window); a decode step reads the
+    KV head's ring once, each query head masked by its own rule — equal to uncached recomputation, batch and
+    left padding included."""
+    from attention_kernels.kv_groups import RingGroup
+    from tests.runtime_oracle import oracle_logits
+
+    model = tiny_model("llama")
+    ident = identity_from_config(model.config)
+    heads = [SinkWindowPattern(sink=2, alpha=6), SinkWindowPattern(sink=1, alpha=3, beta=0.2),
+             SinkWindowPattern(sink=4, alpha=10), DensePattern()]
+    plan = Plan(model=ident, granularity="query_head", layers=[LayerPlan(heads=heads)] * ident.num_layers)
+    compressor.apply(model, plan)
+    calls = []
+    real = RingGroup._decode_per_query_head
+    monkeypatch.setattr(RingGroup, "_decode_per_query_head",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    rows = [torch.randint(1, 90, (1, 30), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    ids = torch.zeros(2, 30, dtype=torch.long)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    ids[0], ids[1, 9:], mask[1, :9] = rows[0][0], rows[1][0, 9:], 0
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                             cache=PlanCache(model), pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    assert calls  # the shared-ring path ran
+    stock = tiny_model("llama")
+    for r, (lo, n0) in enumerate(((0, 30), (9, 21))):
+        seq = got.sequences[r : r + 1, lo:]
+        want = oracle_logits(stock, plan, seq, n0=n0)[0, n0 - 1 : -1]
+        assert (torch.stack(got.logits)[:, r] - want).abs().max() < 1e-4, r
