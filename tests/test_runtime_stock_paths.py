@@ -274,6 +274,7 @@ def test_output_attentions_of_a_sparse_plan_follow_the_span_rule():
         att = m(prompt(24), output_attentions=True).attentions
     i, j = torch.arange(24)[:, None], torch.arange(24)[None]
     rule = (j <= i) & ((j < 2) | (i - j < 4))  # S = 6, sink 2, window 4 — the README rule written out
+    assert len(att) == 2
     for a in att:
         assert a.shape == (1, 4, 24, 24)
         assert torch.allclose(a.sum(-1), torch.ones(1, 4, 24))
