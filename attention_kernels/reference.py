@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_kernels.checks import check_decode_args
+from attention_kernels.options import KeyPositions, ScoreOptions
 from plans.span import sees, split_span_tensor, visibility_mask
 
 
@@ -111,20 +112,16 @@ def reference_attention(
     span: torch.Tensor,
     scale: float | None = None,
     *,
-    q_pos: torch.Tensor | None = None,
-    k_pos: torch.Tensor | None = None,
-    k_valid: torch.Tensor | None = None,
-    native_window: int | None = None,
-    allowed: torch.Tensor | None = None,
-    softcap: float | None = None,
-    s_aux: torch.Tensor | None = None,
-    dropout: float = 0.0,
+    positions: KeyPositions = KeyPositions(),
+    score: ScoreOptions = ScoreOptions(),
 ) -> torch.Tensor:
     """q (B, Hq, q, D), k/v (B, Hkv, k, D) un-repeated -> (B, Hq, q, D).
 
-    Without positions, queries are the last q of k contiguous tokens (plain causal prefill / decode).
-    ``allowed``, ``softcap``, ``s_aux`` and ``dropout``: see :func:`pattern_mask` and :func:`masked_attention`.
+    Without ``positions``, queries are the last q of k contiguous tokens (plain causal prefill / decode).
+    ``positions.allowed`` and ``score`` (native window, softcap, s_aux, dropout): see :func:`pattern_mask` and
+    :func:`masked_attention`.
     """
+    q_pos, k_pos, k_valid = positions.q_pos, positions.k_pos, positions.k_valid
     b, hq, nq, _ = q.shape
     nk = k.shape[2]
     if k_valid is None:
@@ -133,10 +130,11 @@ def reference_attention(
         k_pos = torch.arange(nk, device=q.device).expand(b, nk)
     if q_pos is None:
         q_pos = k_pos[:, nk - nq :]
-    mask = pattern_mask(q_pos, k_pos, k_valid, sink.to(q.device), span.to(q.device), native_window, allowed)
+    mask = pattern_mask(q_pos, k_pos, k_valid, sink.to(q.device), span.to(q.device), score.native_window,
+                        positions.allowed)
     n_rep = hq // k.shape[1]
-    return masked_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, scale, softcap=softcap, s_aux=s_aux,
-                            dropout=dropout)
+    return masked_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, scale, softcap=score.softcap,
+                            s_aux=score.s_aux, dropout=score.dropout)
 
 
 def decode_reference(

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from attention_kernels.banded import head_pattern
 from attention_kernels.checks import check_prefill_args
+from attention_kernels.options import PrefillLaunch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -212,15 +213,14 @@ def sparse_prefill(
     span: torch.Tensor,
     scale: float | None = None,
     *,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    launch: PrefillLaunch = PrefillLaunch(),
 ) -> torch.Tensor:
     """Causal sink+window prefill: q (B, Hq, N, D), k/v (B, Hkv, N, D), sink/span (Hq,) -> (B, Hq, N, D).
 
-    Block sizes default to autotuning on a GPU and to ``DEFAULT_BLOCKS`` under the interpreter.
+    ``launch`` (:class:`~attention_kernels.options.PrefillLaunch`): block sizes default to autotuning on a GPU and
+    to ``DEFAULT_BLOCKS`` under the interpreter.
     """
+    block_m, block_n, num_warps, num_stages = launch.block_m, launch.block_n, launch.num_warps, launch.num_stages
     b, hq, hkv, n, d = check_prefill_args(q, k, v, sink, span)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"sparse_prefill supports fp16/bf16/fp32, got {q.dtype}")

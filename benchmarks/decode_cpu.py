@@ -14,33 +14,20 @@ in alternating order, median of per-repeat ratios, steps timed in batches of ``-
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attention_kernels.cpu_decode import sdpa_decode  # noqa: E402
-from attention_kernels.kv_groups import AttendSpec, PlanKV  # noqa: E402
-from plans.atomic import write_text_atomic  # noqa: E402
+from attention_kernels.cpu_decode import sdpa_decode
+from attention_kernels.kv_groups import AttendSpec, PlanKV
+from common import command_line, machine, utc_minute, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SINK = 64
-
-
-def machine() -> str:
-    cpu = "cpu"
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def case(n: int, kv_density: float, hq: int, hkv: int, d: int, repeats: int, inner: int) -> dict:
@@ -109,8 +96,7 @@ def main() -> None:
                 rows.append(r)
                 print(json.dumps({k: r[k] for k in ("N", "kv_density", "dense_us", "ours_us", "speedup", "pct_of_ideal")}),
                       flush=True)
-    meta = {"command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "machine": machine(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "loadavg_start": load,
+    meta = {"command": command_line(), "machine": machine("threads"), "date": utc_minute(), "loadavg_start": load,
             "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     if a.no_write:
         return
@@ -125,8 +111,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['N']} | {r['kv_density']:.3f} | {r['kept_slots']} | {r['ideal']:.1f} | {r['dense_us']:.0f} | "
                      f"{r['ours_us']:.0f} | {r['speedup']:.2f} | {r['pct_of_ideal']:.0f}% | {'yes' if r['goal_met'] else 'no'} |")
-    write_text_atomic(RESULTS / "decode_cpu.md", "\n".join(lines) + "\n")
-    write_text_atomic(RESULTS / "decode_cpu.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_results(RESULTS / "decode_cpu.json", {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

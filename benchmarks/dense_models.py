@@ -30,17 +30,15 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.fidelity import machine  # noqa: E402
-from compressor.evaluation import answer_score  # noqa: E402
-from compressor.fidelity import FidelityGrid, make_cell_items  # noqa: E402
-from compressor.models import KNOWN_MODELS, known_model, load_model, prompt_style  # noqa: E402
-from compressor.statistics import CellResult, threshold_decided  # noqa: E402
-from plans.atomic import write_text_atomic  # noqa: E402
-from profilers import ruler  # noqa: E402
+from common import machine, write_results
+from compressor.evaluation import answer_score
+from compressor.fidelity import FidelityGrid, make_cell_items
+from compressor.models import KNOWN_MODELS, known_model, load_model, prompt_style
+from compressor.statistics import CellResult, threshold_decided
+from plans.atomic import write_text_atomic
+from profilers import ruler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
@@ -119,8 +117,7 @@ def measure(names: list[str], grid: FidelityGrid, minutes: float, path: Path, co
     def save():
         for m in ms:
             data["models"][m.name] = m.entry(grid, command, started, min_n)
-        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-        write_text_atomic(path.with_suffix(".md"), markdown(data))
+        write_results(path, data, markdown(data))
 
     save()
     for n in grid.lengths:

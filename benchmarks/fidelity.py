@@ -13,36 +13,18 @@ and date.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from compressor.fidelity import DEFAULT_TASKS, FidelityGrid, FidelityReport, run_fidelity  # noqa: E402
-from plans.atomic import write_text_atomic  # noqa: E402
-from plans.io import load_plan  # noqa: E402
+from common import machine, write_results
+from compressor.fidelity import DEFAULT_TASKS, FidelityGrid, FidelityReport, run_fidelity
+from plans.io import load_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
 
 
 def markdown(rep: FidelityReport, command: str, seconds: float, dtype: str = "float32") -> str:
@@ -103,8 +85,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     data = {"command": command, "machine": machine(), "date": datetime.now(timezone.utc).isoformat(),
             "seconds": round(seconds, 1), "dtype": a.dtype, **rep.to_dict()}
-    write_text_atomic(out / f"{a.stem}.json", json.dumps(data, indent=1) + "\n")
-    write_text_atomic(out / f"{a.stem}.md", markdown(rep, command, seconds, a.dtype))
+    write_results(out / f"{a.stem}.json", data, markdown(rep, command, seconds, a.dtype))
     print(markdown(rep, command, seconds, a.dtype))
     checkpoint.unlink(missing_ok=True)
     return 0

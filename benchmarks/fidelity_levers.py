@@ -20,15 +20,14 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.fidelity import machine  # noqa: E402
-from plans.atomic import write_text_atomic  # noqa: E402
+from common import machine
+from plans.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,6 +50,25 @@ def _save(section: str, payload: dict, argv) -> None:
     data[section] = payload
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
     print(json.dumps(payload, indent=1)[:4000], flush=True)
+
+
+@dataclass(frozen=True)
+class HeldIn:
+    """Held-in items of one task (grid seed 1; the held-out suite is seed 0): ``items`` at ``n_tokens``, noise
+    haystack, plain prompts."""
+
+    task: str
+    n_tokens: int
+    items: int
+
+    def samples(self, tok) -> list:
+        from compressor.fidelity import FidelityGrid, make_cell_items
+        from profilers import ruler
+
+        grid = FidelityGrid(tasks=(self.task,), lengths=(self.n_tokens,), n_per_cell=self.items, seed=1,
+                            style="plain", haystack="noise")
+        return [ruler.to_sample(it, tok)
+                for it in make_cell_items(self.task, tok, self.n_tokens, grid, "plain", ruler.NOISE)]
 
 
 def _influence(stems: list[str]):
@@ -162,12 +180,10 @@ def optuna_spans(argv, budget: str, trials: int, items: int, n_val: int, groups:
     import optuna
 
     from compressor.evaluation import answer_score
-    from compressor.fidelity import FidelityGrid, make_cell_items
     from compressor.models import load_model
     from compressor.patching import plan_applied
     from plans.identity import identity_from_config
     from plans.io import save_plan
-    from profilers import ruler
     from profilers.retrieval import load_retrieval
     from search_space.budgets import parse_budgets
     from search_space.keep_dense import fit_keep_dense_plan
@@ -179,9 +195,7 @@ def optuna_spans(argv, budget: str, trials: int, items: int, n_val: int, groups:
     ranked = load_retrieval(RETRIEVAL).top(L * ident.num_kv_heads)
     budgets, lengths = parse_budgets([budget]), [2048, 4096]  # compress run's budgets: at its eval lengths
     # held-in items: grid seed 1 (the held-out suite is seed 0), one length beyond the profiled 1024
-    grid = FidelityGrid(tasks=("niah_single",), lengths=(n_val,), n_per_cell=items, seed=1, style="plain",
-                        haystack="noise")
-    val = [ruler.to_sample(it, tok) for it in make_cell_items("niah_single", tok, n_val, grid, "plain", ruler.NOISE)]
+    val = HeldIn("niah_single", n_val, items).samples(tok)
     choices = (96, 128, 160, 192, 256, 320, 384)
     sinks = (4, 16, 64)
     bounds = [round(g * L / groups) for g in range(groups + 1)]
@@ -241,48 +255,63 @@ def optuna_spans(argv, budget: str, trials: int, items: int, n_val: int, groups:
 # the default shape (top-k dense, the rest sink 64 + span 256) ranked by another signal
 
 
-def ranked_plan(argv, signal: str, budget: str, retrieval: Path = RETRIEVAL, name: str | None = None,
-                compare: Path = RETRIEVAL, qa_profiles: tuple[str, ...] = ("qa_s0", "qa_s1"), span: int = SPAN,
+@dataclass(frozen=True)
+class Ranking:
+    """The ranking a ranked plan keeps dense: ``signal`` ``qa`` (MoA-style influence of the ``qa_profiles`` stems
+    in ``runs/lev``, layer-normalised, at their longest length), ``gates`` (DuoAttention-style gate values) or
+    ``retrieval`` (the scores at ``retrieval``: compress run's own shape, here for another model); ``compare``:
+    retrieval scores of the same model to report the kept heads' overlap with."""
+
+    signal: str
+    retrieval: Path = RETRIEVAL
+    qa_profiles: tuple[str, ...] = ("qa_s0", "qa_s1")
+    compare: Path = RETRIEVAL
+
+
+def _ranking_scores(ranking: Ranking) -> tuple[torch.Tensor, object, dict]:
+    """(scores [L, Hkv], the model identity, what the results record about the source) of ``ranking``."""
+    from profilers.retrieval import load_retrieval
+
+    if ranking.signal == "retrieval":
+        from plans.identity import ModelIdentity
+
+        r = load_retrieval(ranking.retrieval)
+        return r.scores, ModelIdentity.model_validate(r.meta["model"]), {"retrieval": str(ranking.retrieval)}
+    if ranking.signal == "qa":
+        stems = list(ranking.qa_profiles)
+        prof = _influence(stems)
+        n = max(prof.meta.lengths)
+        return _head_loss(prof, n, by_layer=True), prof.meta.model, {"profiles": stems, "n_tokens": n}
+    if ranking.signal == "gates":
+        meta = json.loads((LEV / "gates.json").read_text())
+        scores = torch.tensor(meta["extra"]["gates_kv"], dtype=torch.float64)
+        from profilers.profile_format import load_profile
+
+        return scores, load_profile(LEV / "gates").meta.model, {"profile": "runs/lev/gates"}
+    raise SystemExit(f"unknown signal {ranking.signal!r}")
+
+
+def ranked_plan(argv, ranking: Ranking, budget: str, name: str | None = None, span: int = SPAN,
                 sink: int = SINK) -> None:
-    """Write ``plans/{signal}_top_{budget}.json``: the heads ``signal`` ranks highest kept dense, as many as the
-    budget affords at compress run's eval lengths, the rest ``sink`` + ``span`` (default 64 + 256: the shape of
-    ``run_0.5.json``, whose ranking is the retrieval score). ``signal``: ``qa`` (MoA-style influence of the ``qa_profiles`` stems in
-    ``runs/lev``, layer-normalised, at their longest length) or ``gates`` (DuoAttention-style gate values) or ``retrieval`` (the scores at ``retrieval``: compress run's own
-    shape, here for another model). The kept heads' overlap with the top k of ``compare`` (retrieval scores of the
-    same model) is recorded unless ``compare`` is the ranking itself."""
+    """Write ``plans/{name or signal + '_top'}_{budget}.json``: the heads ``ranking`` ranks highest kept dense, as
+    many as the budget affords at compress run's eval lengths, the rest ``sink`` + ``span`` (default 64 + 256: the
+    shape of ``run_0.5.json``, whose ranking is the retrieval score). The kept heads' overlap with the top k of
+    ``ranking.compare`` is recorded unless ``compare`` is the ranking itself."""
     from plans.io import save_plan
     from profilers.retrieval import load_retrieval, top_heads
     from search_space.budgets import parse_budgets
     from search_space.keep_dense import fit_keep_dense_plan
 
-    if signal == "retrieval":
-        from plans.identity import ModelIdentity
-
-        r = load_retrieval(retrieval)
-        scores, info = r.scores, {"retrieval": str(retrieval)}
-        ident = ModelIdentity.model_validate(r.meta["model"])
-    elif signal == "qa":
-        stems = list(qa_profiles)
-        prof = _influence(stems)
-        n = max(prof.meta.lengths)
-        scores = _head_loss(prof, n, by_layer=True)
-        ident, info = prof.meta.model, {"profiles": stems, "n_tokens": n}
-    elif signal == "gates":
-        meta = json.loads((LEV / "gates.json").read_text())
-        scores = torch.tensor(meta["extra"]["gates_kv"], dtype=torch.float64)
-        from profilers.profile_format import load_profile
-
-        ident, info = load_profile(LEV / "gates").meta.model, {"profile": "runs/lev/gates"}
-    else:
-        raise SystemExit(f"unknown signal {signal!r}")
+    signal = ranking.signal
+    scores, ident, info = _ranking_scores(ranking)
     ranked = top_heads(scores, scores.numel())
     plan = fit_keep_dense_plan(ident, ranked, parse_budgets([budget]), [2048, 4096], span, sink)
     k = _kept_dense(plan)
     path = PLANS / f"{name or signal + '_top'}_{budget}.json"
     save_plan(plan, path)
-    if signal != "retrieval" or Path(compare) != Path(retrieval):
-        info |= {"compare": str(compare),
-                 "overlap_with_compare_top_k": len(set(load_retrieval(compare).top(k)) & set(ranked[:k]))}
+    if signal != "retrieval" or Path(ranking.compare) != Path(ranking.retrieval):
+        info |= {"compare": str(ranking.compare),
+                 "overlap_with_compare_top_k": len(set(load_retrieval(ranking.compare).top(k)) & set(ranked[:k]))}
     _save(f"ranked_plan_{name or signal}_{budget}", {"signal": signal, "budget": budget, "kept_dense": k,
           "sink": sink, "span": span,
           "plan": str(path.relative_to(ROOT)), **info}, argv)
@@ -435,27 +464,25 @@ def shape_plan(ident, ranked: list[tuple[int, int]], shape: dict):
     return keep_dense_plan(ident, kept, shape["span"], shape["sink"])
 
 
-def reachable(argv, model_name: str, retrieval: Path, task: str, n_tokens: int, items: int, shapes: list[str],
-              part: str, label: str = "") -> None:
-    """Held-in accuracy (grid seed 1; the held-out suite is seed 0) of each shape in ``shapes`` on ``task`` at
-    ``n_tokens``: the search for what is reachable at a cost, never touching the held-out items. ``part`` = ``i/m``
-    runs every m-th shape (two 1-thread processes share the machine)."""
+def reachable(argv, model_name: str, retrieval: Path, held_in: HeldIn, shapes: list[str], part: str,
+              label: str = "") -> None:
+    """Held-in accuracy (``held_in``: grid seed 1; the held-out suite is seed 0) of each shape in ``shapes``: the
+    search for what is reachable at a cost, never touching the held-out items. ``part`` = ``i/m`` runs every m-th
+    shape (two 1-thread processes share the machine)."""
     from compressor.evaluation import answer_score
-    from compressor.fidelity import FidelityGrid, make_cell_items
     from compressor.models import load_model
     from compressor.patching import plan_applied
     from plans.identity import identity_from_config
-    from profilers import ruler
     from profilers.retrieval import load_retrieval
 
+    task, n_tokens = held_in.task, held_in.n_tokens
     i, m = (int(x) for x in part.split("/"))
     mine = [parse_shape(s) for s in shapes][i::m]
     torch.set_num_threads(1)
     model, tok = load_model(model_name, dtype="bfloat16")
     ident = identity_from_config(model.config)
     ranked = load_retrieval(retrieval).top(ident.num_layers * ident.num_kv_heads)
-    grid = FidelityGrid(tasks=(task,), lengths=(n_tokens,), n_per_cell=items, seed=1, style="plain", haystack="noise")
-    val = [ruler.to_sample(it, tok) for it in make_cell_items(task, tok, n_tokens, grid, "plain", ruler.NOISE)]
+    val = held_in.samples(tok)
     rows, t0 = [], time.time()
     for shape in mine:
         plan = shape_plan(ident, ranked, shape)
@@ -471,7 +498,7 @@ def reachable(argv, model_name: str, retrieval: Path, task: str, n_tokens: int, 
         print({k: v for k, v in rows[-1].items() if k != "outcomes"}, flush=True)
     section = f"reachable_{model_name}_{task}" + (f"_{label}" if label else "") + f"_{i}of{m}"
     _save(section, {"model": model_name, "retrieval": str(retrieval), "task": task, "n_tokens": n_tokens,
-                    "items": items, "grid_seed": 1, "rows": rows, "seconds": round(time.time() - t0, 1)}, argv)
+                    "items": held_in.items, "grid_seed": 1, "rows": rows, "seconds": round(time.time() - t0, 1)}, argv)
 
 
 def main(argv=None) -> int:
@@ -530,12 +557,12 @@ def main(argv=None) -> int:
     elif a.step == "score-ranks":
         score_ranks(argv, a.scores, a.k, a.heads, a.layers)
     elif a.step == "reachable":
-        reachable(argv, a.model, Path(a.retrieval), a.task, a.n_tokens, a.items, a.shapes, a.part, a.label)
+        reachable(argv, a.model, Path(a.retrieval), HeldIn(a.task, a.n_tokens, a.items), a.shapes, a.part, a.label)
     elif a.step == "table":
         table(argv, a.evals, a.reference, a.reference_file)
     elif a.step == "ranked-plan":
-        ranked_plan(argv, a.signal, a.budget, Path(a.retrieval), a.name, Path(a.compare),
-                    tuple(a.qa_profiles.split(",")), a.span, a.sink)
+        ranking = Ranking(a.signal, Path(a.retrieval), tuple(a.qa_profiles.split(",")), Path(a.compare))
+        ranked_plan(argv, ranking, a.budget, a.name, a.span, a.sink)
     elif a.step == "second-order":
         second_order(argv, a.heads_per_group)
     else:

@@ -14,23 +14,19 @@ is reported apart and every output is checked against the banded kernel.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attention_kernels.banded import banded_attention  # noqa: E402
-from plans.span import prefill_density  # noqa: E402
+from attention_kernels.banded import banded_attention
+from common import command_line, machine, utc_minute, write_results
+from plans.span import prefill_density
 
 SINK = 64
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,32 +70,14 @@ def make_windows(n: int, h: int, target: float, sink: int = SINK) -> list[int]:
     return sorted(best)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
-
-
 def flex_runner(q, k, v, sink: torch.Tensor, span: torch.Tensor):
     """(run, compile_s, mask_s): FlexAttention over the same per-head sink+window pattern (plans.span.sees)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from plans.span import split_span_tensor
+    from plans.span import sink_window_mask_mod, split_span_tensor
 
     n = q.shape[2]
-    sink_eff, window = split_span_tensor(sink, span)
-    full = span >= n
-    sink_eff, window = torch.where(full, 0, sink_eff), torch.where(full, n, window)
-
-    def mask_mod(b, hh, qi, ki):
-        return (ki <= qi) & ((ki < sink_eff[hh]) | (qi - ki < window[hh]))
-
+    mask_mod = sink_window_mask_mod(*split_span_tensor(sink, span), n=n)
     t = time.perf_counter()
     # compiled at long N: builds the block mask without materialising the (H, N, N) mask (34 GB at N = 16k, H = 16)
     build = torch.compile(create_block_mask) if n >= 4096 else create_block_mask
@@ -249,9 +227,8 @@ def main() -> None:
     if args.by_window:
         data = json.loads((RESULTS / "kernels_cpu.json").read_text())
         data["meta"]["by_window"] = by_window(8192, 16, args.d, [64, 128, 256, 512, 1024, 2048], args.repeats or 5)
-        data["meta"]["by_window_command"] = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-        (RESULTS / "kernels_cpu.json").write_text(json.dumps(data, indent=1) + "\n")
-        (RESULTS / "kernels_cpu.md").write_text(to_markdown(data["meta"], data["rows"]))
+        data["meta"]["by_window_command"] = command_line()
+        write_results(RESULTS / "kernels_cpu.json", data, to_markdown(data["meta"], data["rows"]))
         return
     plan = {8192: (16, 5), 16384: (16, 3)}  # N -> (heads, repeats): the issue's lengths, Hq 16
     if args.quick:
@@ -279,16 +256,14 @@ def write(rows: list[dict], load, args) -> None:
     """Rewrite the results after every row (a stopped run keeps what it measured)."""
     meta = {
         "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        "machine": machine(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command_line(),
+        "machine": machine("threads"),
+        "date": utc_minute(),
         "loadavg": " ".join(f"{x:.2f}" for x in load),
         "method": "fp32, batch 1, one warm-up, repeats in rotating order, median of per-repeat dense/method ratios; "
                   "FlexAttention compiled once per configuration (compile time apart), block mask built once",
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "kernels_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (RESULTS / "kernels_cpu.md").write_text(to_markdown(meta, rows))
+    write_results(RESULTS / "kernels_cpu.json", {"meta": meta, "rows": rows}, to_markdown(meta, rows))
 
 
 if __name__ == "__main__":

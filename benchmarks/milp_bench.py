@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,13 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from plans.atomic import write_text_atomic  # noqa: E402
-from search_space.candidates import moa_grid  # noqa: E402
-from search_space.costs import density_costs  # noqa: E402
-from search_space.greedy import solve_greedy  # noqa: E402
-from search_space.milp import solve_milp  # noqa: E402
+from common import machine, write_results
+from search_space.candidates import moa_grid
+from search_space.costs import density_costs
+from search_space.greedy import solve_greedy
+from search_space.milp import solve_milp
 
 LENGTHS = (2048, 4096, 8192)
 
@@ -51,18 +47,6 @@ def make_problem(layers: int, heads: int, seed: int, loss_kind: str, budget: flo
         cost[n] = np.tile(density_costs(cands, n), (H, 1))
         bud[n] = budget * H
     return loss, cost, bud, np.repeat(np.arange(layers), heads), len(cands)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 def main(argv=None):
@@ -118,14 +102,13 @@ def main(argv=None):
 
     cmd = "python benchmarks/milp_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {
-        "command": cmd.strip(), "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": cmd.strip(), "machine": machine("no-torch"), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "problem": {"layers": args.layers, "heads": args.heads, "candidates": args.candidates, "lengths": list(LENGTHS),
                     "K": args.K, "density_budget": args.budget, "lower_fraction": 0.9, "mip_rel_gap": args.gap},
         "goal": "optimal or gap <= 0.1% in < 10 s",
         "runs": runs,
     }
     out = Path(args.out)
-    write_text_atomic(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     distinct = {}
     for r in runs:
         if "distinct_candidates" in r["info"]:
@@ -158,7 +141,7 @@ def main(argv=None):
         lines.append(f"| {r['loss']} | {r['seed']} | {r['method']} ({r['solver']}) | {r['status']} | {gap} | "
                      f"{r['time_s']} | {r['objective']} | {vs} |")
     lines.append("")
-    write_text_atomic(out.with_suffix(".md"), "\n".join(lines))
+    write_results(out.with_suffix(".json"), result, "\n".join(lines), indent=2)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from compressor.fidelity import FidelityGrid, make_cell_items  # noqa: E402
-from compressor.models import load_model  # noqa: E402
-from compressor.patching import apply  # noqa: E402
-from plans.atomic import write_text_atomic  # noqa: E402
-from plans.io import load_plan  # noqa: E402
-from profilers import ruler  # noqa: E402
+from compressor.fidelity import FidelityGrid, make_cell_items
+from compressor.models import load_model
+from compressor.patching import apply
+from plans.atomic import write_text_atomic
+from plans.io import load_plan
+from profilers import ruler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

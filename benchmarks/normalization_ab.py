@@ -5,11 +5,9 @@ Austen window at N=2048 (default model).
     python benchmarks/normalization_ab.py PROFILE_STEM "density@2048=0.25"
 """
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from profilers.profile_format import load_profile, normalize_profile
 from search_space.search import search
 from search_space.candidates import candidate_grid

@@ -14,21 +14,18 @@ import datetime
 import json
 import platform
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from compressor.evaluation import make_samples, text_loss  # noqa: E402
-from compressor.models import load_model  # noqa: E402
-from compressor.patching import apply, unapply  # noqa: E402
-from plans.atomic import write_text_atomic  # noqa: E402
-from plans.identity import identity_from_config  # noqa: E402
-from plans.schema import LayerPlan, LinearPattern, Plan, SinkWindowPattern  # noqa: E402
-from profilers.corpora import load_corpus, split_corpus  # noqa: E402
-from profilers.profile_format import load_profile, normalize_profile  # noqa: E402
-from search_space.operator_selection import plan_cost  # noqa: E402
+from compressor.evaluation import make_samples, text_loss
+from compressor.models import load_model
+from compressor.patching import apply, unapply
+from plans.atomic import write_text_atomic
+from plans.identity import identity_from_config
+from plans.schema import LayerPlan, LinearPattern, Plan, SinkWindowPattern
+from profilers.corpora import load_corpus, split_corpus
+from profilers.profile_format import load_profile, normalize_profile
+from search_space.operator_selection import plan_cost
 
 
 def window_plan(ident, span, sink, linear=frozenset()):

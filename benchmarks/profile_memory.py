@@ -33,17 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_name, write_results
+
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 1.5
 
 
 def _host(torch) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     try:
         mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
@@ -119,7 +116,6 @@ def _samples(n: int, count: int, vocab: int, seed: int = 0):
 def child(args) -> dict:
     import torch
 
-    sys.path.insert(0, str(REPO))
     if args.threads:
         torch.set_num_threads(args.threads)
     from compressor.influence_profile import run_profile, sample_loss
@@ -208,8 +204,6 @@ def main(argv=None) -> int:
         "host": _host(torch),
     }
     out["meets_goal"] = out["ratio_peak_rss"] <= GOAL
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     gib = 2**30
     md = [
         f"# profile_memory ({out['date']})", "",
@@ -220,7 +214,7 @@ def main(argv=None) -> int:
         f"| taylor profile | {q['peak_rss'] / gib:.2f} | {q['peak_extra'] / gib:.2f} | {q['seconds_per_sample']:.1f} |",
         f"| ratio | {out['ratio_peak_rss']:.2f}x (goal <= {GOAL}x) | {out['ratio_peak_extra']:.2f}x | {out['ratio_time']:.2f}x |", "",
     ]
-    Path(args.out).with_suffix(".md").write_text("\n".join(md))
+    write_results(args.out, out, "\n".join(md), indent=2)
     print(f"model {out['model']}  N={args.length}  dtype={args.dtype}  samples={args.samples}")
     for k, r in (("baseline fwd+bwd", b), ("profile", q)):
         print(f"  {k:17s} peak RSS {r['peak_rss'] / gib:6.2f} GiB (+{r['peak_extra'] / gib:5.2f} over loaded)  "

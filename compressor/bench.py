@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from compressor.args import BenchArgs
 from plans.schema import Plan
 
 
@@ -76,28 +77,27 @@ def attention_only_ms(plan: Plan | None, n: int, dtype=torch.float32, seed: int 
     return run_plan
 
 
-def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_steps: int = 8,
-          whole_model: bool = True, attention: bool = True, decode: bool = True, time_decode_prefill: bool = False,
-          progress: bool = False) -> list[MethodResult]:
-    """Measure dense, ``plan`` and the uniform plan of the same prefill density at every length. With ``progress``:
-    a bar on a terminal, plain lines on stderr otherwise (see :mod:`profilers.progress`), one step per case.
-    ``time_decode_prefill``: the prefill that opens each decode measurement (a whole-model forward filling the
-    cache) also counts as a whole-model prefill sample, so ``repeats=0`` gives a light bench, one prefill and
-    ``decode_steps`` decode steps per method."""
-    from compressor.patching import apply, unapply
+def bench(model, plan: Plan, args: BenchArgs = BenchArgs(), *, progress: bool = False) -> list[MethodResult]:
+    """Measure dense, ``plan`` and the uniform plan of the same prefill density at every length of ``args``
+    (:class:`BenchArgs`). With ``progress``: a bar on a terminal, plain lines on stderr otherwise (see
+    :mod:`profilers.progress`), one step per case. The model's attention implementation is restored afterwards."""
     from compressor.hf.plan_cache import dense_cache_bytes
-
-    from compressor.evaluation import method_plans
+    from compressor.methods import methods_at
+    from compressor.patching import plan_applied
     from profilers.progress import progress as progress_helper
 
+    lengths, repeats, decode, decode_steps = list(args.lengths), args.repeats, args.decode, args.decode_steps
+    attention, whole_model, time_decode_prefill = args.attention, args.whole_model, args.time_decode_prefill
     ident = plan.model
     results: list[MethodResult] = []
-    per_n = {n: len(method_plans({"plan": plan}, n)) * (repeats + (1 if decode else 0)) for n in lengths}
+    per_n = {n: len(methods_at({"plan": plan}, n, ("prefill_density",))) * (repeats + (1 if decode else 0))
+             for n in lengths}
     prog = progress_helper("bench", total=sum(per_n.values()), unit="cases",
                            work_total=sum(c * n for n, c in per_n.items()), enabled=progress)
     with prog as tick:
         for n in lengths:
-            methods = method_plans({"plan": plan}, n)  # dense, the plan, uniform at the plan's density
+            # dense, the plan, uniform at the plan's density
+            methods = {m.name: m.plan for m in methods_at({"plan": plan}, n, ("prefill_density",))}
             res = {m: MethodResult(m, n, 1.0 if p is None else p.density(n), 1.0 if p is None else p.kv_density(n))
                    for m, p in methods.items()}
             vocab = model.get_input_embeddings().num_embeddings
@@ -112,24 +112,22 @@ def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_ste
                                                     ident.head_dim)
                         times[m].setdefault("attn", []).extend(_timeit(f, 1))
                     if whole_model:
-                        _set(model, p, apply, unapply)
-                        with torch.no_grad():
+                        with plan_applied(model, p), torch.no_grad():
                             times[m].setdefault("model", []).extend(_timeit(lambda: model(ids, use_cache=False), 1))
                     tick(1, work=n)
             if decode:
                 tick(0, stage=f"bench N={n} decode")
                 for m, p in methods.items():
                     tick(0, method=m)
-                    _set(model, p, apply, unapply)
-                    with torch.no_grad():
+                    with plan_applied(model, p), torch.no_grad():
                         t = time.perf_counter()
                         cache, nxt = _prefill(model, ids, p is not None)
                         if time_decode_prefill and whole_model:
                             times[m].setdefault("model", []).append((time.perf_counter() - t) * 1000)
                         _, step = _decode_steps(model, nxt, cache, decode_steps)
+                        res[m].kv_bytes = cache.nbytes() if p is not None else dense_cache_bytes(model, n + decode_steps)
                     res[m].decode_step_ms = statistics.median(step)
                     res[m].decode_tok_s = 1000 / res[m].decode_step_ms
-                    res[m].kv_bytes = cache.nbytes() if p is not None else dense_cache_bytes(model, n + decode_steps)
                     tick(1, work=n)
             for m in methods:
                 if "attn" in times[m]:
@@ -151,9 +149,6 @@ def bench(model, plan: Plan, lengths: list[int], *, repeats: int = 3, decode_ste
                     r.ratios.update(attention_share=share, ideal_model_speedup=ideal,
                                     fraction_of_ideal=r.ratios["model_prefill_speedup"] / ideal)
             results.extend(res.values())
-            _set(model, None, apply, unapply)
-    if plan is not None:
-        apply(model, plan)
     return results
 
 
@@ -195,9 +190,9 @@ def throughput(model, plan: Plan, lengths: list[int], kv_budget_bytes: int, *, m
     sequence) fits ``kv_budget_bytes``, and the decode tokens/s that batch reaches (median step time over
     ``decode_steps`` steps; the batch's cache is one real prefill repeated ``batch`` times, which leaves the cost
     of a step unchanged). Ratios are against dense in the same run. Raises ValueError for a non-positive budget."""
-    from compressor.fidelity import uniform_matched
     from compressor.hf.plan_cache import dense_cache_bytes
-    from compressor.patching import apply, unapply
+    from compressor.methods import uniform_matched
+    from compressor.patching import plan_applied
     from profilers.progress import progress as progress_helper
 
     if kv_budget_bytes <= 0 or max_batch < 1:
@@ -211,8 +206,7 @@ def throughput(model, plan: Plan, lengths: list[int], kv_budget_bytes: int, *, m
             rows = {}
             for m, p in methods.items():
                 tick(0, stage=f"throughput N={n}", method=m)
-                _set(model, p, apply, unapply)
-                with torch.no_grad():
+                with plan_applied(model, p), torch.no_grad():
                     cache, nxt = _prefill(model, ids, p is not None)
                     nxt, _ = _decode_steps(model, nxt, cache, decode_steps)
                     per_seq = cache.nbytes() if p is not None else dense_cache_bytes(model, n + 2 * decode_steps)
@@ -232,8 +226,6 @@ def throughput(model, plan: Plan, lengths: list[int], kv_budget_bytes: int, *, m
                     r.ratios["tok_s_vs_dense"] = r.tok_s / rows["dense"].tok_s
                 r.ratios["batch_vs_dense"] = r.batch / max(rows["dense"].batch, 1)
             out.extend(rows.values())
-            _set(model, None, apply, unapply)
-    apply(model, plan)
     return out
 
 
@@ -259,13 +251,6 @@ def _decode_steps(model, tok: torch.Tensor, cache, steps: int) -> tuple[torch.Te
         tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         times.append((time.perf_counter() - t) * 1000)
     return tok, times
-
-
-def _set(model, plan, apply, unapply):
-    if plan is None:
-        unapply(model, "sdpa")
-    else:
-        apply(model, plan)
 
 
 def results_as_dicts(results: list[MethodResult]) -> list[dict]:
@@ -302,5 +287,5 @@ def kernel_table(lengths: list[int], head_dim: int):
     return table
 
 
-__all__ = ["bench", "BenchReport", "MethodResult", "ThroughputResult", "throughput", "attention_share",
+__all__ = ["bench", "BenchArgs", "BenchReport", "MethodResult", "ThroughputResult", "throughput", "attention_share",
            "ideal_model_speedup", "kernel_table", "results_as_dicts"]

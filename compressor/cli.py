@@ -18,6 +18,9 @@ from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
+from compressor.args import (BenchArgs, CalibrationArgs, EvalArgs, GateArgs, InfluenceArgs, PlacementArgs, PlanArgs,
+                             ProfileArgs, RetrievalArgs, RunConfig, args_from_json, args_to_json)
+from plans.defaults import DEFAULT_LOCAL_SPAN
 from plans.atomic import check_writable
 from plans.errors import CompressError
 from plans.schema import MAX_TOKENS
@@ -213,6 +216,14 @@ def _names(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
+def _csv(values) -> str:
+    """A default shown as the CLI takes it: comma-separated."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+RUN = RunConfig()  # `compress run`'s defaults: written once, in compressor.run.RunConfig
+
+
 # -- data and profile ---------------------------------------------------------------------------------------
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect calibration sets.")
 app.add_typer(data_app, name="data")
@@ -234,8 +245,8 @@ def data_build(
 
     check_out(out, "folder")
     at_least(1, samples=samples)
-    path, data = build_calibration(model, out=out, lengths=_lengths(lengths), samples=samples, sources=_names(sources),
-                                   seed=seed)
+    args = CalibrationArgs(lengths=tuple(_lengths(lengths)), samples=samples, sources=tuple(_names(sources)), seed=seed)
+    path, data = build_calibration(model, args, out=out)
     console.print(f"calibration set in {path}: " + ", ".join(f"{n}: {len(v)} samples" for n, v in sorted(data.items())))
 
 
@@ -270,9 +281,10 @@ def profile_cmd(
     sinks: str = typer.Option("64", "--sinks", help="sink sizes the search may use"),
     allow_extrapolation: bool = typer.Option(False, "--allow-extrapolation"),
     resume: bool = typer.Option(True, "--resume/--no-resume"),
-    method: str = typer.Option("taylor", "--method",
-                               help="taylor (MoA gradients) | gates (learned per-head gates) | retrieval (needle "
-                                    "attention per KV head, held-in prompts)"),
+    method: str = typer.Option("influence", "--method",
+                               help="influence (MoA's first-order estimate from gradients; 'taylor' is accepted) | "
+                                    "gates (learned per-head gates) | retrieval (needle attention per KV head, held-in "
+                                    "prompts)"),
     pair: str = typer.Option("full_vs_window", "--pair",
                              help="gates: full_vs_window | softmax_vs_relu | softmax_vs_linear"),
     gate_steps: int = typer.Option(100, "--gate-steps", help="gates: optimisation steps"),
@@ -288,11 +300,12 @@ def profile_cmd(
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
     offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
+    args_json: Optional[str] = typer.Option(None, "--args-json", hidden=True,
+                                            help="a data-parallel rank's ProfileArgs (set by --workers)"),
 ):
     """Per-head attention influence from gradients (one backward per sample, never an N x N matrix)."""
     from compressor.distributed import world_size_from_env
     from compressor.pipeline import profile
-
     from compressor.retrieval_profile import check_retrieval_task
 
     check_retrieval_task(retrieval_task)
@@ -303,22 +316,29 @@ def profile_cmd(
         raise CompressError(f"--retrieval-task and --query-rows are for --method retrieval, not --method {method}")
     if query_rows != "question" and not (query_rows.isdigit() and int(query_rows) >= 1):
         raise CompressError(f"--query-rows must be a positive integer or 'question', got {query_rows!r}")
+    sink_sizes = tuple(int(x) for x in _floats(sinks, "--sinks"))
+    args = ProfileArgs(
+        method=method,
+        calibration=CalibrationArgs(lengths=tuple(_lengths(lengths)), samples=samples, sources=tuple(_names(sources)),
+                                    seed=seed),
+        influence=InfluenceArgs(block=block, sink_sizes=sink_sizes, allow_extrapolation=allow_extrapolation,
+                                resume=resume),
+        gates=GateArgs(pair=pair, window=(sink_sizes[0], gate_window), steps=gate_steps, seed=seed, block=block),
+        retrieval=RetrievalArgs(task=retrieval_task, query_rows=None if query_rows == "question" else int(query_rows)))
+    if args_json is not None:  # a rank of `--workers`: the launching command's arguments, serialised once
+        args = args_from_json(ProfileArgs, args_json)
+    args.check()
+    placement = PlacementArgs(device_map, max_memory, None if offload_folder is None else str(offload_folder))
     if workers != 1 or world_size_from_env() > 1:
-        _check_workers(workers, method, model, lengths, sinks, device_map, max_memory)
+        _check_workers(workers, args, model, placement)
     if workers > 1 and world_size_from_env() <= 1:  # launch torchrun, each rank runs this command without --workers
-        args = ["profile", "--out", str(out), "--lengths", lengths, "--samples", str(samples), "--sources", sources,
-                "--seed", str(seed), "--block", str(block), "--sinks", sinks, "--method", method,
-                "--resume" if resume else "--no-resume"] + (["--allow-extrapolation"] if allow_extrapolation else [])
+        argv = ["profile", "--out", str(out), "--args-json", args_to_json(args)]
         for flag, value in (("--model", model), ("--device-map", device_map), ("--max-memory", max_memory),
                             ("--offload-folder", offload_folder)):
-            args += [flag, str(value)] if value is not None else []
-        _run_workers(workers, args)  # rank 0 says what it wrote
+            argv += [flag, str(value)] if value is not None else []
+        _run_workers(workers, argv)  # rank 0 says what it wrote
         return
-    prof = profile(out, model, lengths=_lengths(lengths), samples=samples, sources=_names(sources), seed=seed,
-                   block=block, sinks=_floats(sinks, "--sinks"), allow_extrapolation=allow_extrapolation, resume=resume,
-                   method=method, pair=pair, gate_steps=gate_steps, gate_window=gate_window, device_map=device_map,
-                   max_memory=max_memory, offload_folder=offload_folder, retrieval_task=retrieval_task,
-                   retrieval_query_rows=None if query_rows == "question" else int(query_rows))
+    prof = profile(out, model, args, placement=placement)
     if os.environ.get("RANK", "0") != "0":
         return  # a data-parallel rank other than 0: rank 0 wrote the files and says so
     if method == "gates":
@@ -331,18 +351,17 @@ def profile_cmd(
         console.print(f"wrote {out}.safetensors / {out}.json: lengths {prof.meta.lengths}, samples {prof.meta.samples}")
 
 
-def _check_workers(workers: int, method: str, model, lengths: str, sinks: str, device_map, max_memory) -> None:
+def _check_workers(workers: int, args: ProfileArgs, model, placement: PlacementArgs) -> None:
     """Bad --workers input fails here, before any worker starts."""
     from compressor.models import resolve_model
 
     if workers < 1:
         raise CompressError(f"--workers must be >= 1, got {workers}")
-    if method != "taylor":
-        raise CompressError(f"data-parallel profiling (--workers, torchrun) is for --method taylor, not {method}")
-    _lengths(lengths)
-    _floats(sinks, "--sinks")
-    if device_map or max_memory:
-        placement_kwargs(device_map, max_memory, None)
+    if args.method not in ("influence", "taylor"):
+        raise CompressError(f"data-parallel profiling (--workers, torchrun) is for --method influence, "
+                            f"not {args.method}")
+    if placement.device_map or placement.max_memory:
+        placement.kwargs()
     resolve_model(model)  # the default model is converted once here, not by every worker
 
 
@@ -388,22 +407,32 @@ def search_cmd(
     keep_dense: str = typer.Option("auto", "--keep-dense",
                                    help="with --retrieval: how many top heads stay dense (auto: as many as the "
                                         "budgets allow with every other head at --local-span)"),
-    local_span: int = typer.Option(256, "--local-span", help="with --keep-dense auto: span of the other heads"),
+    local_span: int = typer.Option(DEFAULT_LOCAL_SPAN, "--local-span",
+                                   help="with --keep-dense auto: span of the other heads"),
+    plan_shape: str = typer.Option("search", "--plan-shape",
+                                   help="search: the profile solved by the MILP (and Optuna) around the kept heads | "
+                                        "keep_dense: the top --retrieval heads the budgets afford dense, every other "
+                                        "head sink + --local-span (no profile needed)"),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="lengths where the budgets hold (default: the "
+                                          "profiled lengths; required with --plan-shape keep_dense)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """An exact per-head plan under the budgets (HiGHS MILP), optionally inside an Optuna study."""
     from compressor.pipeline import search, search_summary
+    from search_space.args import SearchArgs
 
     check_out(out, "folder")
-    res = search(profile, budget, out=out, model=model, granularity=granularity, k=k, solver=solver,
-                 time_limit=time_limit, trials=trials, validate_length=validate_length, val_samples=val_samples,
-                 latency_table=latency_table, storage=storage, study_name=study_name, resume=resume,
-                 normalize=normalize, seed=seed, retrieval=retrieval, keep_dense=keep_dense, local_span=local_span)
+    spec = SearchArgs(granularity=granularity, K=k, solver=solver, time_limit=time_limit, trials=trials, seed=seed,
+                      latency_table=latency_table, storage=storage, study_name=study_name, resume=resume,
+                      normalize=normalize, lengths=None if lengths is None else tuple(_lengths(lengths)))
+    args = PlanArgs(budgets=tuple(budget), shape=plan_shape, search=spec, keep_dense=keep_dense,
+                    local_span=local_span, validate_length=validate_length, val_samples=val_samples)
+    res = search(profile, out, args, model=model, retrieval=retrieval)
     if as_json:
         emit_json(search_summary(res, out))
         return
     p = res.plan
-    t = Table(title=f"compress search → {out / 'plan.json'} ({res.solver.status})")
+    t = Table(title=f"compress search → {out / 'plan.json'} ({res.status})")
     for c in ("N", "density", "kv density", "predicted loss"):
         t.add_column(c, justify="right")
     for n in sorted(p.predicted.density):
@@ -417,44 +446,50 @@ def search_cmd(
 def run_cmd(
     out: Path = typer.Option(Path("runs/default"), "--out"),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    profile_lengths: str = typer.Option("1024,2048", "--profile-lengths"),
-    validate_length: int = typer.Option(3072, "--validate-length"),
-    eval_lengths: str = typer.Option("2048,4096", "--eval-lengths"),
-    budget: list[str] = typer.Option(["0.5", "0.25"], "--budget", help="one search per budget"),
-    samples: int = typer.Option(6, "--samples", help="calibration samples per profiled length"),
-    trials: int = typer.Option(4, "--trials", help="Optuna trials per budget"),
-    eval_tasks: str = typer.Option("niah_single,ppl", "--eval-tasks", help="ppl, passkey, retrieval or a RULER "
+    profile_lengths: str = typer.Option(_csv(RUN.calibration.lengths), "--profile-lengths"),
+    validate_length: int = typer.Option(RUN.plan.validate_length, "--validate-length"),
+    eval_lengths: str = typer.Option(_csv(RUN.eval.lengths), "--eval-lengths"),
+    budget: list[str] = typer.Option(list(RUN.plan.budgets), "--budget", help="one plan per budget"),
+    samples: int = typer.Option(RUN.calibration.samples, "--samples", help="calibration samples per profiled length"),
+    trials: int = typer.Option(RUN.plan.search.trials, "--trials", help="Optuna trials per budget"),
+    eval_tasks: str = typer.Option(_csv(RUN.eval_tasks), "--eval-tasks", help="ppl, passkey, retrieval or a RULER "
                                    "task (niah_single, niah_multikey, …; plain-text prompts, held-out text haystack)"),
-    eval_depths: str = typer.Option("0.1,0.5,0.9", "--eval-depths"),
-    eval_samples: int = typer.Option(1, "--eval-samples"),
-    sources: str = typer.Option("austen,passkey,qa", "--sources"),
-    sinks: str = typer.Option("64", "--sinks", help="sink sizes to profile and search"),
-    block: int = typer.Option(64, "--block", help="profile distance bucket / span granularity"),
-    seed: int = typer.Option(0, "--seed"),
+    eval_depths: str = typer.Option(_csv(RUN.eval.depths), "--eval-depths"),
+    eval_samples: int = typer.Option(RUN.eval.samples, "--eval-samples"),
+    sources: str = typer.Option(_csv(RUN.calibration.sources), "--sources"),
+    sinks: str = typer.Option(_csv(RUN.influence.sink_sizes), "--sinks", help="sink sizes to profile and search"),
+    block: int = typer.Option(RUN.influence.block, "--block", help="profile distance bucket / span granularity"),
+    seed: int = typer.Option(RUN.seed, "--seed"),
     bench_length: Optional[int] = typer.Option(None, "--bench-length", help="length of the light speed / KV bench "
                                                "(one prefill + 8 decode steps per method; default: the longest eval "
                                                "length; 0: skip)"),
-    plan_shape: str = typer.Option("keep_dense", "--plan-shape",
+    plan_shape: str = typer.Option(RUN.plan.shape, "--plan-shape",
                                    help="keep_dense: top retrieval heads dense, the rest at --local-span (measured "
                                         "best) | search: influence profile + MILP/Optuna around them"),
-    retrieval_samples: int = typer.Option(8, "--retrieval-samples",
+    retrieval_samples: int = typer.Option(RUN.retrieval_samples, "--retrieval-samples",
                                           help="held-in needle prompts scoring retrieval heads; the top heads the "
                                                "budget affords stay dense (0: influence only)"),
-    local_span: int = typer.Option(256, "--local-span", help="span every head not kept dense can still afford"),
+    local_span: int = typer.Option(RUN.plan.local_span, "--local-span",
+                                   help="span every head not kept dense can still afford"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """The whole pipeline on the default model: profile -> search -> apply -> eval -> bench, then one report table
     (stderr; report.md / report.json / report.png in --out). Stages resume."""
-    from compressor.pipeline import run
-    from compressor.run import RunConfig
+    from dataclasses import replace
+
+    from compressor.run import run
 
     check_out(out, "folder")
-    cfg = RunConfig(model=model, out=str(out), profile_lengths=_lengths(profile_lengths), validate_length=validate_length,
-                    eval_lengths=_lengths(eval_lengths), budgets=list(budget), samples=samples, trials=trials,
-                    eval_tasks=_names(eval_tasks), eval_depths=_floats(eval_depths, "--eval-depths"),
-                    eval_samples=eval_samples, sources=_names(sources), seed=seed,
-                    sinks=[int(x) for x in _floats(sinks, "--sinks")], block=block, bench_length=bench_length,
-                    retrieval_samples=retrieval_samples, local_span=local_span, plan_shape=plan_shape)
+    cfg = RunConfig(
+        model=model, out=str(out), retrieval_samples=retrieval_samples, bench_length=bench_length,
+        eval_tasks=tuple(_names(eval_tasks)),
+        calibration=CalibrationArgs(lengths=tuple(_lengths(profile_lengths)), samples=samples,
+                                    sources=tuple(_names(sources)), seed=seed),
+        influence=InfluenceArgs(block=block, sink_sizes=tuple(int(x) for x in _floats(sinks, "--sinks"))),
+        plan=replace(RUN.plan, budgets=tuple(budget), shape=plan_shape, local_span=local_span,
+                     validate_length=validate_length, search=replace(RUN.plan.search, trials=trials)),
+        eval=replace(RUN.eval, lengths=tuple(_lengths(eval_lengths)),
+                     depths=tuple(_floats(eval_depths, "--eval-depths")), samples=eval_samples))
     summary = run(cfg)  # ends with the report table on stderr
     if as_json:
         emit_json(summary)
@@ -483,8 +518,10 @@ def distill_cmd(
     at_least(1, steps=steps, samples=samples)
     if not lr > 0:
         raise CompressError(f"--lr must be > 0, got {lr}")
-    losses = distill(plan, out, model, steps=steps, lr=lr, lengths=_lengths(lengths), samples=samples,
-                     sources=_names(sources), seed=seed, resume=resume)
+    from compressor.args import DistillArgs
+
+    cal = CalibrationArgs(lengths=tuple(_lengths(lengths)), samples=samples, sources=tuple(_names(sources)), seed=seed)
+    losses = distill(plan, out, model, DistillArgs(steps=steps, lr=lr, seed=seed, resume=resume), calibration_args=cal)
     console.print(f"distilled {len(losses)} steps (loss {losses[0]:.4g} -> {losses[-1]:.4g}); model in {out / 'model'}")
 
 
@@ -512,9 +549,10 @@ def eval_cmd(
 
     check_out(out, "folder")
     at_least(1, samples=samples)
-    report = evaluate(task, plan, model, lengths=_lengths(lengths), depths=_floats(depths, "--depths"), samples=samples,
-                      corpus=corpus, seed=seed, out=out, device_map=device_map, max_memory=max_memory,
-                      offload_folder=offload_folder)
+    args = EvalArgs(task=task, lengths=tuple(_lengths(lengths)), depths=tuple(_floats(depths, "--depths")),
+                    samples=samples, corpus=corpus, seed=seed)
+    placement = PlacementArgs(device_map, max_memory, None if offload_folder is None else str(offload_folder))
+    report = evaluate(plan, model, args, out=out, placement=placement)
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -564,10 +602,12 @@ def bench_cmd(
     check_out(kernel_table)
     at_least(1, repeats=repeats, threads=threads, max_batch=max_batch, decode_steps=decode_steps)
 
-    report = bench(model, plan=plan, density=density, lengths=_lengths(lengths), repeats=repeats, threads=threads,
-                   whole_model=whole_model, decode=decode, kernel_table=kernel_table, out=out, device_map=device_map,
-                   max_memory=max_memory, offload_folder=offload_folder,
-                   kv_budget_gib=kv_budget if throughput else None, max_batch=max_batch, decode_steps=decode_steps)
+    args = BenchArgs(lengths=tuple(_lengths(lengths)), repeats=repeats, decode_steps=decode_steps,
+                     whole_model=whole_model, decode=decode, density=density, threads=threads,
+                     kernel_table=None if kernel_table is None else str(kernel_table),
+                     kv_budget_gib=kv_budget if throughput else None, max_batch=max_batch)
+    placement = PlacementArgs(device_map, max_memory, None if offload_folder is None else str(offload_folder))
+    report = bench(model, args, plan=plan, out=out, placement=placement)
     if as_json:
         emit_json(report.to_dict())
         return

@@ -1,6 +1,6 @@
 """Optional knowledge-distillation fine-tuning for plans with cheap operators (MPCViT's retrain-with-KD step).
 
-    losses = distill(model, plan, samples, steps=200, lr=1e-4, out_dir="out/distill")
+    losses = distill(model, plan, samples, DistillArgs(steps=200, lr=1e-4), out_dir="out/distill")
 
 * Teacher: the model as given (dense, or whatever attention it runs now), BEFORE the plan is applied:
   log-probabilities at the predicting positions (t - 1 for every target t of the sample's ``loss_mask``; all
@@ -33,6 +33,7 @@ import copy
 import hashlib
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from compressor.args import DistillArgs
 from plans.atomic import atomic_path, write_text_atomic
 from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
@@ -248,12 +250,30 @@ def _step_loss(model, s: Sample, tgt: torch.Tensor, loss: str, use_ltk: bool) ->
     return (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp(min=1e-12)
 
 
-def _train(model, ss: list[Sample], target: Callable[[int, Sample], torch.Tensor], opt: torch.optim.Optimizer,
-           named, losses: list[float], *, start: int, steps: int, loss: str, use_ltk: bool, seed: int,
-           save_every: int, out_dir: Path, recipe: str, info: dict, progress: bool,
-           on_step: Callable[[int, float], None] | None) -> None:
-    """Steps ``start`` .. ``steps - 1``, appending to ``losses``, with checkpoints and the progress helper."""
+@dataclass
+class _Training:
+    """One distillation's moving parts: the samples, the teacher's targets, the optimiser over ``named``
+    parameters, the losses so far, and where (``out_dir``, ``recipe``, ``info``) checkpoints go."""
+
+    model: object
+    ss: list[Sample]
+    target: Callable[[int, Sample], torch.Tensor]
+    opt: torch.optim.Optimizer
+    named: list
+    losses: list[float]
+    use_ltk: bool
+    out_dir: Path
+    recipe: str
+    info: dict
+
+
+def _train(tr: _Training, args: DistillArgs, start: int, on_step: Callable[[int, float], None] | None) -> None:
+    """Steps ``start`` .. ``args.steps - 1``, appending to ``tr.losses``, with checkpoints and the progress helper."""
     from profilers.progress import progress as progress_helper
+
+    model, ss, target, opt, named, losses = tr.model, tr.ss, tr.target, tr.opt, tr.named, tr.losses
+    steps, loss, seed, save_every, progress = args.steps, args.loss, args.seed, args.save_every, args.progress
+    use_ltk, out_dir, recipe, info = tr.use_ltk, tr.out_dir, tr.recipe, tr.info
 
     with progress_helper("distill", total=steps, unit="steps", done=min(start, steps), enabled=progress) as tick:
         if losses:
@@ -281,29 +301,16 @@ def _train(model, ss: list[Sample], target: Callable[[int, Sample], torch.Tensor
 # --------------------------------------------------------------------------------------------------------------
 
 
-def distill(
-    model,
-    plan: Plan,
-    samples: Sequence[Sample] | dict[int, list[Sample]],
-    *,
-    steps: int,
-    lr: float = 1e-4,
-    out_dir: str | Path,
-    resume: bool = True,
-    progress: bool = True,
-    params: Literal["non_attention", "all"] = "non_attention",
-    loss: Literal["kl", "mse"] = "kl",
-    save_every: int = 50,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    teacher: Literal["auto", "cache", "copy"] = "auto",
-    max_teacher_bytes: int = 2 << 30,
-    on_step: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """KD fine-tuning of ``model`` (patched in place with ``plan``) towards its own dense outputs; see the module
-    docstring. ``on_step(step, loss)`` is called after each step (1-based; raising from it stops the run, leaving
-    the last checkpoint for a resume). Returns every step's loss from step 0 (a checkpoint already at or past
-    ``steps`` is loaded and its history returned without training)."""
+def distill(model, plan: Plan, samples: Sequence[Sample] | dict[int, list[Sample]], args: DistillArgs, *,
+            out_dir: str | Path, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """KD fine-tuning of ``model`` (patched in place with ``plan``) towards its own dense outputs with
+    :class:`compressor.args.DistillArgs` ``args``, checkpoints in ``out_dir``; see the module docstring.
+    ``on_step(step, loss)`` is called after each step (1-based; raising from it stops the run, leaving the last
+    checkpoint for a resume). Returns every step's loss from step 0 (a checkpoint already at or past ``steps`` is
+    loaded and its history returned without training). Raises CompressError for bad settings or no samples."""
+    steps, lr, resume, progress, params, loss = args.steps, args.lr, args.resume, args.progress, args.params, args.loss
+    save_every, weight_decay, seed, teacher = args.save_every, args.weight_decay, args.seed, args.teacher
+    max_teacher_bytes = args.max_teacher_bytes
     from compressor import apply
 
     _check_settings(steps=steps, lr=lr, save_every=save_every, loss=loss, params=params, teacher=teacher)
@@ -345,8 +352,7 @@ def distill(
         start, losses = _load_ckpt(out_dir, named, opt, recipe) if resume else (0, [])
         if start >= steps:  # already there (a checkpoint past ``steps`` is kept as it is)
             return losses
-        _train(model, ss, target, opt, named, losses, start=start, steps=steps, loss=loss, use_ltk=use_ltk, seed=seed,
-               save_every=save_every, out_dir=out_dir, recipe=recipe, info=info, progress=progress, on_step=on_step)
+        _train(_Training(model, ss, target, opt, named, losses, use_ltk, out_dir, recipe, info), args, start, on_step)
     finally:
         for p, f in flags:
             p.requires_grad_(f)

@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from compressor.args import RULER_TASKS, TASKS, EvalArgs  # noqa: F401  (TASKS: re-exported)
 from plans.errors import CompressError
-from plans.schema import Plan, span_for_density, uniform_plan
+from plans.schema import Plan
 from profilers.samples import Sample
 
-RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
-TASKS = ("retrieval", "passkey", "ppl") + RULER_TASKS
 
 
 @dataclass
@@ -100,6 +99,28 @@ def answer_score(model, sample: Sample) -> tuple[bool, float, int]:
     return bool((logits.argmax(-1) == target).all()), float(ce), int(target.numel())
 
 
+def validation_evaluator(model, samples: list[Sample]):
+    """The Optuna study's trial measurement: ``evaluate(plan) -> {"loss", "latency_ms"}``, the answer-token CE
+    (nats per answer token, mean over ``samples``) with the plan applied, and the median forward wall time (ms)
+    on this device. The plan stays applied after each call (the next trial replaces it)."""
+    import statistics
+    import time
+
+    from compressor.patching import apply
+
+    def evaluate(plan) -> dict:
+        apply(model, plan)
+        losses, times = [], []
+        for s in samples:
+            t = time.perf_counter()
+            _, loss, n = answer_score(model, s)
+            times.append((time.perf_counter() - t) * 1000)
+            losses.append(loss / max(n, 1))
+        return {"loss": float(sum(losses) / len(losses)), "latency_ms": float(statistics.median(times))}
+
+    return evaluate
+
+
 def text_loss(model, ids: torch.Tensor, chunk: int = 1024) -> tuple[float, int]:
     """Summed next-token CE over a sequence, computing the vocabulary projection in chunks."""
     with torch.no_grad():
@@ -153,55 +174,41 @@ def make_samples(task: str, tokenizer, lengths, depths, n_per_cell: int, seed: i
     return out
 
 
-def uniform_label(name: str, n_plans: int) -> str:
-    """The method name of plan ``name``'s uniform baseline among ``n_plans`` plans (see :func:`method_plans`)."""
-    return "uniform" if n_plans == 1 else f"uniform[{name}]"
-
-
-def method_plans(plans: dict[str, Plan], n: int, include_uniform: bool = True) -> dict[str, Plan | None]:
-    """dense, each plan, and for each plan the uniform plan with the same prefill density at length n."""
-    methods: dict[str, Plan | None] = {"dense": None}
-    for name, p in plans.items():
-        methods[name] = p
-        if include_uniform:
-            sinks = [h.sink_tokens for layer in p.layers for h in layer.heads if h.sink_tokens] or [64]
-            label = uniform_label(name, len(plans))
-            methods[label] = uniform_plan(p.model, span_for_density(p.density(n), n), sink=max(sinks), lengths=[n])
-    return methods
-
-
-def evaluate(model, tokenizer, plans: dict[str, Plan], task: str, lengths: list[int], *, depths=(0.1, 0.5, 0.9),
-             samples: int = 2, seed: int = 0, haystack: list[str] | None = None, include_uniform: bool = True,
+def evaluate(model, tokenizer, plans: dict[str, Plan], args: EvalArgs, *, haystack: list[str] | None = None,
              progress: bool = False) -> EvalReport:
-    """Evaluate dense, the plans and their uniform baselines on identical samples. With ``progress``: a bar on a
-    terminal, plain lines on stderr otherwise (see :mod:`profilers.progress`), one step per sample, and the stage
-    names the method and length."""
+    """Evaluate dense, the plans and their uniform baselines on identical samples. ``haystack``: the documents
+    needles hide in (default: :func:`heldout_corpus` of ``args.corpus``). With ``progress``: a bar on a terminal,
+    plain lines on stderr otherwise (see :mod:`profilers.progress`), one step per sample, and the stage names the
+    method and length. Raises CompressError for bad ``args`` or lengths past the model's positions."""
+    from compressor.methods import methods_at
     from compressor.models import check_lengths_fit
     from compressor.patching import plan_applied
     from profilers.progress import progress as progress_helper
 
-    if task not in TASKS:
-        raise CompressError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    args.check()
+    task, lengths, seed = args.task, list(args.lengths), args.seed
     check_lengths_fit(model, lengths)
+    if haystack is None and task != "retrieval":
+        haystack = heldout_corpus(args.corpus)
     if task in ("passkey", "ppl") and not haystack:
         raise CompressError(f"task {task} needs a real-text haystack (--corpus)")
-    depths = list(depths) if task != "ppl" else []
-    data = make_samples(task, tokenizer, lengths, depths or [None], samples, seed, haystack or [])
-    report = EvalReport(task=task, lengths=list(lengths), depths=depths, methods=[], seed=seed)
-    per_n = {n: method_plans(plans, n, include_uniform) for n in lengths}
+    depths = list(args.depths) if task != "ppl" else []
+    data = make_samples(task, tokenizer, lengths, depths or [None], args.samples, seed, haystack or [])
+    report = EvalReport(task=task, lengths=lengths, depths=depths, methods=[], seed=seed)
+    axes = ("prefill_density",) if args.include_uniform else ()
+    per_n = {n: methods_at(plans, n, axes) for n in lengths}
     count = {n: sum(len(ss) for (nn, _), ss in data.items() if nn == n) * len(per_n[n]) for n in lengths}
     prog = progress_helper(f"eval {task}", total=sum(count.values()), unit="samples",
                            work_total=sum(c * n for n, c in count.items()), enabled=progress)
     with prog as tick:
         for n in lengths:
-            methods = per_n[n]
-            for name in methods:
-                if name not in report.methods:
-                    report.methods.append(name)
-            for name, p in methods.items():
-                tick(0, stage=f"eval {task}: {name} N={n}")
-                with plan_applied(model, p):
-                    report.cells += [_score_cell(model, task, name, n, d, p, ss, tick)
+            for m in per_n[n]:
+                if m.name not in report.methods:
+                    report.methods.append(m.name)
+            for m in per_n[n]:
+                tick(0, stage=f"eval {task}: {m.name} N={n}")
+                with plan_applied(model, m.plan):
+                    report.cells += [_score_cell(model, task, m.name, n, d, m.plan, ss, tick)
                                      for (nn, d), ss in data.items() if nn == n]
     return report
 
@@ -230,11 +237,6 @@ def heldout_corpus(corpus: str) -> list[str]:
 
     docs = load_corpus(corpus.split(",") if "," in corpus else corpus)
     return list(split_corpus(docs).heldout)
-
-
-def count_work(task, lengths, depths, samples, n_plans, include_uniform=True) -> int:
-    per_len = (1 + n_plans * (2 if include_uniform else 1)) * samples * (1 if task == "ppl" else len(depths))
-    return per_len * len(lengths)
 
 
 def heatmap_png(report: EvalReport, path) -> None:

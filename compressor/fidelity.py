@@ -25,15 +25,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compressor.evaluation import answer_score
+from compressor.methods import AXES, Method, methods_at, uniform_matched  # noqa: F401  (re-exported)
 from compressor.statistics import BEYOND_MODEL_THRESHOLD, CellResult, Comparison, beyond_model
 from plans.atomic import write_text_atomic
 from plans.errors import CompressError
-from plans.schema import Plan, span_for_density, uniform_plan
+from plans.schema import Plan
 from profilers import ruler
 from profilers.progress import progress
 
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
-AXES = ("prefill_density", "kv_density")
 
 
 @dataclass(frozen=True)
@@ -50,38 +50,6 @@ class FidelityGrid:
     style: str = "auto"
     haystack: str = "noise"
     style_probe: int = 10
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row of the comparison: dense (plan None), a plan, or a uniform baseline matched to ``of`` on ``axis``."""
-
-    name: str
-    plan: Plan | None
-    axis: str | None = None
-    of: str | None = None
-
-
-def uniform_matched(plan: Plan, n: int, axis: str) -> Plan:
-    """StreamingLLM's uniform plan matched to ``plan`` at length ``n`` on ``axis`` (prefill_density | kv_density);
-    the sink is the plan's largest sink (64 when it has none)."""
-    sinks = [h.sink_tokens for layer in plan.layers for h in layer.heads if h.sink_tokens] or [64]
-    if axis == "prefill_density":
-        span = span_for_density(plan.density(n), n)
-    elif axis == "kv_density":
-        span = max(1, min(n, round(plan.kv_density(n) * n)))
-    else:
-        raise CompressError(f"unknown cost axis {axis!r} (one of {', '.join(AXES)})")
-    return uniform_plan(plan.model, span, sink=min(max(sinks), max(span - 1, 0)), lengths=[n])
-
-
-def methods_at(plans: dict[str, Plan], n: int, axes=AXES) -> list[Method]:
-    """dense, each plan, and per plan its uniform baselines on every axis, at length ``n``."""
-    out = [Method("dense", None)]
-    for name, p in plans.items():
-        out.append(Method(name, p))
-        out += [Method(f"uniform[{name}|{axis}]", uniform_matched(p, n, axis), axis, name) for axis in axes]
-    return out
 
 
 @dataclass

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from compressor.args import GateArgs
 from compressor.hf.gate_attention import gates_mode
 from compressor.hf.modules import check_model_supported
+from plans.defaults import DEFAULT_BLOCK
 from plans.errors import CompressError
 from plans.identity import identity_from_config
 from plans.schema import tool_version
@@ -99,8 +102,10 @@ def _teacher_passes(model, ctl: GateController, flat, positions: str, dev) -> li
     return teachers
 
 
-def _train_gates(model, ctl: GateController, flat, teachers, *, steps, lr, l1, seed, dev, tick, progress):
-    """``steps`` single-sample Adam steps on the gate logits (seeded order); returns (loss, distill) histories."""
+def _train_gates(model, ctl: GateController, flat, teachers, args: GateArgs, dev, tick):
+    """``args.steps`` single-sample Adam steps on the gate logits (seeded order); returns (loss, distill)
+    histories."""
+    steps, lr, l1, seed, progress = args.steps, args.lr, args.l1, args.seed, args.progress
     rng = random.Random(seed)
     history: list[float] = []
     distill_hist: list[float] = []
@@ -127,8 +132,9 @@ def _train_gates(model, ctl: GateController, flat, teachers, *, steps, lr, l1, s
     return history, distill_hist
 
 
-def _gates_extra(model, ctl: GateController, gq, gkv, history, distill_hist, seconds, *, steps, lr, l1, init_logit,
-                 positions, seed) -> dict:
+def _gates_extra(model, ctl: GateController, gates: tuple, histories: tuple, seconds, args: GateArgs) -> dict:
+    (gq, gkv), (history, distill_hist) = gates, histories
+    steps, lr, l1, init_logit, positions, seed = args.steps, args.lr, args.l1, args.init_logit, args.positions, args.seed
     return {
         "pair": ctl.pair, "window": [ctl.sink, ctl.span], "granularity": ctl.granularity,
         "gates_kv": gkv.tolist(), "gates_q": gq.tolist(),
@@ -141,26 +147,14 @@ def _gates_extra(model, ctl: GateController, gq, gkv, history, distill_hist, sec
     }
 
 
-def run_gates(
-    model,
-    samples_by_length: dict[int, list[Sample]],
-    out_stem: str | Path | None,
-    *,
-    pair: Pair = "full_vs_window",
-    window: tuple[int, int] = DEFAULT_WINDOW,
-    steps: int = 200,
-    lr: float = 0.05,
-    l1: float = 0.05,
-    granularity: Literal["kv_head", "query_head"] = "kv_head",
-    block: int = 64,
-    positions: Literal["targets", "all"] = "targets",
-    init_logit: float = 3.0,
-    progress: bool = True,
-    seed: int = 0,
-    model_name: str | None = None,
-) -> Profile:
-    """Train per-head gates for ``pair`` on ``samples_by_length`` ({N: [Sample, ...]}) and write ``out_stem``'s
-    ``.safetensors``/``.json`` (skipped when ``out_stem`` is None). Returns the Profile (see :mod:`profilers.gates`)."""
+def run_gates(model, samples_by_length: dict[int, list[Sample]], out_stem: str | Path | None,
+              args: GateArgs = GateArgs(), *, model_name: str | None = None) -> Profile:
+    """Train per-head gates (:class:`GateArgs` ``args``) on ``samples_by_length`` ({N: [Sample, ...]}) and write
+    ``out_stem``'s ``.safetensors``/``.json`` (skipped when ``out_stem`` is None). Returns the Profile (see
+    :mod:`profilers.gates`). Raises CompressError for bad settings or samples."""
+    pair, window, steps, lr, l1, block = args.pair, args.window, args.steps, args.lr, args.l1, args.block
+    granularity, init_logit, progress, seed = args.granularity, args.init_logit, args.progress, args.seed
+    positions = args.positions
     _check_settings(pair, steps, lr, l1, block, samples_by_length)
     check_model_supported(model)
     identity = identity_from_config(model.config, name=model_name)
@@ -177,14 +171,12 @@ def run_gates(
         tick(0, stage=f"gates {pair}: teacher passes")
         teachers = _teacher_passes(model, ctl, flat, positions, dev)
         tick(0, stage=f"gates {pair}")
-        history, distill_hist = _train_gates(model, ctl, flat, teachers, steps=steps, lr=lr, l1=l1, seed=seed,
-                                             dev=dev, tick=tick, progress=progress)
+        history, distill_hist = _train_gates(model, ctl, flat, teachers, args, dev, tick)
     seconds = time.perf_counter() - t0
 
     with torch.no_grad():
         gq, gkv = ctl.gates_q().detach().cpu(), ctl.gates_kv().detach().cpu()
-    extra = _gates_extra(model, ctl, gq, gkv, history, distill_hist, seconds, steps=steps, lr=lr, l1=l1,
-                         init_logit=init_logit, positions=positions, seed=seed)
+    extra = _gates_extra(model, ctl, (gq, gkv), (history, distill_hist), seconds, args)
     meta = ProfileMeta(
         tool_version=tool_version(), method="gates", model=identity, lengths=lengths,
         samples={n: len(samples_by_length[n]) for n in lengths}, loss_mode="hidden_mse", block=block,
@@ -196,4 +188,4 @@ def run_gates(
     return profile
 
 
-__all__ = ["run_gates"]
+__all__ = ["GateArgs", "run_gates"]

@@ -20,6 +20,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +28,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from compressor.args import InfluenceArgs
 from compressor.hf.modules import accepts_logits_to_keep, check_model_supported
 from compressor.hf.profile_attention import profiling_mode
 from compressor.placement import input_device, param_value
 from plans.atomic import atomic_path, write_text_atomic
+from plans.defaults import DEFAULT_BLOCK, DEFAULT_SINK
 from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
 from plans.schema import tool_version
@@ -278,12 +281,13 @@ def _share_partial(dp, partial, lengths, coll: InfluenceCollector):
     return st, js, sums, done
 
 
-def _profile_samples_dp(model, coll, samples_by_length, lengths, partial, recipe, tick, on_sample, dp) -> dict:
+def _profile_samples_dp(model, coll, samples_by_length, lengths, partial, recipe, report, dp) -> dict:
     """:func:`_profile_samples` over ``dp.world`` ranks: in each step rank r profiles sample ``start + r`` (or adds
     zeros when there is none), the step's sums are all-reduced and added on every rank, and rank 0 saves the
     partial files. Progress stays a prefix of the samples, so the partial files are those of a single process
     (a run may resume with any number of ranks); a rank killed mid-step loses only that step."""
     st, js, sums, done = partial
+    tick, on_sample = report  # the progress tick and the caller's per-sample callback
     use_ltk = accepts_logits_to_keep(model)
     info = {"lengths": lengths, "samples": {str(m): len(samples_by_length[m]) for m in lengths}, "ranks": dp.world}
     seconds: dict[str, float] = {}
@@ -323,30 +327,19 @@ def _profile_tensors(sums, done, lengths, num_kv_heads: int) -> dict[str, torch.
     return tensors
 
 
-def run_profile(
-    model,
-    samples_by_length: dict[int, list[Sample]],
-    out_stem: str | Path,
-    *,
-    block: int = 64,
-    sink_sizes=(64,),
-    row_block: int = 256,
-    allow_extrapolation: bool = False,
-    progress: bool = True,
-    model_name: str | None = None,
-    loss_mode: str = "answer_ce",
-    resume: bool = True,
-    max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS,
-    on_sample: Callable[[int, int], None] | None = None,
-    dp=None,
-) -> Profile:
-    """Profile ``model`` on ``samples_by_length`` ({N: [Sample of length N, ...]}) and write ``out_stem``'s
-    ``.safetensors``/``.json`` (see profilers.profile_format). Returns the Profile.
+def run_profile(model, samples_by_length: dict[int, list[Sample]], out_stem: str | Path,
+                args: InfluenceArgs = InfluenceArgs(), *, model_name: str | None = None,
+                on_sample: Callable[[int, int], None] | None = None, dp=None) -> Profile:
+    """Profile ``model`` on ``samples_by_length`` ({N: [Sample of length N, ...]}) with :class:`InfluenceArgs`
+    ``args`` and write ``out_stem``'s ``.safetensors``/``.json`` (see profilers.profile_format). Returns the Profile.
 
     ``on_sample(N, k)`` is called after sample k (1-based) of length N is saved; raising from it stops the run
     and leaves the partial files for a later resume. ``resume=False`` discards any partial progress.
     ``dp`` (a :class:`compressor.distributed.DataParallel`): this process is one rank of a data-parallel run;
     every rank passes the same samples, rank 0 writes the files, every rank returns the profile."""
+    block, sink_sizes, row_block, loss_mode = args.block, args.sink_sizes, args.row_block, args.loss_mode
+    allow_extrapolation, resume, progress = args.allow_extrapolation, args.resume, args.progress
+    max_block_elems = DEFAULT_MAX_BLOCK_ELEMS if args.max_block_elems is None else args.max_block_elems
     block = int(block)
     sink_sizes = tuple(int(s) for s in sink_sizes)
     _check_settings(block, sink_sizes, samples_by_length)
@@ -374,8 +367,8 @@ def run_profile(
         if dp is None:
             seconds = _profile_samples(model, coll, samples_by_length, lengths, partial, recipe, tick, on_sample)
         else:
-            seconds = _profile_samples_dp(model, coll, samples_by_length, lengths, partial, recipe, tick, on_sample,
-                                          dp)
+            seconds = _profile_samples_dp(model, coll, samples_by_length, lengths, partial, recipe,
+                                          (tick, on_sample), dp)
 
     meta = ProfileMeta(
         tool_version=tool_version(), method="taylor", model=identity, lengths=lengths,

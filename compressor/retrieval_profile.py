@@ -17,13 +17,16 @@ by the last 6 rows, the top 16 kept dense retrieve 15/50 held-out multikey needl
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
 
 import torch
 
+from compressor.args import RetrievalArgs
 from compressor.hf.modules import check_model_supported, text_geometry
 from compressor.hf.retrieval_attention import RetrievalProbe, retrieval_mode
+from plans.defaults import DEFAULT_LOCAL_SPAN, DEFAULT_SINK
 from plans.errors import CompressError
 from plans.identity import identity_from_config
 from profilers import ruler
@@ -83,15 +86,16 @@ def item_needle_mass(model, item: ruler.EvalItem, query_rows: int | None) -> tor
     return torch.stack([probe.mass[i] for i in range(L)])
 
 
-def run_retrieval_profile(model, tokenizer, *, lengths: Sequence[int] = (1024,), samples: int = 8, seed: int = 0,
-                          corpus: str | None = "austen", query_rows: int | None = None, task: str = "niah_single",
+def run_retrieval_profile(model, tokenizer, args: RetrievalArgs = RetrievalArgs(), *,
                           show_progress: bool = True) -> RetrievalScores:
-    """Retrieval scores [L, Hkv] of ``model`` over ``samples`` held-in ``task`` prompts per length (the mass on the
-    queried needle; with ``niah_multikey``, among distractor needles) from the last ``query_rows`` rows (None: the
-    question rows, see :func:`item_needle_mass`).
+    """Retrieval scores [L, Hkv] of ``model`` over ``args.samples`` held-in ``args.task`` prompts per length (the
+    mass on the queried needle; with ``niah_multikey``, among distractor needles) from the last ``args.query_rows``
+    rows (None: the question rows, see :func:`item_needle_mass`).
 
     Raises CompressError for samples < 2, query_rows < 1, a task without one queried needle, or a model the
     profiler does not support."""
+    lengths, samples, seed, corpus = args.lengths, args.samples, args.seed, args.corpus
+    query_rows, task = args.query_rows, args.task
     if samples < 2:
         raise CompressError(f"retrieval scoring needs at least 2 samples (two halves), got {samples}")
     if query_rows is not None and query_rows < 1:
@@ -117,8 +121,9 @@ def run_retrieval_profile(model, tokenizer, *, lengths: Sequence[int] = (1024,),
     return RetrievalScores(scores=scores, halves=halves, meta=meta)
 
 
-def kept_retrieval_heads(prof, retrieval: str | Path, budgets: Sequence[str], keep_dense: str = "auto",
-                         local_span: int = 256, lengths: Sequence[int] | None = None) -> list[tuple[int, int]]:
+def kept_retrieval_heads(prof, retrieval: RetrievalScores | str | Path, budgets: Sequence[str],
+                         keep_dense: str = "auto", local_span: int = DEFAULT_LOCAL_SPAN,
+                         lengths: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """The (layer, KV head) pairs to keep dense: the ``keep_dense`` top-scored heads of the retrieval scores, or
     with ``"auto"`` as many as fit the budgets at ``lengths`` (default: the profile's) while every other head keeps
     a sink + window of ``local_span`` tokens (:func:`search_space.keep_dense.largest_keep_dense`).
@@ -128,14 +133,14 @@ def kept_retrieval_heads(prof, retrieval: str | Path, budgets: Sequence[str], ke
     from search_space.budgets import parse_budgets
     from search_space.keep_dense import largest_keep_dense
 
-    r = load_retrieval(retrieval)
+    r = retrieval if isinstance(retrieval, RetrievalScores) else load_retrieval(retrieval)
     ident = prof.meta.model
     if tuple(r.scores.shape) != (ident.num_layers, ident.num_kv_heads):
         raise CompressError(f"retrieval scores {retrieval} are [{r.scores.shape[0]} x {r.scores.shape[1]}] but the "
                             f"profile's model has {ident.num_layers} layers x {ident.num_kv_heads} KV heads")
     ranked = r.top(r.scores.numel())
     if keep_dense == "auto":
-        sink = int(min(prof.meta.sink_sizes or [64]))
+        sink = int(min(prof.meta.sink_sizes or [DEFAULT_SINK]))
         k = largest_keep_dense(ident, ranked, parse_budgets(list(budgets)), sorted(lengths or prof.meta.lengths),
                                span=local_span, sink=sink)
     else:

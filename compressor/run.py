@@ -1,14 +1,20 @@
-"""`compress run`: profile -> search -> apply -> eval on one model, everything under one output folder.
+"""`compress run`: the three commands' stages on one model, composed in memory, everything under one output folder.
 
-Each stage writes its outputs plus ``<stage>.done.json`` holding a fingerprint of its inputs (the run
-settings that matter to it and the fingerprints of the stages before it). A rerun skips a stage whose
-marker matches, so an interrupted run resumes (the profiler also resumes inside a stage, per sample).
+    retrieval heads  ->  [influence profile]  ->  plan per budget  ->  patched folder  ->  eval per task  ->  bench
+
+Each stage is the function `compress profile` / `search` / `apply` / `eval` / `bench` runs
+(:mod:`compressor.pipeline`, :mod:`compressor.evaluation`, :mod:`compressor.bench`), called here on the one loaded
+model with the arguments of :class:`RunConfig` (a composition of :mod:`compressor.args`). Each stage writes its
+outputs plus ``<stage>.done.json`` holding a fingerprint of its inputs (its arguments and the fingerprints of the
+stages before it); a rerun skips a stage whose marker matches and reads its outputs back into the same types, so an
+interrupted run resumes (the profiler also resumes inside a stage, per sample).
 
 Layout of ``OUT``::
 
     calibration/            cached calibration + validation samples (safetensors + recipe JSON)
-    profile.safetensors     per-head influence (profile.json: metadata)
-    search_<budget>/        plan.json, pareto.csv, spans.png, pareto.png, optuna.db
+    retrieval.safetensors   retrieval-head scores (retrieval.json: metadata)
+    profile.safetensors     per-head influence (profile.json: metadata; plan shape ``search`` only)
+    search_<budget>/        plan.json, pareto.csv, spans.png, pareto.png, optuna.db (plan shape ``search``)
     plans/<budget>.json     the chosen plan per budget
     model/                  the patched model folder for the first budget
     eval_<task>.json/.png   dense vs plans vs uniform
@@ -21,48 +27,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from compressor.args import PlanArgs, RunConfig, TASKS
 from plans.atomic import write_text_atomic
 from plans.errors import CompressError
 from plans.io import load_plan, save_plan
 from profilers.terminal import LiteralConsole
 
 console = LiteralConsole(stderr=True)  # user text printed literally
-
-
-@dataclass
-class RunConfig:
-    model: str | None = None
-    out: str = "runs/default"
-    profile_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
-    validate_length: int = 3072
-    eval_lengths: list[int] = field(default_factory=lambda: [2048, 4096])
-    budgets: list[str] = field(default_factory=lambda: ["0.5", "0.25"])
-    sources: list[str] = field(default_factory=lambda: ["austen", "passkey", "qa"])
-    samples: int = 6  # austen, passkey, qa cycled: two of each source
-    val_samples: int = 1
-    trials: int = 4
-    K: int = 2
-    sinks: list[int] = field(default_factory=lambda: [64])
-    block: int = 64
-    eval_tasks: list[str] = field(default_factory=lambda: ["niah_single", "ppl"])  # RULER single needle, plain prompt
-    eval_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
-    eval_samples: int = 1
-    corpus: str = "austen"
-    seed: int = 0
-    time_limit: float = 30.0
-    bench_length: int | None = None  # the light bench's length: None = the longest eval length, 0 = no bench
-    plan_shape: str = "keep_dense"  # keep_dense: top retrieval heads dense, the rest at local_span (measured best,
-    #                                  benchmarks/results/fidelity_method.md); search: influence profile + MILP/Optuna
-    retrieval_samples: int = 8  # held-in needle prompts scoring retrieval heads (0: influence only, no heads kept dense)
-    local_span: int = 256  # with retrieval heads kept dense: the span every other head must still afford
-    bench_decode_steps: int = 8
 
 
 def _fp(*parts) -> str:
@@ -74,6 +51,8 @@ def _budget_tag(b: str) -> str:
 
 
 class _Stage:
+    """One stage's marker: ``<name>.done.json`` holding the fingerprint of the stage's inputs."""
+
     def __init__(self, out: Path, name: str, fingerprint: str):
         self.marker = out / f"{name}.done.json"
         self.name, self.fp = name, fingerprint
@@ -88,38 +67,20 @@ class _Stage:
         write_text_atomic(self.marker, json.dumps({"fingerprint": self.fp, **info}, indent=2, default=str))
 
 
-def validation_evaluator(model, samples):
-    """Trial measurement for the Optuna study: answer-token CE on held-out samples at an unseen length with
-    the plan applied, and the median forward wall time (ms) on this device."""
-    from compressor.evaluation import answer_score
-    from compressor.patching import apply
-
-    def evaluate(plan) -> dict:
-        apply(model, plan)
-        losses, times = [], []
-        for s in samples:
-            t = time.perf_counter()
-            _, loss, n = answer_score(model, s)
-            times.append((time.perf_counter() - t) * 1000)
-            losses.append(loss / max(n, 1))
-        return {"loss": float(sum(losses) / len(losses)), "latency_ms": float(statistics.median(times))}
-
-    return evaluate
-
-
 def run(cfg: RunConfig) -> dict:
     """The whole pipeline; returns the summary that is also written to report.json. Progress (stderr): one
     line/bar for the stages, and the stages' own (calibration, profile samples, search trials, eval samples)."""
     from compressor.progress import progress
 
     check_run_config(cfg)  # before the progress line and before anything is loaded or written
-    with progress("run", total=1 + len(cfg.budgets) + 1 + len(cfg.eval_tasks) + 1, unit="stages") as tick:
+    total = 1 + len(cfg.plan.budgets) + 1 + len(cfg.eval_tasks) + 1
+    with progress("run", total=total, unit="stages") as tick:
         return _run(cfg, tick)
 
 
 @dataclass
 class _Ctx:
-    """What every stage of one run shares."""
+    """What every stage of one run shares: the loaded model and tokenizer, the progress tick, stage timings."""
 
     cfg: RunConfig
     out: Path
@@ -135,26 +96,28 @@ def check_run_config(cfg: RunConfig) -> None:
     values, and every length against the model's positions (read from its config alone)."""
     from compressor.models import check_lengths_fit, load_config
 
+    cfg.plan.check()
     if cfg.bench_length is not None and cfg.bench_length < 0:
         raise CompressError(f"--bench-length must be >= 0 (0: no bench), got {cfg.bench_length}")
-    if cfg.validate_length <= max(cfg.profile_lengths):
-        raise CompressError(
-            f"--validate-length {cfg.validate_length} must exceed every profiled length {cfg.profile_lengths}")
-    if cfg.plan_shape not in ("keep_dense", "search"):
-        raise CompressError(f"--plan-shape must be keep_dense or search, got {cfg.plan_shape!r}")
-    if cfg.plan_shape == "keep_dense" and cfg.retrieval_samples < 2:
+    if cfg.plan.shape == "search" and cfg.plan.validate_length <= max(cfg.calibration.lengths):
+        raise CompressError(f"--validate-length {cfg.plan.validate_length} must exceed every profiled length "
+                            f"{list(cfg.calibration.lengths)}")
+    if cfg.plan.shape == "keep_dense" and cfg.retrieval_samples < 2:
         raise CompressError("--plan-shape keep_dense needs --retrieval-samples >= 2")
-    for name, low in (("samples", 1), ("eval_samples", 1), ("trials", 0)):
-        if getattr(cfg, name) < low:
-            raise CompressError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    for name, value, low in (("samples", cfg.calibration.samples, 1), ("eval-samples", cfg.eval.samples, 1),
+                             ("trials", cfg.plan.search.trials, 0)):
+        if value < low:
+            raise CompressError(f"--{name} must be >= {low}, got {value}")
+    for task in cfg.eval_tasks:
+        if task not in TASKS:
+            raise CompressError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     bench = [cfg.bench_length] if cfg.bench_length else []
-    check_lengths_fit(load_config(cfg.model), [*cfg.profile_lengths, cfg.validate_length, *cfg.eval_lengths, *bench])
+    lengths = [*cfg.calibration.lengths, cfg.plan.validate_length, *cfg.eval.lengths, *bench]
+    check_lengths_fit(load_config(cfg.model), lengths)
 
 
 def _run(cfg: RunConfig, tick) -> dict:
     from compressor.models import load_model
-    from compressor.patching import unapply
-    from profilers.calibration import CalibrationRecipe
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,30 +125,179 @@ def _run(cfg: RunConfig, tick) -> dict:
     t0 = time.time()
     tick(0, stage="run: load model")
     model, tok = load_model(cfg.model)
-    model_name = str(cfg.model or "default")
-    ctx = _Ctx(cfg, out, model, tok, model_name, tick)
-
-    # 1. calibration + profile
-    recipe = CalibrationRecipe(sources=cfg.sources, lengths=cfg.profile_lengths, samples_per_length=cfg.samples,
-                               seed=cfg.seed, model=model_name)
-    val_recipe = CalibrationRecipe(sources=cfg.sources, lengths=[cfg.validate_length],
-                                   samples_per_length=cfg.val_samples, seed=cfg.seed + 1, model=model_name)
-    if cfg.plan_shape == "keep_dense":
-        plans = _keep_dense_stages(ctx, _retrieval_stage(ctx, _fp(model_name)))
-    else:
-        profile_fp = _profile_stage(ctx, recipe)
-        profile_fp = _retrieval_stage(ctx, profile_fp)
-        # 2. search, one study per budget
-        plans = _search_stages(ctx, val_recipe, profile_fp)
-    unapply(model, "sdpa")
-    # 3. apply the first budget's plan into a model folder
+    ctx = _Ctx(cfg, out, model, tok, str(cfg.model or "default"), tick)
+    profile, fp = (None, _fp(ctx.model_name)) if cfg.plan.shape == "keep_dense" else _profile_stage(ctx)
+    retrieval, fp = _retrieval_stage(ctx, fp)
+    plans = _plan_stages(ctx, profile, retrieval, fp)
     _apply_stage(ctx, plans)
-    # 4. eval
     reports = _eval_stages(ctx, plans)
-    # 5. a light bench (one prefill + a few decode steps per method) for the speed / KV columns
     bench = _bench_stage(ctx, plans)
-    unapply(model, "sdpa")
     return _report(ctx, plans, reports, bench, t0)
+
+
+def _timed(ctx: _Ctx, stage: _Stage, work, **info):
+    """Run ``work()``, then mark ``stage`` done with its seconds (also in the run's timings); returns the result."""
+    t = time.time()
+    result = work()
+    stage.finish(seconds=time.time() - t, **info)
+    ctx.timings[stage.name] = time.time() - t
+    return result
+
+
+def _profile_stage(ctx: _Ctx):
+    """Calibration samples and the influence profile (`compress profile`); returns (Profile, fingerprint)."""
+    from compressor.influence_profile import run_profile
+    from compressor.pipeline import calibration
+    from profilers.profile_format import load_profile
+
+    cfg, out = ctx.cfg, ctx.out
+    recipe = cfg.calibration.recipe(ctx.model_name)
+    stage = _Stage(out, "profile", _fp(ctx.model_name, recipe.recipe_hash(), cfg.influence))
+    ctx.tick(0, stage="run: profile")
+    if not stage.done():
+        def work():
+            data = calibration(ctx.tok, cfg.calibration, ctx.model_name, ctx.model, out / "calibration")
+            return run_profile(ctx.model, data, out / "profile", cfg.influence, model_name=ctx.model_name)
+        profile = _timed(ctx, stage, work)
+    else:
+        console.print("profile: up to date, skipped")
+        profile = load_profile(out / "profile")
+    ctx.tick()
+    return profile, stage.fp
+
+
+def _retrieval_stage(ctx: _Ctx, upstream: str):
+    """Retrieval-head scores (``retrieval.safetensors``, `compress profile --method retrieval`) on
+    ``retrieval_samples`` held-in needle prompts at the shortest profiled length; returns (scores or None,
+    the fingerprint the plan stages depend on)."""
+    from compressor.args import RetrievalArgs
+    from compressor.retrieval_profile import run_retrieval_profile
+    from profilers.retrieval import load_retrieval, save_retrieval
+
+    cfg, out = ctx.cfg, ctx.out
+    if cfg.retrieval_samples <= 0:
+        return None, upstream
+    args = RetrievalArgs(lengths=(min(cfg.calibration.lengths),), samples=cfg.retrieval_samples, seed=cfg.seed)
+    stage = _Stage(out, "retrieval", _fp(upstream, args, "question rows"))
+    ctx.tick(0, stage="run: retrieval heads")
+    if not stage.done():
+        def work():
+            scores = run_retrieval_profile(ctx.model, ctx.tok, args)
+            save_retrieval(scores, out / "retrieval")
+            return scores
+        return _timed(ctx, stage, work), stage.fp
+    console.print("retrieval heads: up to date, skipped")
+    return load_retrieval(out / "retrieval"), stage.fp
+
+
+def _plan_stages(ctx: _Ctx, profile, retrieval, upstream: str) -> dict:
+    """One plan per budget (`compress search`, :func:`compressor.pipeline.make_plan`; validation samples built
+    once, on first need); returns {budget tag: Plan}."""
+    from compressor.evaluation import validation_evaluator
+    from compressor.pipeline import calibration
+    from plans.identity import identity_from_config
+
+    cfg, out = ctx.cfg, ctx.out
+    base = cfg.plan_args()
+    ident = identity_from_config(ctx.model.config)
+    val_args = base.validation(cfg.seed)
+    evaluate, plans = None, {}
+    for b in base.budgets:
+        tag, args = _budget_tag(b), replace(base, budgets=(b,))
+        st = _Stage(out, f"search_{tag}", _fp(upstream, args, val_args))
+        plan_path = out / "plans" / f"{tag}.json"
+        ctx.tick(0, stage=f"run: plan {b}")
+        if not st.done() or not plan_path.exists():
+            if evaluate is None and args.shape == "search" and args.search.trials:
+                val = calibration(ctx.tok, val_args, ctx.model_name, ctx.model, out / "calibration")
+                evaluate = validation_evaluator(ctx.model, val[args.validate_length])
+            search_out = out / f"search_{tag}" if args.shape == "search" else None
+            res = _timed(ctx, st, lambda: _plan_one(ctx, args, profile, retrieval, ident, evaluate, search_out),
+                         plan=str(plan_path))
+            save_plan(res.plan, plan_path)
+        else:
+            console.print(f"plan {b}: up to date, skipped")
+        plans[tag] = load_plan(plan_path)
+        ctx.tick()
+    return plans
+
+
+def _plan_one(ctx: _Ctx, args: PlanArgs, profile, retrieval, ident, evaluate, out):
+    from compressor.patching import plan_applied
+    from compressor.pipeline import make_plan
+
+    with plan_applied(ctx.model, None):  # the study's trials apply plans; the model is dense again afterwards
+        res = make_plan(args, profile=profile, retrieval=retrieval, ident=ident, evaluate=evaluate, out=out)
+    if args.shape == "keep_dense":
+        console.print(f"plan {args.budgets[0]}: {res.kept_dense} retrieval KV heads dense, the rest sink "
+                      f"{min(args.search.sinks)} + span {args.local_span}")
+    return res
+
+
+def _apply_stage(ctx: _Ctx, plans: dict) -> None:
+    """The patched model folder for the first budget's plan (`compress apply`, on the loaded model)."""
+    from compressor.models import save_patched
+    from compressor.patching import plan_applied
+
+    first = plans[_budget_tag(ctx.cfg.plan.budgets[0])]
+    st = _Stage(ctx.out, "apply", _fp(ctx.model_name, first.model_dump_json()))
+    ctx.tick(0, stage="run: apply")
+    if not st.done() or not (ctx.out / "model" / "config.json").exists():
+        def work():
+            with plan_applied(ctx.model, first):
+                save_patched(ctx.model, ctx.tok, first, ctx.out / "model")
+        _timed(ctx, st, work)
+    ctx.tick()
+
+
+def _eval_stages(ctx: _Ctx, plans: dict) -> dict:
+    """Dense vs the plans vs uniform per eval task (`compress eval`); returns {task: EvalReport}."""
+    from compressor.evaluation import EvalReport, evaluate
+    from compressor.pipeline import write_eval
+
+    cfg, out = ctx.cfg, ctx.out
+    reports = {}
+    for task in cfg.eval_tasks:
+        args = replace(cfg.eval, task=task, seed=cfg.seed)
+        st = _Stage(out, f"eval_{task}", _fp(ctx.model_name, {k: p.model_dump_json() for k, p in plans.items()}, args))
+        path = out / f"eval_{task}.json"
+        ctx.tick(0, stage=f"run: eval {task}")
+        if not st.done() or not path.exists():
+            reports[task] = _timed(ctx, st, lambda: evaluate(ctx.model, ctx.tok, plans, args, progress=True))
+            write_eval(reports[task], out)
+        else:
+            reports[task] = EvalReport.from_dict(json.loads(path.read_text()))
+        ctx.tick()
+    return reports
+
+
+def _bench_stage(ctx: _Ctx, plans: dict) -> dict | None:
+    """Whole-model prefill and decode-step time and KV bytes for dense, each plan and its uniform window, at one
+    length (``bench_length``; the longest eval length by default): one prefill and ``bench_decode_steps`` decode
+    steps per method (`compress bench`, :func:`compressor.bench.bench` with ``repeats=0``). None when
+    ``bench_length == 0``."""
+    from compressor.args import BenchArgs
+    from compressor.bench import bench, results_as_dicts
+
+    cfg, out = ctx.cfg, ctx.out
+    n = max(cfg.eval.lengths) if cfg.bench_length is None else cfg.bench_length
+    ctx.tick(0, stage="run: bench")
+    if not n:
+        ctx.tick()
+        return None
+    args = BenchArgs(lengths=(n,), repeats=0, attention=False, decode_steps=cfg.bench_decode_steps,
+                     time_decode_prefill=True)
+    st = _Stage(out, "bench", _fp(ctx.model_name, {k: p.model_dump_json() for k, p in plans.items()}, args))
+    path = out / "bench.json"
+    if not st.done() or not path.exists():
+        def work():
+            results = {tag: results_as_dicts(bench(ctx.model, p, args, progress=True)) for tag, p in plans.items()}
+            data = {"n": n, "decode_steps": cfg.bench_decode_steps, "threads": torch.get_num_threads(),
+                    "results": results}
+            write_text_atomic(path, json.dumps(data, indent=2, default=str))
+        _timed(ctx, st, work)
+    ctx.tick()
+    return json.loads(path.read_text())
 
 
 def _report(ctx: _Ctx, plans: dict, reports: dict, bench: dict | None, t0: float) -> dict:
@@ -193,206 +305,19 @@ def _report(ctx: _Ctx, plans: dict, reports: dict, bench: dict | None, t0: float
     from compressor.run_report import build_report, print_report, report_png
 
     cfg, out = ctx.cfg, ctx.out
+    lengths = cfg.eval.lengths
     summary = {"config": asdict(cfg), "model": ctx.model_name, "seconds": time.time() - t0,
                "stage_seconds": ctx.timings,
-               "plans": {k: {"density": {n: p.density(n) for n in cfg.eval_lengths},
-                             "kv_density": {n: p.kv_density(n) for n in cfg.eval_lengths},
+               "plans": {k: {"density": {n: p.density(n) for n in lengths},
+                             "kv_density": {n: p.kv_density(n) for n in lengths},
                              "predicted": p.predicted.model_dump()} for k, p in plans.items()},
-               "eval": {task: r["summary"] for task, r in reports.items()},
+               "eval": {task: r.summary() for task, r in reports.items()},
                "bench": bench, "report": build_report(plans, reports, bench)}
     summary["files"] = {"png": "report.png" if report_png(reports, plans, out / "report.png") else None}
     write_text_atomic(out / "report.json", json.dumps(summary, indent=2, default=str))
     write_text_atomic(out / "report.md", report_markdown(summary))
     print_report(summary["report"], console)
     return summary
-
-
-def _bench_stage(ctx: _Ctx, plans: dict) -> dict | None:
-    """Whole-model prefill and decode-step time and KV bytes for dense, each plan and its uniform window, at one
-    length (``bench_length``; the longest eval length by default): one prefill and ``bench_decode_steps`` decode
-    steps per method (:func:`compressor.bench.bench` with ``repeats=0``). None when ``bench_length == 0``."""
-    from compressor.bench import bench, results_as_dicts
-
-    cfg, out = ctx.cfg, ctx.out
-    n = max(cfg.eval_lengths) if cfg.bench_length is None else cfg.bench_length
-    ctx.tick(0, stage="run: bench")
-    if not n:
-        ctx.tick()
-        return None
-    st = _Stage(out, "bench", _fp(ctx.model_name, {k: p.model_dump_json() for k, p in plans.items()}, n,
-                                  cfg.bench_decode_steps))
-    path = out / "bench.json"
-    if not st.done() or not path.exists():
-        t = time.time()
-        results = {tag: results_as_dicts(bench(ctx.model, p, [n], repeats=0, attention=False, whole_model=True,
-                                               decode=True, decode_steps=cfg.bench_decode_steps,
-                                               time_decode_prefill=True, progress=True))
-                   for tag, p in plans.items()}
-        data = {"n": n, "decode_steps": cfg.bench_decode_steps, "threads": torch.get_num_threads(),
-                "results": results}
-        write_text_atomic(path, json.dumps(data, indent=2, default=str))
-        st.finish(seconds=time.time() - t)
-        ctx.timings["bench"] = time.time() - t
-    ctx.tick()
-    return json.loads(path.read_text())
-
-
-def _profile_stage(ctx: _Ctx, recipe) -> str:
-    """Calibration samples and the profile; returns the stage fingerprint."""
-    from profilers.calibration import get_or_build_calibration
-    from compressor.influence_profile import run_profile
-
-    cfg, out = ctx.cfg, ctx.out
-    stage = _Stage(out, "profile", _fp(ctx.model_name, recipe.recipe_hash(), cfg.sinks, cfg.block))
-    ctx.tick(0, stage="run: profile")
-    if not stage.done():
-        t = time.time()
-        cal = get_or_build_calibration(out / "calibration", ctx.tok, recipe,
-                                       model=ctx.model if "qa" in cfg.sources else None)
-        run_profile(ctx.model, cal, out / "profile", block=cfg.block, sink_sizes=cfg.sinks, model_name=ctx.model_name)
-        stage.finish(seconds=time.time() - t)
-        ctx.timings["profile"] = time.time() - t
-    else:
-        console.print("profile: up to date, skipped")
-    ctx.tick()
-    return stage.fp
-
-
-def _retrieval_stage(ctx: _Ctx, profile_fp: str) -> str:
-    """Retrieval-head scores (``retrieval.safetensors``) on ``retrieval_samples`` held-in needle prompts at the
-    shortest profiled length; returns the fingerprint the search stages depend on."""
-    from compressor.retrieval_profile import run_retrieval_profile
-    from profilers.retrieval import save_retrieval
-
-    cfg, out = ctx.cfg, ctx.out
-    if cfg.retrieval_samples <= 0:
-        return profile_fp
-    n = min(cfg.profile_lengths)
-    stage = _Stage(out, "retrieval", _fp(profile_fp, cfg.retrieval_samples, n, cfg.seed, cfg.local_span,
-                                         "question rows"))  # scores from before the question rows are recomputed
-    ctx.tick(0, stage="run: retrieval heads")
-    if not stage.done():
-        t = time.time()
-        save_retrieval(run_retrieval_profile(ctx.model, ctx.tok, lengths=[n], samples=cfg.retrieval_samples,
-                                             seed=cfg.seed), out / "retrieval")
-        stage.finish(seconds=time.time() - t)
-        ctx.timings["retrieval"] = time.time() - t
-    else:
-        console.print("retrieval heads: up to date, skipped")
-    return stage.fp
-
-
-def _keep_dense_stages(ctx: _Ctx, retrieval_fp: str) -> dict:
-    """Per budget: the top retrieval heads the budget affords dense, every other KV head sink + ``local_span``,
-    budgets at the eval lengths (:func:`search_space.keep_dense.fit_keep_dense_plan`); returns {budget tag: Plan}."""
-    from plans.identity import identity_from_config
-    from profilers.retrieval import load_retrieval
-    from search_space.budgets import parse_budgets
-    from search_space.keep_dense import fit_keep_dense_plan
-
-    cfg, out = ctx.cfg, ctx.out
-    ident = identity_from_config(ctx.model.config)
-    ranked = load_retrieval(out / "retrieval").top(ident.num_layers * ident.num_kv_heads)
-    lengths, sink = sorted(set(cfg.eval_lengths)), int(min(cfg.sinks))
-    plans = {}
-    for b in cfg.budgets:
-        tag = _budget_tag(b)
-        st = _Stage(out, f"search_{tag}", _fp(retrieval_fp, b, lengths, cfg.local_span, sink))
-        plan_path = out / "plans" / f"{tag}.json"
-        ctx.tick(0, stage=f"run: plan {b}")
-        if not st.done() or not plan_path.exists():
-            try:
-                plan = fit_keep_dense_plan(ident, ranked, parse_budgets([b]), lengths, cfg.local_span, sink)
-            except CompressError as e:
-                raise CompressError(f"budget {b}: {e}") from None
-            k = sum(h.kind == "dense" for layer in plan.layers for h in layer.heads)
-            save_plan(plan, plan_path)
-            st.finish(plan=str(plan_path), kept_dense=k)
-            console.print(f"plan {b}: {k} retrieval KV heads dense, the rest sink {sink} + span {cfg.local_span}")
-        plans[tag] = load_plan(plan_path)
-        ctx.tick()
-    return plans
-
-
-def _search_stages(ctx: _Ctx, val_recipe, profile_fp: str) -> dict:
-    """One search per budget (validation samples built once, on first need); returns {budget tag: Plan}."""
-    from profilers.calibration import get_or_build_calibration
-    from compressor.retrieval_profile import kept_retrieval_heads
-    from profilers.profile_format import load_profile
-    from search_space.search import search
-
-    cfg, out = ctx.cfg, ctx.out
-    val = None
-    plans = {}
-    for b in cfg.budgets:
-        tag = _budget_tag(b)
-        st = _Stage(out, f"search_{tag}", _fp(profile_fp, b, cfg.trials, cfg.K, cfg.validate_length, val_recipe.recipe_hash(),
-                                              cfg.seed, sorted(set(cfg.eval_lengths)), cfg.local_span))
-        plan_path = out / "plans" / f"{tag}.json"
-        ctx.tick(0, stage=f"run: search {b}")
-        if not st.done() or not plan_path.exists():
-            t = time.time()
-            if val is None:
-                val = get_or_build_calibration(out / "calibration", ctx.tok, val_recipe,
-                                               model=ctx.model if "qa" in cfg.sources else None)[cfg.validate_length]
-            prof = load_profile(out / "profile")
-            lengths = sorted(set(cfg.eval_lengths))  # budgets hold where the plan serves (and is judged)
-            kept = []
-            if cfg.retrieval_samples > 0:
-                kept = kept_retrieval_heads(prof, out / "retrieval", [b], "auto", cfg.local_span, lengths)
-            res = search(prof, [b], K=cfg.K, out_dir=out / f"search_{tag}", trials=cfg.trials,
-                         evaluate=validation_evaluator(ctx.model, val), seed=cfg.seed, resume=True,
-                         time_limit=cfg.time_limit, lengths=lengths, keep_dense=kept)
-            save_plan(res.plan, plan_path)
-            st.finish(seconds=time.time() - t, plan=str(plan_path))
-            ctx.timings[f"search_{tag}"] = time.time() - t
-        else:
-            console.print(f"search {b}: up to date, skipped")
-        plans[tag] = load_plan(plan_path)
-        ctx.tick()
-    return plans
-
-
-def _apply_stage(ctx: _Ctx, plans: dict) -> None:
-    """The patched model folder for the first budget's plan."""
-    from compressor.models import apply_to_folder
-
-    cfg, out = ctx.cfg, ctx.out
-    first = _budget_tag(cfg.budgets[0])
-    st = _Stage(out, "apply", _fp(ctx.model_name, plans[first].model_dump_json()))
-    ctx.tick(0, stage="run: apply")
-    if not st.done() or not (out / "model" / "config.json").exists():
-        t = time.time()
-        apply_to_folder(out / "plans" / f"{first}.json", cfg.model, out / "model")
-        st.finish(seconds=time.time() - t)
-        ctx.timings["apply"] = time.time() - t
-    ctx.tick()
-
-
-def _eval_stages(ctx: _Ctx, plans: dict) -> dict:
-    """Dense vs the plans vs uniform per eval task; returns {task: the eval JSON}."""
-    from compressor.evaluation import evaluate, heatmap_png
-    from profilers.corpora import load_corpus, split_corpus
-
-    cfg, out = ctx.cfg, ctx.out
-    haystack = list(split_corpus(load_corpus(cfg.corpus)).heldout)
-    reports = {}
-    for task in cfg.eval_tasks:
-        st = _Stage(out, f"eval_{task}", _fp(ctx.model_name, {k: p.model_dump_json() for k, p in plans.items()},
-                                              cfg.eval_lengths, cfg.eval_depths, cfg.eval_samples, cfg.seed, cfg.corpus))
-        path = out / f"eval_{task}.json"
-        ctx.tick(0, stage=f"run: eval {task}")
-        if not st.done() or not path.exists():
-            t = time.time()
-            rep = evaluate(ctx.model, ctx.tok, plans, task, cfg.eval_lengths, depths=cfg.eval_depths,
-                           samples=cfg.eval_samples, seed=cfg.seed, haystack=haystack, progress=True)
-            write_text_atomic(path, json.dumps(rep.to_dict(), indent=2, default=str))
-            heatmap_png(rep, out / f"eval_{task}.png")
-            st.finish(seconds=time.time() - t)
-            ctx.timings[f"eval_{task}"] = time.time() - t
-        reports[task] = json.loads(path.read_text())
-        ctx.tick()
-    return reports
 
 
 def _fmt(v) -> str:

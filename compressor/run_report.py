@@ -2,7 +2,7 @@
 uniform window, from the data the run's eval and bench stages already wrote.
 
 For each budget's plan (and its uniform StreamingLLM baseline at the same prefill density, the one
-:func:`compressor.evaluation.method_plans` builds):
+:func:`compressor.methods.methods_at` builds):
 
 * speed: whole-model prefill and decode-step time at the bench length, as a speedup over dense measured in the
   same bench call (:func:`compressor.bench.bench`), and the KV cache bytes as a fraction of dense;
@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from compressor.evaluation import EvalReport, accuracy_png, uniform_label
+from compressor.evaluation import Cell, EvalReport, accuracy_png
+from compressor.methods import uniform_label
 from compressor.statistics import McNemarResult, mcnemar_pooled, wilson_interval
 
 
-def _accuracy(cells: list[dict]) -> dict:
-    correct, n = sum(int(c["correct"]) for c in cells), sum(int(c["total"]) for c in cells)
+def _accuracy(cells: list[Cell]) -> dict:
+    correct, n = sum(c.correct for c in cells), sum(c.total for c in cells)
     lo, hi = wilson_interval(correct, n)
     return {"correct": correct, "n": n, "accuracy": correct / n if n else None, "ci95": [lo, hi]}
 
@@ -35,37 +36,37 @@ def _paired(cells: dict, a: str, b: str) -> dict:
     """Pooled exact McNemar of method ``a`` vs ``b`` over the cells both have (per-item outcomes); None values
     when the eval file predates per-item outcomes."""
     keys = [k[1:] for k in cells if k[0] == a and (b, *k[1:]) in cells]
-    pairs = [(cells[(a, *k)].get("outcomes"), cells[(b, *k)].get("outcomes")) for k in keys]
-    if not pairs or any(x is None or y is None or len(x) != len(y) for x, y in pairs):
+    pairs = [(cells[(a, *k)].outcomes, cells[(b, *k)].outcomes) for k in keys]
+    if not pairs or any(not x or not y or len(x) != len(y) for x, y in pairs):
         return {"diff": None, "p_value": None, "n": 0, "a_only": None, "b_only": None}
     r: McNemarResult = mcnemar_pooled(pairs)
     return {"diff": r.diff, "p_value": r.p_value, "n": r.n, "a_only": r.a_only, "b_only": r.b_only}
 
 
-def _task_accuracy(ev: dict, plan: str, uniform: str) -> dict:
-    cells = {(c["method"], c["n"], c["depth"]): c for c in ev["cells"]}
+def _task_accuracy(ev: EvalReport, plan: str, uniform: str) -> dict:
+    cells = {(c.method, c.n, c.depth): c for c in ev.cells}
     out = {}
     for role, m in (("dense", "dense"), ("plan", plan), ("uniform", uniform)):
         mine = [c for (mm, *_k), c in cells.items() if mm == m]
         out[role] = _accuracy(mine)
-        out[role]["by_length"] = {int(n): _accuracy([c for c in mine if c["n"] == n]) for n in ev["lengths"]}
+        out[role]["by_length"] = {int(n): _accuracy([c for c in mine if c.n == n]) for n in ev.lengths}
     out["plan_vs_dense"] = _paired(cells, plan, "dense")
     out["plan_vs_uniform"] = _paired(cells, plan, uniform)
     return out
 
 
-def _ppl(cells: list[dict]) -> float | None:
-    loss, toks = sum(c["loss_sum"] for c in cells), sum(c["tokens"] for c in cells)
+def _ppl(cells: list[Cell]) -> float | None:
+    loss, toks = sum(c.loss_sum for c in cells), sum(c.tokens for c in cells)
     return math.exp(loss / toks) if toks else None
 
 
-def _perplexity(ev: dict, plan: str, uniform: str) -> dict:
+def _perplexity(ev: EvalReport, plan: str, uniform: str) -> dict:
     out: dict = {"by_length": {}}
     for role, m in (("dense", "dense"), ("plan", plan), ("uniform", uniform)):
-        mine = [c for c in ev["cells"] if c["method"] == m]
+        mine = [c for c in ev.cells if c.method == m]
         out[role] = _ppl(mine)
-        for n in ev["lengths"]:
-            out["by_length"].setdefault(int(n), {})[role] = _ppl([c for c in mine if c["n"] == n])
+        for n in ev.lengths:
+            out["by_length"].setdefault(int(n), {})[role] = _ppl([c for c in mine if c.n == n])
     for role in ("plan", "uniform"):
         d, x = out["dense"], out[role]
         out[f"{role}_ratio"] = x / d if d and x is not None else None
@@ -92,18 +93,18 @@ def _ratio(a, b) -> float | None:
     return a / b if a and b else None
 
 
-def build_report(plans: dict, evals: dict[str, dict], bench: dict | None) -> dict:
-    """The ``report`` section of report.json. ``plans``: {budget tag: Plan}; ``evals``: {task: eval JSON};
+def build_report(plans: dict, evals: dict[str, EvalReport], bench: dict | None) -> dict:
+    """The ``report`` section of report.json. ``plans``: {budget tag: Plan}; ``evals``: {task: EvalReport};
     ``bench``: bench.json's content ({"n", "results": {tag: [MethodResult dicts]}}) or None."""
     n_bench = bench["n"] if bench else None
     budgets = {}
     for tag, plan in plans.items():
         uni = uniform_label(tag, len(plans))
         entry = {"plan_method": tag, "uniform_method": uni, "at_n": n_bench,
-                 "accuracy": {t: _task_accuracy(ev, tag, uni) for t, ev in evals.items() if ev["task"] != "ppl"},
-                 "perplexity": next((_perplexity(ev, tag, uni) for ev in evals.values() if ev["task"] == "ppl"), None),
+                 "accuracy": {t: _task_accuracy(ev, tag, uni) for t, ev in evals.items() if ev.task != "ppl"},
+                 "perplexity": next((_perplexity(ev, tag, uni) for ev in evals.values() if ev.task == "ppl"), None),
                  "speed": _speed((bench or {}).get("results", {}).get(tag))}
-        n = n_bench or (max(next(iter(evals.values()))["lengths"]) if evals else None)
+        n = n_bench or (max(next(iter(evals.values())).lengths) if evals else None)
         if n:
             entry |= {"at_n": n, "density": plan.density(n), "kv_density": plan.kv_density(n)}
         budgets[tag] = entry
@@ -225,14 +226,13 @@ def markdown_section(rep: dict) -> list[str]:
     return lines
 
 
-def report_png(evals: dict[str, dict], plans: dict, path: str | Path) -> bool:
+def report_png(evals: dict[str, EvalReport], plans: dict, path: str | Path) -> bool:
     """Accuracy by length x depth, dense / each plan / its uniform window side by side (one row per accuracy
     task); False when there is no accuracy task."""
     methods = ["dense"]
     for tag in plans:
         methods += [tag, uniform_label(tag, len(plans))]
-    reports = [EvalReport.from_dict(ev) for ev in evals.values()]
-    return accuracy_png(reports, path, methods=methods)
+    return accuracy_png(list(evals.values()), path, methods=methods)
 
 
 __all__ = ["build_report", "print_report", "report_table", "markdown_section", "report_png"]

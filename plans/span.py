@@ -74,6 +74,43 @@ def sees(i, j, sink_eff, window):
     return (j <= i) & ((j < sink_eff) | (i - j < window))
 
 
+def sink_window_mask_mod(sink, window, n: int | None = None):
+    """A FlexAttention ``mask_mod`` ``(b, h, q_idx, kv_idx) -> bool tensor`` for sink+window heads, built on :func:`sees`.
+
+    ``sink`` / ``window`` are the effective sink and the window of :func:`split_span` / :func:`split_span_tensor`:
+    ints or integer tensors; a tensor with a dimension is per head, indexed by ``h``. With ``n`` (the keys the mask
+    covers), a head whose span ``sink + window`` reaches ``n`` is written as sink 0 / window ``n``: the same mask
+    (such a head is dense), stated as a plain causal one. Pass the result to
+    ``torch.nn.attention.flex_attention.create_block_mask(mod, 1, H, n, n)``; called on index tensors it is the
+    mask itself::
+
+        >>> sink_eff, window = split_span_tensor(torch.tensor([1, 64]), torch.tensor([3, 8]))
+        >>> mod = sink_window_mask_mod(sink_eff, window, n=4)
+        >>> qi, ki = torch.arange(4)[:, None], torch.arange(4)[None, :]
+        >>> mod(0, 0, qi, ki).int()
+        tensor([[1, 0, 0, 0],
+                [1, 1, 0, 0],
+                [1, 1, 1, 0],
+                [1, 0, 1, 1]], dtype=torch.int32)
+        >>> bool(mod(0, 1, qi, ki).equal(qi >= ki))
+        True
+    """
+    sink, window = torch.as_tensor(sink), torch.as_tensor(window)
+    if n is not None:
+        full = sink + window >= n
+        sink, window = torch.where(full, 0, sink), torch.where(full, n, window)
+    per_head = sink.dim() > 0 or window.dim() > 0
+    if sink.shape != window.shape:
+        sink, window = torch.broadcast_tensors(sink, window)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        if per_head:
+            return sees(q_idx, kv_idx, sink[h], window[h])
+        return sees(q_idx, kv_idx, sink, window)
+
+    return mask_mod
+
+
 def visible(i, j, sink: int, span: int):
     """Whether query i sees key j for a head of ``span`` keys and ``sink`` sink tokens."""
     sink_eff, window = split_span(span, sink)

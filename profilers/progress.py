@@ -17,9 +17,11 @@ minutes), and stops when the block exits.
 Nesting is allowed (``compress run`` wraps its stages): on a terminal the inner bars join the outer rich display;
 in plain mode only the innermost active writer's heartbeat speaks.
 
-Settings: ``interval`` (seconds; default ``$COMPRESS_PROGRESS_INTERVAL``, else 30; 0 writes a line on every tick
-and turns the heartbeat off) and ``mode`` (``auto``, ``rich``, ``plain``, ``off``; default
-``$COMPRESS_PROGRESS``, else ``auto``: rich when stderr is a TTY, plain otherwise).
+Settings, passed as ``progress(..., output=ProgressOutput(interval=0, mode="plain"))``: ``interval`` (seconds;
+default ``$COMPRESS_PROGRESS_INTERVAL``, else 30; 0 writes a line on every tick and turns the heartbeat off),
+``mode`` (``auto``, ``rich``, ``plain``, ``off``; default
+``$COMPRESS_PROGRESS``, else ``auto``: rich when stderr is a TTY, plain otherwise), ``stream``, ``clock`` and
+``heartbeat`` (:class:`ProgressOutput`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import os
 import sys
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from profilers.terminal import LiteralConsole, literal
 
@@ -74,13 +77,31 @@ def _fmt_value(v) -> str:
     return str(v)
 
 
+@dataclass(frozen=True)
+class ProgressOutput:
+    """Where and how often a :class:`Progress` writes (see the module docstring).
+
+    ``interval``: seconds between plain lines and heartbeats (None: :func:`default_interval`; 0: a line on every
+    tick, no heartbeat). ``mode``: ``auto``, ``rich``, ``plain`` or ``off`` (None: ``$COMPRESS_PROGRESS``, else
+    ``auto``). ``stream``: the text stream written to (None: ``sys.stderr``, looked up at each write).
+    ``clock``: the time source in seconds (tests pass a fake). ``heartbeat``: run the heartbeat thread.
+    """
+
+    interval: float | None = None
+    mode: str | None = None
+    stream: Any = None
+    clock: Callable[[], float] = time.monotonic
+    heartbeat: bool = True
+
+
 class Progress:
     """Context manager; ``__enter__`` returns the object itself, which is the ``tick`` callable."""
 
     def __init__(self, stage: str, total: int | None = None, *, unit: str = "", done: int = 0,
                  work_total: float | None = None, work_done: float = 0.0, enabled: bool = True,
-                 interval: float | None = None, mode: str | None = None, stream=None,
-                 clock: Callable[[], float] = time.monotonic, heartbeat: bool = True):
+                 output: ProgressOutput = ProgressOutput()):
+        interval, mode, stream, clock, heartbeat = (
+            output.interval, output.mode, output.stream, output.clock, output.heartbeat)
         self.stage = str(stage)
         self.total = None if total is None else int(total)
         self.unit = unit

@@ -290,9 +290,22 @@ class _Frame:
     style: str
 
 
-def _frame(tokenizer, task, n_tokens, depth, seed, style, before, question, after, prefix) -> _Frame:
-    head, tail, chat = build_frame(tokenizer, before, after, prefix, _check_style(style))
-    return _Frame(task, int(n_tokens), depth, int(seed), question, prefix, head, tail, "chat" if chat else "plain")
+@dataclass(frozen=True)
+class _FrameText:
+    """The fixed text around an item's context: ``before`` (the instruction, ahead of the context), ``question``
+    (as recorded in the item), ``after`` (the text after the context, usually the question) and ``prefix`` (the
+    answer prefix the prompt ends with)."""
+
+    before: str
+    question: str
+    after: str
+    prefix: str
+
+
+def _frame(tokenizer, task, n_tokens, depth, seed, style, text: _FrameText) -> _Frame:
+    head, tail, chat = build_frame(tokenizer, text.before, text.after, text.prefix, _check_style(style))
+    return _Frame(task, int(n_tokens), depth, int(seed), text.question, text.prefix, head, tail,
+                  "chat" if chat else "plain")
 
 
 def _splice(tokenizer, fr: _Frame, pieces: list[_Piece], haystack: Haystack, rng: random.Random
@@ -333,8 +346,19 @@ def _item(fr: _Frame, prompt: list[int], context: tuple[int, int], answers: list
 # needle in a haystack
 
 
-def _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, *, task, n_keys, n_values, n_queries
-          ) -> EvalItem:
+@dataclass(frozen=True)
+class _NiahShape:
+    """One needle-in-a-haystack variant: the ``task`` name, ``n_keys`` keys (the queried ones first) with
+    ``n_values`` values each, and the first ``n_queries`` keys asked."""
+
+    task: str
+    n_keys: int
+    n_values: int
+    n_queries: int
+
+
+def _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, shape: _NiahShape) -> EvalItem:
+    task, n_keys, n_values, n_queries = shape.task, shape.n_keys, shape.n_values, shape.n_queries
     depth = check_depth(depth)
     if value_kind not in VALUE_KINDS:
         raise CompressError(f"value_kind must be one of {VALUE_KINDS}, got {value_kind!r}")
@@ -352,8 +376,9 @@ def _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, *, task
     queries = keys[:n_queries]
     query = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + ", and " + queries[-1]
     question = NIAH_QUESTION.format(plural=plural, query=query)
-    fr = _frame(tokenizer, task, n_tokens, depth, seed, style, NIAH_INSTRUCTION.format(plural=plural),
-                question, "\n" + question, NIAH_ANSWER_PREFIX.format(plural=plural, query=query))
+    fr = _frame(tokenizer, task, n_tokens, depth, seed, style, _FrameText(
+        NIAH_INSTRUCTION.format(plural=plural), question, "\n" + question,
+        NIAH_ANSWER_PREFIX.format(plural=plural, query=query)))
     prompt, context, needles = _splice(tokenizer, fr, pieces, haystack, rng)
     # canonical order: the keys as asked; one key's values in the order they appear in the prompt
     answers = [nd.value for key in queries for nd in needles if nd.key == key]
@@ -364,8 +389,8 @@ def _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, *, task
 def make_niah_single(tokenizer, n_tokens: int, depth: float, seed: int, *, haystack: Haystack = NOISE,
                      style: str = "plain", value_kind: str = "number") -> EvalItem:
     """One key-value needle at ``depth``; answer: its value."""
-    return _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, task="niah_single", n_keys=1,
-                 n_values=1, n_queries=1)
+    return _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, _NiahShape("niah_single", n_keys=1,
+                 n_values=1, n_queries=1))
 
 
 def make_niah_multikey(tokenizer, n_tokens: int, depth: float, seed: int, *, haystack: Haystack = NOISE,
@@ -373,8 +398,8 @@ def make_niah_multikey(tokenizer, n_tokens: int, depth: float, seed: int, *, hay
     """The queried needle at ``depth`` among ``n_distractors`` (>= 3) needles with other keys; answer: its value."""
     if n_distractors < 3:
         raise CompressError(f"niah_multikey needs at least 3 distractors, got {n_distractors}")
-    return _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, task="niah_multikey",
-                 n_keys=1 + n_distractors, n_values=1, n_queries=1)
+    return _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, _NiahShape("niah_multikey",
+                 n_keys=1 + n_distractors, n_values=1, n_queries=1))
 
 
 def make_niah_multivalue(tokenizer, n_tokens: int, depth: float, seed: int, *, haystack: Haystack = NOISE,
@@ -382,8 +407,8 @@ def make_niah_multivalue(tokenizer, n_tokens: int, depth: float, seed: int, *, h
     """One key with ``n_values`` needles (the first at ``depth``); answer: all its values."""
     if n_values < 2:
         raise CompressError(f"niah_multivalue needs at least 2 values, got {n_values}")
-    return _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, task="niah_multivalue", n_keys=1,
-                 n_values=n_values, n_queries=1)
+    return _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, _NiahShape("niah_multivalue", n_keys=1,
+                 n_values=n_values, n_queries=1))
 
 
 def make_niah_multiquery(tokenizer, n_tokens: int, depth: float, seed: int, *, haystack: Haystack = NOISE,
@@ -391,8 +416,8 @@ def make_niah_multiquery(tokenizer, n_tokens: int, depth: float, seed: int, *, h
     """``n_queries`` (2-4) keys asked at once (the first one's needle at ``depth``); answer: all their values."""
     if not 2 <= n_queries <= 4:
         raise CompressError(f"niah_multiquery asks 2 to 4 keys, got {n_queries}")
-    return _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, task="niah_multiquery",
-                 n_keys=n_queries, n_values=1, n_queries=n_queries)
+    return _niah(tokenizer, n_tokens, depth, seed, haystack, style, value_kind, _NiahShape("niah_multiquery",
+                 n_keys=n_queries, n_values=1, n_queries=n_queries))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -421,8 +446,9 @@ def make_variable_tracking(tokenizer, n_tokens: int, depth: float, seed: int, *,
             role = "distractor" if c else ("anchor" if h == 0 else "target")
             pieces.append(_Piece(f"VAR {name} = {rhs}.", role, fracs[h], name, rhs))
     question = VT_QUESTION.format(value=values[0])
-    fr = _frame(tokenizer, "variable_tracking", n_tokens, depth, seed, style, VT_INSTRUCTION, question,
-                "\nQuestion: " + question, VT_ANSWER_PREFIX.format(count=n_hops + 1, value=values[0]))
+    fr = _frame(tokenizer, "variable_tracking", n_tokens, depth, seed, style, _FrameText(
+        VT_INSTRUCTION, question, "\nQuestion: " + question,
+        VT_ANSWER_PREFIX.format(count=n_hops + 1, value=values[0])))
     prompt, context, needles = _splice(tokenizer, fr, pieces, haystack, rng)
     meta = {"haystack": haystack.name, "value": values[0], "n_chains": n_chains, "n_hops": n_hops}
     return _item(fr, prompt, context, list(chains[0]), needles, meta)
@@ -488,8 +514,8 @@ def make_common_words(tokenizer, n_tokens: int, depth: float | None, seed: int, 
     rng.shuffle(pool)
     common, uncommon = pool[:n_common], pool[n_common:]
     question = CWE_QUESTION.format(k=n_common)
-    fr = _frame(tokenizer, "common_words", n_tokens, depth, seed, style, CWE_INSTRUCTION, question,
-                "\nQuestion: " + question, CWE_ANSWER_PREFIX.format(k=n_common))
+    fr = _frame(tokenizer, "common_words", n_tokens, depth, seed, style, _FrameText(
+        CWE_INSTRUCTION, question, "\nQuestion: " + question, CWE_ANSWER_PREFIX.format(k=n_common)))
     check_room(fr.n_tokens, len(fr.head) + len(fr.tail) + 1, fr.task)
     budget = fr.n_tokens - len(fr.head) - len(fr.tail)
     pieces = _Pieces(tokenizer)
@@ -531,11 +557,22 @@ def _coded_vocab(rng: random.Random, size: int, word_len: int) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class CodedVocab:
+    """The coded-word vocabulary of :func:`make_frequent_words`: ``vocab_size`` words of ``word_len`` random
+    lower-case letters, the word of rank k occurring in proportion to ``k^-alpha`` (Zipf exponent)."""
+
+    alpha: float = 2.0
+    vocab_size: int = 2000
+    word_len: int = 6
+
+
 def make_frequent_words(tokenizer, n_tokens: int, depth: float | None, seed: int, *, style: str = "plain",
-                        n_top: int = 3, alpha: float = 2.0, vocab_size: int = 2000, word_len: int = 6) -> EvalItem:
-    """RULER's frequent-words extraction: coded words (``word_len`` random letters) where the word of rank k occurs
-    ``floor(W * k^-alpha / zeta(alpha))`` times (W as large as fits), rank 1 being ``....``; unused words fill the
-    rest once each. Answer: ranks 2 .. n_top + 1, most frequent first. ``depth`` has no meaning here."""
+                        n_top: int = 3, coded: CodedVocab = CodedVocab()) -> EvalItem:
+    """RULER's frequent-words extraction: coded words (``coded.word_len`` random letters) where the word of rank k
+    occurs ``floor(W * k^-alpha / zeta(alpha))`` times (W as large as fits), rank 1 being ``....``; unused words
+    fill the rest once each. Answer: ranks 2 .. n_top + 1, most frequent first. ``depth`` has no meaning here."""
+    alpha, vocab_size, word_len = coded.alpha, coded.vocab_size, coded.word_len
     depth = None if depth is None else check_depth(depth)
     if n_top < 1 or vocab_size < n_top + 3:
         raise CompressError(f"frequent_words needs n_top >= 1 and vocab_size >= n_top + 3, got {n_top}, {vocab_size}")
@@ -543,8 +580,8 @@ def make_frequent_words(tokenizer, n_tokens: int, depth: float | None, seed: int
     vocab = _coded_vocab(rng, vocab_size, word_len)
     k = _count_word(n_top)
     question = FWE_QUESTION.format(k=k)
-    fr = _frame(tokenizer, "frequent_words", n_tokens, depth, seed, style, FWE_INSTRUCTION.format(k=k), question,
-                "\nQuestion: " + question, FWE_ANSWER_PREFIX.format(k=k))
+    fr = _frame(tokenizer, "frequent_words", n_tokens, depth, seed, style, _FrameText(
+        FWE_INSTRUCTION.format(k=k), question, "\nQuestion: " + question, FWE_ANSWER_PREFIX.format(k=k)))
     check_room(fr.n_tokens, len(fr.head) + len(fr.tail) + 1, fr.task)
     budget = fr.n_tokens - len(fr.head) - len(fr.tail)
     pieces = _Pieces(tokenizer)

@@ -39,6 +39,7 @@ only) lives with the tests as their oracle.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,23 @@ def _acc_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device  # mps has no float64
 
 
+@dataclass(frozen=True)
+class ReduceOptions:
+    """How :func:`reduce_layer_influence` buckets and blocks one layer's recompute.
+
+    ``block``: tokens per distance bucket (and tile side). ``sink_sizes``: the sink lengths (tokens) whose
+    key-prefix buckets are also summed (sinkdist). ``row_block``: query rows per work block (rounded up to a
+    multiple of ``block``). ``eps``: the stabiliser of ``1 - A + eps`` in the influence formula.
+    ``max_block_elems``: the most elements of one (heads x rows x keys) work buffer; heads are chunked under it.
+    """
+
+    block: int = 64
+    sink_sizes: tuple[int, ...] = (64,)
+    row_block: int = 256
+    eps: float = FP32_EPS
+    max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS
+
+
 @torch.no_grad()
 def reduce_layer_influence(
     q: torch.Tensor,
@@ -114,12 +132,8 @@ def reduce_layer_influence(
     do: torch.Tensor,
     scaling: float,
     *,
-    block: int = 64,
-    sink_sizes=(64,),
-    row_block: int = 256,
     mask: torch.Tensor | None = None,
-    eps: float = FP32_EPS,
-    max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS,
+    options: ReduceOptions = ReduceOptions(),
     return_grads: bool = False,
 ):
     """Streamed |dL| of one layer, reduced by distance: returns dist [H, nb] and sinkdist [H, nS, nb] (float64),
@@ -130,7 +144,9 @@ def reduce_layer_influence(
     ``mask``: optional [1 or H, N, N] boolean (True = attend) or additive float mask, applied on top of causal.
     Works on blocks of ``row_block`` query rows (rounded up to a multiple of ``block``) x keys below the block's
     last row, in float32 (float64 if the inputs are float64); heads are chunked so that one work buffer stays
-    under ``max_block_elems`` elements."""
+    under ``max_block_elems`` elements (``options``: :class:`ReduceOptions`)."""
+    block, sink_sizes, row_block = options.block, options.sink_sizes, options.row_block
+    eps, max_block_elems = options.eps, options.max_block_elems
     h, n, _ = q.shape
     nb = math.ceil(n / block)
     ns = len(sink_sizes)
@@ -283,8 +299,10 @@ class InfluenceCollector:
     def reduce(self, layer: int, q, k, v, do, scaling, mask, return_grads: bool):
         """Run the blockwise recompute for one layer ([H, N, D] inputs) and add it to the sample's sums."""
         res = reduce_layer_influence(
-            q, k, v, do, scaling, block=self.block, sink_sizes=self.sink_sizes, row_block=self.row_block,
-            mask=mask, eps=self.eps, max_block_elems=self.max_block_elems, return_grads=return_grads,
+            q, k, v, do, scaling, mask=mask, return_grads=return_grads, options=ReduceOptions(
+                block=self.block, sink_sizes=self.sink_sizes, row_block=self.row_block, eps=self.eps,
+                max_block_elems=self.max_block_elems,
+            ),
         )
         self.dist[layer] += res[0].cpu()
         self.sinkdist[layer] += res[1].cpu()

@@ -4,7 +4,7 @@ A :class:`CostRow` is one budget over the heads (``lower <= sum_h cost[h, choice
 paying its widest member); the objective is a weighted sum of per-length losses, each normalised to its
 worst-case total. The helpers here build the rows, reject budgets no assignment can meet, evaluate an
 assignment and check it against the rows; the solvers (:mod:`search_space.milp`, :mod:`search_space.greedy`)
-only decide.
+only decide. :class:`SolverInput` is the one problem every solver takes.
 """
 
 from __future__ import annotations
@@ -84,6 +84,35 @@ def make_rows(
         if r.lower is None:
             r.lower = lower_fraction * r.upper if r.group is None else 0.0
     return rows
+
+
+@dataclass(frozen=True)
+class SolverInput:
+    """One per-head assignment problem, as every solver (:func:`search_space.milp.solve_milp`,
+    :func:`search_space.greedy.solve_greedy`) takes it.
+
+    ``loss[N]`` and ``cost[key]`` are [H, C] arrays (H heads in decision order, C candidates); ``budgets[key]``
+    is the upper bound of ``cost[key]`` summed over heads (or pass ``cost`` as a list of :class:`CostRow` and
+    ``budgets`` None). A row without a lower bound gets ``lower_fraction * upper`` (0 for a group-max row).
+    ``groups[key]`` ([H] group ids) makes the budget ``key`` pay each group's widest member (mapping ``cost``
+    only). ``layer_of_head`` [H] gives each head's layer (needed for ``K``, the most distinct candidates per
+    layer; None: no limit). ``objective_weights[N]`` weighs length N's normalised loss (None: all 1).
+    ``loss_bounds[N]`` caps a length's raw loss (epsilon-constraint scans; the greedy solver ignores it).
+    """
+
+    loss: Mapping[int, np.ndarray]
+    cost: Mapping[Hashable, np.ndarray] | Sequence[CostRow]
+    budgets: Mapping[Hashable, float] | None = None
+    lower_fraction: float = 0.9
+    groups: Mapping[Hashable, np.ndarray] | None = None
+    layer_of_head: np.ndarray | None = None
+    K: int | None = 2
+    objective_weights: Mapping[int, float] | None = None
+    loss_bounds: Mapping[int, float] | None = None
+
+    def rows(self) -> list[CostRow]:
+        """Fresh budget rows (:func:`make_rows`)."""
+        return make_rows(self.cost, self.budgets, self.lower_fraction, self.groups)
 
 
 def loss_scales(loss: Mapping[int, np.ndarray]) -> dict:

@@ -17,6 +17,7 @@ import importlib
 import json
 import platform
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -151,22 +152,31 @@ def _attention_fn() -> tuple[Callable, str]:
         return reference_attention, "attention_kernels.reference.reference_attention"
 
 
+@dataclass(frozen=True)
+class TimingOptions:
+    """How :func:`measure_latency_table` times each (N, span): ``repeats`` timed calls after one warm-up (their
+    median is stored), on random q/k/v drawn from a generator seeded with ``seed``."""
+
+    repeats: int = 3
+    seed: int = 0
+
+
 def measure_latency_table(
     device: str = "cpu",
     head_dim: int = 64,
     dtype: torch.dtype = torch.float32,
     lengths: Sequence[int] = (1024, 2048),
     spans: Sequence[int] | None = None,
-    repeats: int = 3,
     sink: int = 64,
     fn: Callable | None = None,
-    seed: int = 0,
+    timing: TimingOptions = TimingOptions(),
 ) -> LatencyTable:
     """Time one head's prefill attention ``fn(q, k, v, sink, span, scale)`` at each (N, span); dense = span N.
 
-    ``spans`` default: powers of two from 128 below N, plus N. The median of ``repeats`` timed calls after one
-    warm-up is stored. ``fn`` defaults to attention_kernels.dispatch.sparse_attention (falls back to the reference).
+    ``spans`` default: powers of two from 128 below N, plus N. ``timing``: repeats and seed (:class:`TimingOptions`).
+    ``fn`` defaults to attention_kernels.dispatch.sparse_attention (falls back to the reference).
     """
+    repeats, seed = timing.repeats, timing.seed
     name = getattr(fn, "__qualname__", "custom") if fn is not None else None
     if fn is None:
         fn, name = _attention_fn()

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from plans.errors import CompressError
 from search_space.cost_rows import (
-    CostRow, check_budgets, evaluate_assignment, is_feasible, make_rows, objective_vector,
+    CostRow, SolverInput, check_budgets, evaluate_assignment, is_feasible, objective_vector,
 )
 from search_space.layer_pricing import LayerPricing
 from search_space.milp import MilpResult
@@ -36,25 +37,27 @@ class _HeuristicLayer(LayerPricing):
             self.subsets = None
 
 
-def solve_greedy(
-    loss: Mapping[int, np.ndarray],
-    cost: Mapping[Hashable, np.ndarray] | Sequence[CostRow],
-    budgets: Mapping[Hashable, float] | None = None,
-    *,
-    lower_fraction: float = 0.9,
-    layer_of_head: np.ndarray | None = None,
-    K: int | None = 2,
-    objective_weights: Mapping[int, float] | None = None,
-    groups: Mapping[Hashable, np.ndarray] | None = None,
-    bisection_steps: int = 40,
-    max_moves: int | None = None,
-    **_ignored,
-) -> MilpResult:
-    """Same inputs as :func:`search_space.milp.solve_milp`; returns a MilpResult with ``solver="greedy"``."""
+@dataclass(frozen=True)
+class GreedyOptions:
+    """How :func:`solve_greedy` searches.
+
+    ``bisection_steps``: the most bisection steps on ``lambda`` (it stops earlier once the bracket is within a
+    relative 1e-6). ``max_moves``: the most greedy upgrade moves (None: 4 per head).
+    """
+
+    bisection_steps: int = 40
+    max_moves: int | None = None
+
+
+def solve_greedy(inp: SolverInput, options: GreedyOptions = GreedyOptions()) -> MilpResult:
+    """The same problem as :func:`search_space.milp.solve_milp` (``inp.loss_bounds`` is ignored); returns a
+    MilpResult with ``solver="greedy"``."""
     t0 = time.perf_counter()
-    loss = {n: np.asarray(l, dtype=np.float64) for n, l in loss.items()}
+    K, layer_of_head, objective_weights = inp.K, inp.layer_of_head, inp.objective_weights
+    bisection_steps, max_moves = options.bisection_steps, options.max_moves
+    loss = {n: np.asarray(l, dtype=np.float64) for n, l in inp.loss.items()}
     H, C = next(iter(loss.values())).shape
-    rows = make_rows(cost, budgets, lower_fraction, groups)
+    rows = inp.rows()
     check_budgets(rows)
     if K is not None and K < 1:
         raise CompressError(f"K must be >= 1, got {K}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -33,7 +33,7 @@ import numpy as np
 from plans.errors import CompressError
 from search_space.column_generation import solve_colgen
 from search_space.cost_rows import (
-    CostRow, budgets_unmet, check_budgets, distinct_candidates, evaluate_assignment, make_rows, objective_vector,
+    CostRow, SolverInput, budgets_unmet, check_budgets, distinct_candidates, evaluate_assignment, objective_vector,
 )
 from search_space.milp_direct import build_direct_model
 from search_space.milp_k1 import groups_within_layers, per_layer_problem
@@ -55,6 +55,7 @@ class MilpResult:
     n_constraints: int = 0
     message: str = ""
     K: int | None = None  # the per-layer limit the search asked for (set by search_space.problem.solve_problem)
+    no_solution: bool = False  # the solver stopped without any feasible assignment (``assignment`` is a placeholder)
 
     @property
     def ok(self) -> bool:
@@ -72,48 +73,45 @@ class MilpResult:
 LOWER_DROPPED = "no assignment meets the lower bounds together with the other constraints: "
 
 
-def solve_milp(
-    loss: Mapping[int, np.ndarray],
-    cost: Mapping[Hashable, np.ndarray] | Sequence[CostRow],
-    budgets: Mapping[Hashable, float] | None = None,
-    *,
-    lower_fraction: float = 0.9,
-    layer_of_head: np.ndarray | None = None,
-    K: int | None = 2,
-    time_limit: float = 60.0,
-    objective_weights: Mapping[int, float] | None = None,
-    groups: Mapping[Hashable, np.ndarray] | None = None,
-    loss_bounds: Mapping[int, float] | None = None,
-    mip_rel_gap: float = 1e-3,
-    linking: str = "aggregated",
-    relax_lower: bool = True,
-    presolve: bool = False,
-    method: str = "auto",
-) -> MilpResult:
-    """Optimal candidate per head under every budget, with at most K distinct candidates per layer.
+@dataclass(frozen=True)
+class MilpOptions:
+    """How :func:`solve_milp` solves (the problem itself is a :class:`~search_space.cost_rows.SolverInput`).
 
-    ``loss[N]`` and ``cost[key]`` are [H, C] arrays (H heads in decision order, C candidates); ``budgets[key]``
-    is the upper bound of ``cost[key]`` summed over heads (or pass ``cost`` as a list of :class:`CostRow`).
-    ``layer_of_head`` [H] gives each head's layer (needed for K). ``loss_bounds[N]`` caps a length's raw loss
-    (epsilon-constraint scans). ``linking``: ``aggregated`` (``sum_{h in l} x[h,c] <= n_l y[l,c]``, small) or
-    ``disaggregated`` (``x[h,c] <= y[l,c]``, a tighter LP relaxation, many more rows).
+    ``time_limit``: seconds for the whole solve. ``mip_rel_gap``: HiGHS' relative MIP gap at which a plan counts
+    as optimal. ``linking``: ``aggregated`` (``sum_{h in l} x[h,c] <= n_l y[l,c]``, small) or ``disaggregated``
+    (``x[h,c] <= y[l,c]``, a tighter LP relaxation, many more rows). ``relax_lower``: drop the lower bounds once
+    no assignment can meet them (else such a problem raises). ``presolve``: HiGHS presolve, off by default: it
+    stalls for minutes on this model (many parallel columns).
 
     ``method``: ``direct`` (the formulation above in one HiGHS call), ``colgen`` (column generation over
     per-layer assignments with exactly priced K-subsets, then the integer master; the gap is certified by the
     Lagrangian bound) or ``auto`` (colgen when the K limit binds and the problem has more than 1,500 x
     variables: the direct model's LP is slow and weak there, see benchmarks/milp_bench.py).
-    HiGHS presolve is off by default: it stalls for minutes on this model (many parallel columns).
     """
+
+    time_limit: float = 60.0
+    mip_rel_gap: float = 1e-3
+    linking: str = "aggregated"
+    relax_lower: bool = True
+    presolve: bool = False
+    method: str = "auto"
+
+
+def solve_milp(inp: SolverInput, options: MilpOptions = MilpOptions()) -> MilpResult:
+    """Optimal candidate per head of ``inp`` under every budget, with at most ``inp.K`` distinct candidates per
+    layer, solved as ``options`` say."""
     t0 = time.perf_counter()
-    loss = {n: np.asarray(l, dtype=np.float64) for n, l in loss.items()}
+    opt = options
+    loss = {n: np.asarray(l, dtype=np.float64) for n, l in inp.loss.items()}
     if not loss:
         raise CompressError("solve_milp: no loss matrices")
     H, C = next(iter(loss.values())).shape
-    rows = make_rows(cost, budgets, lower_fraction, groups)
+    rows = inp.rows()
     for r in rows:
         if r.cost.shape != (H, C):
             raise CompressError(f"solve_milp: cost {r.key} has shape {r.cost.shape}, loss has {(H, C)}")
     check_budgets(rows)
+    K, layer_of_head = inp.K, inp.layer_of_head
     # the K limit binds only when a layer has more heads than K and there are more than K candidates
     use_k = (
         K is not None and layer_of_head is not None and K < C
@@ -126,38 +124,27 @@ def solve_milp(
     keep = distinct_candidates(loss, rows)
     if len(keep) < C:
         sub = solve_milp(
-            {n: l[:, keep] for n, l in loss.items()},
-            [CostRow(**{**r.__dict__, "cost": r.cost[:, keep]}) for r in rows], None,
-            lower_fraction=lower_fraction, layer_of_head=layer_of_head, K=K,
-            time_limit=time_limit - (time.perf_counter() - t0), objective_weights=objective_weights,
-            loss_bounds=loss_bounds, mip_rel_gap=mip_rel_gap, linking=linking, relax_lower=relax_lower,
-            presolve=presolve, method=method,
+            replace(inp, loss={n: l[:, keep] for n, l in loss.items()}, budgets=None, groups=None,
+                    cost=[CostRow(**{**r.__dict__, "cost": r.cost[:, keep]}) for r in rows]),
+            replace(opt, time_limit=opt.time_limit - (time.perf_counter() - t0)),
         )
         return _merged_back(sub, keep, t0)
 
+    inp = replace(inp, loss=loss, cost=rows, budgets=None, groups=None)
     # K=1 collapses every layer to one choice; a group-max row whose group spans layers is not linear in those
     # choices (its members may differ), so such rows take the general model
     if use_k and K == 1 and all(groups_within_layers(r.group, layer_of_head) for r in rows if r.group is not None):
-        return _solve_k1(loss, rows, layer_of_head, time_limit=time_limit, objective_weights=objective_weights,
-                         loss_bounds=loss_bounds, mip_rel_gap=mip_rel_gap, relax_lower=relax_lower,
-                         presolve=presolve, t0=t0)
-    obj = objective_vector(loss, objective_weights)
-    if method not in ("auto", "direct", "colgen"):
-        raise CompressError(f"unknown MILP method {method!r}: use auto, direct or colgen")
-    if use_k and (method == "colgen" or (method == "auto" and H * C > 1500)):
-        res = _colgen_path(
-            loss, rows, obj, layer_of_head, K, t0=t0, time_limit=time_limit, objective_weights=objective_weights,
-            loss_bounds=loss_bounds, mip_rel_gap=mip_rel_gap, relax_lower=relax_lower, lower_fraction=lower_fraction,
-        )
+        return _solve_k1(inp, rows, opt, t0)
+    obj = objective_vector(loss, inp.objective_weights)
+    if opt.method not in ("auto", "direct", "colgen"):
+        raise CompressError(f"unknown MILP method {opt.method!r}: use auto, direct or colgen")
+    if use_k and (opt.method == "colgen" or (opt.method == "auto" and H * C > 1500)):
+        res = _colgen_path(inp, rows, obj, opt, t0)
         if res is not None:
             return res
         # column generation found no plan and proved nothing: the direct model below decides (it finds a plan or
         # proves that the lower bounds, or the budgets themselves, cannot be met)
-    return _solve_direct(
-        loss, rows, obj, layer_of_head if use_k else None, K if use_k else None, t0=t0, time_limit=time_limit,
-        objective_weights=objective_weights, loss_bounds=loss_bounds, mip_rel_gap=mip_rel_gap, linking=linking,
-        relax_lower=relax_lower, presolve=presolve,
-    )
+    return _solve_direct(inp if use_k else replace(inp, layer_of_head=None, K=None), rows, obj, opt, t0)
 
 
 def _merged_back(sub: MilpResult, keep: np.ndarray, t0: float) -> MilpResult:
@@ -169,22 +156,23 @@ def _merged_back(sub: MilpResult, keep: np.ndarray, t0: float) -> MilpResult:
     return sub
 
 
-def _solve_direct(loss, rows, obj, layer_of_head, K, *, t0, time_limit, objective_weights, loss_bounds, mip_rel_gap,
-                  linking, relax_lower, presolve) -> MilpResult:
-    """The direct model in one HiGHS call (``layer_of_head`` and ``K`` None when the K limit does not bind)."""
+def _solve_direct(inp: SolverInput, rows: list[CostRow], obj: np.ndarray, opt: MilpOptions, t0: float) -> MilpResult:
+    """The direct model in one HiGHS call (``inp.layer_of_head`` and ``inp.K`` None when the K limit does not
+    bind; ``inp.loss`` float64, ``rows`` made, ``obj`` the objective and ``t0`` the solve's start)."""
     H, C = obj.shape
+    loss, K, loss_bounds, objective_weights = inp.loss, inp.K, inp.loss_bounds, inp.objective_weights
 
     def run(with_lower: bool, limit: float):
-        model = build_direct_model(obj, rows, loss, layer_of_head=layer_of_head, K=K, linking=linking,
+        model = build_direct_model(obj, rows, loss, layer_of_head=inp.layer_of_head, K=K, linking=opt.linking,
                                    loss_bounds=loss_bounds, with_lower=with_lower)
-        return model.solve(limit, mip_rel_gap, presolve), model.n_vars, model.n_constraints
+        return model.solve(limit, opt.mip_rel_gap, opt.presolve), model.n_vars, model.n_constraints
 
-    res, n_vars, n_cons = run(True, time_limit)
+    res, n_vars, n_cons = run(True, opt.time_limit)
     relaxed, reason = False, ""
     has_lower = any(r.lower for r in rows if r.group is None)
-    if res.x is None and res.status == 2 and relax_lower and has_lower:
+    if res.x is None and res.status == 2 and opt.relax_lower and has_lower:
         # HiGHS proved the full model (lower bounds included) infeasible: only now are the lower bounds dropped
-        res, n_vars, n_cons = run(False, time_limit - (time.perf_counter() - t0))
+        res, n_vars, n_cons = run(False, opt.time_limit - (time.perf_counter() - t0))
         relaxed, reason = True, LOWER_DROPPED + "HiGHS proved the full model with the lower bounds infeasible"
     elapsed = time.perf_counter() - t0
     if res.x is None:
@@ -194,7 +182,7 @@ def _solve_direct(loss, rows, obj, layer_of_head, K, *, t0, time_limit, objectiv
         return MilpResult(
             assignment=np.zeros(H, dtype=np.int64), status=f"{status} (no feasible solution)", objective=float("nan"),
             mip_gap=None, time_s=elapsed, lower_relaxed=relaxed, lower_relaxed_reason=reason, n_vars=n_vars,
-            n_constraints=n_cons, message=res.message,
+            n_constraints=n_cons, message=res.message, no_solution=True,
         )
     x = np.asarray(res.x[: H * C]).reshape(H, C)
     assignment = x.argmax(1).astype(np.int64)
@@ -208,9 +196,10 @@ def _solve_direct(loss, rows, obj, layer_of_head, K, *, t0, time_limit, objectiv
     )
 
 
-def _colgen_path(loss, rows, obj, layer_of_head, K, *, t0, time_limit, objective_weights, loss_bounds, mip_rel_gap,
-                 relax_lower, lower_fraction) -> MilpResult | None:
-    """The column-generation solve of :func:`solve_milp`, or None when it found no plan and proved nothing.
+def _colgen_path(inp: SolverInput, rows: list[CostRow], obj: np.ndarray, opt: MilpOptions,
+                 t0: float) -> MilpResult | None:
+    """The column-generation solve of :func:`solve_milp`, or None when it found no plan and proved nothing
+    (arguments as for :func:`_solve_direct`, with the K limit binding).
 
     The restricted master only holds the generated columns, so "no integer plan among them" proves nothing about
     the whole problem. The lower bounds are dropped only on a proof that no assignment meets them (see
@@ -219,6 +208,8 @@ def _colgen_path(loss, rows, obj, layer_of_head, K, *, t0, time_limit, objective
     instead).
     """
     H, C = obj.shape
+    loss, layer_of_head, K, loss_bounds = inp.loss, inp.layer_of_head, inp.K, inp.loss_bounds
+    time_limit, mip_rel_gap, relax_lower = opt.time_limit, opt.mip_rel_gap, opt.relax_lower
     cg_rows = list(rows) + [
         CostRow(key=f"loss@{nlen}", cost=loss[nlen], upper=float(eps), lower=0.0)
         for nlen, eps in (loss_bounds or {}).items()
@@ -240,12 +231,10 @@ def _colgen_path(loss, rows, obj, layer_of_head, K, *, t0, time_limit, objective
         # small problem, gap not closed: the direct model's branch and bound, bound shared
         d_rows = rows if with_lower else [CostRow(**{**r.__dict__, "lower": 0.0}) for r in rows]
         try:
-            d = solve_milp(
-                loss, d_rows, None, lower_fraction=lower_fraction, layer_of_head=layer_of_head, K=K,
-                time_limit=min(left, max(5.0, 0.5 * left)), objective_weights=objective_weights,
-                loss_bounds=loss_bounds, mip_rel_gap=mip_rel_gap, linking="disaggregated", relax_lower=False,
-                method="direct",
-            )
+            d = solve_milp(replace(inp, cost=d_rows), MilpOptions(
+                time_limit=min(left, max(5.0, 0.5 * left)), mip_rel_gap=mip_rel_gap, linking="disaggregated",
+                relax_lower=False, method="direct",
+            ))
         except CompressError:  # a plan is known, so only a numerical disagreement lands here: keep the plan
             d = None
         if d is not None and d.status in ("optimal", "time_limit") and np.isfinite(d.objective):
@@ -257,7 +246,7 @@ def _colgen_path(loss, rows, obj, layer_of_head, K, *, t0, time_limit, objective
             gap = max((val - bound) / max(abs(val), 1e-12), 0.0) if np.isfinite(bound) else None
             status = "optimal" if gap is not None and gap <= mip_rel_gap else "feasible"
             info["direct_fallback"] = d.status
-    losses, costs, objective = evaluate_assignment(a, loss, rows, objective_weights)
+    losses, costs, objective = evaluate_assignment(a, loss, rows, inp.objective_weights)
     return MilpResult(
         assignment=a, status=status, objective=objective, mip_gap=gap, time_s=time.perf_counter() - t0,
         losses=losses, costs=costs, solver="highs-colgen", lower_relaxed=not with_lower, lower_relaxed_reason=reason,
@@ -265,16 +254,19 @@ def _colgen_path(loss, rows, obj, layer_of_head, K, *, t0, time_limit, objective
     )
 
 
-def _solve_k1(loss, rows, layer_of_head, *, t0, objective_weights, **kw) -> MilpResult:
+def _solve_k1(inp: SolverInput, rows: list[CostRow], opt: MilpOptions, t0: float) -> MilpResult:
     """K=1: every head of a layer takes the layer's candidate, so the exact model has one choice per layer."""
-    lp = per_layer_problem(loss, rows, layer_of_head, objective_weights)
-    r = solve_milp(lp.loss, lp.rows, None, layer_of_head=None, K=None, objective_weights=lp.weights, method="direct",
-                   **kw)
-    a = lp.lift(r.assignment) if r.ok and "no feasible" not in r.status else np.zeros(len(layer_of_head), dtype=np.int64)
-    losses, costs, objective = evaluate_assignment(a, loss, rows, lp.head_weights)
+    lp = per_layer_problem(inp.loss, rows, inp.layer_of_head, inp.objective_weights)
+    r = solve_milp(
+        SolverInput(lp.loss, lp.rows, None, layer_of_head=None, K=None, objective_weights=lp.weights,
+                    loss_bounds=inp.loss_bounds),
+        replace(opt, method="direct", linking="aggregated"),
+    )
+    a = lp.lift(r.assignment) if r.ok and not r.no_solution else np.zeros(len(inp.layer_of_head), dtype=np.int64)
+    losses, costs, objective = evaluate_assignment(a, inp.loss, rows, lp.head_weights)
     return MilpResult(
         assignment=a, status=r.status, objective=objective if r.ok else float("nan"), mip_gap=r.mip_gap,
         time_s=time.perf_counter() - t0, losses=losses, costs=costs, solver="highs-milp (K=1 per layer)",
         lower_relaxed=r.lower_relaxed, lower_relaxed_reason=r.lower_relaxed_reason, n_vars=r.n_vars,
-        n_constraints=r.n_constraints, message=r.message,
+        n_constraints=r.n_constraints, message=r.message, no_solution=r.no_solution,
     )

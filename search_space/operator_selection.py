@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -172,6 +173,21 @@ def cheap_pattern(pair: str, window=DEFAULT_WINDOW):
     raise CompressError(f"unknown gate pair {pair!r} (choose from {', '.join(CHEAP_PATTERN_OF_PAIR)})")
 
 
+@dataclass(frozen=True)
+class GateInfo:
+    """What a gates source may not say itself, for :func:`select_operators`; a field given here overrides the
+    source's own.
+
+    ``identity``: the model the gates were profiled on (needed for a gates tensor). ``pair``: the gates pair
+    (:data:`CHEAP_PATTERN_OF_PAIR`; default ``full_vs_window``). ``window``: (sink, window) tokens of the cheap
+    sink+window pattern (default :data:`DEFAULT_WINDOW`).
+    """
+
+    identity: ModelIdentity | None = None
+    pair: str | None = None
+    window: tuple[int, int] | None = None
+
+
 def select_operators(
     source,
     expensive_fraction: float | None = None,
@@ -180,15 +196,13 @@ def select_operators(
     length: int | None = None,
     cost_table: dict | None = None,
     granularity: str | None = None,
-    pair: str | None = None,
-    window: tuple[int, int] | None = None,
-    identity: ModelIdentity | None = None,
+    info: GateInfo = GateInfo(),
 ) -> Plan:
     """Plan keeping the highest-gate heads on dense softmax and giving the rest the pair's cheap operator.
 
     ``source``: a gates Profile (:func:`compressor.gate_profile.run_gates`), the dict of
-    :func:`profilers.gates.profile_gates` (plus ``identity``), or a gates tensor [L, Hkv or Hq] (pass
-    ``identity``, ``pair``, ``window``). Exactly one budget:
+    :func:`profilers.gates.profile_gates` (plus ``info.identity``), or a gates tensor [L, Hkv or Hq] (pass
+    ``info`` with identity, pair, window). Exactly one budget:
 
     * ``expensive_fraction`` in [0, 1]: round(fraction x heads) decision heads stay expensive (MPCViT's mu);
     * ``cost_budget`` in (0, 1]: greedily by gate, as many expensive heads as keep the plan's total cost at
@@ -199,7 +213,7 @@ def select_operators(
     the group maximum)."""
     if (expensive_fraction is None) == (cost_budget is None):
         raise CompressError("select_operators: give exactly one of expensive_fraction and cost_budget")
-    gates, ident, gran, pair, window, lengths = _gates_of(source, granularity, identity, pair, window)
+    gates, ident, gran, pair, window, lengths = _gates_of(source, granularity, info.identity, info.pair, info.window)
     if gran not in ("kv_head", "query_head"):
         raise CompressError(f"granularity must be kv_head or query_head, got {gran!r}")
     cheap = cheap_pattern(pair, window)
@@ -315,5 +329,5 @@ def measurement_info(device: str = "cpu") -> str:
 
 __all__ = [
     "OPERATOR_COSTS", "OPERATORS", "operator_cost", "pattern_cost", "plan_cost", "cheap_pattern",
-    "select_operators", "measure_operator_costs", "measurement_info",
+    "GateInfo", "select_operators", "measure_operator_costs", "measurement_info",
 ]

@@ -60,6 +60,9 @@ def span_heatmap(plan: Plan, n: int, path: str | Path, title: str | None = None)
     return _save(fig, path)
 
 
+PARETO_TITLE = "search trials and Pareto front"
+
+
 def pareto_plot(
     loss: Sequence[float],
     latency: Sequence[float],
@@ -69,9 +72,9 @@ def pareto_plot(
     feasible: Sequence[bool] | None = None,
     xlabel: str = "latency",
     ylabel: str = "loss",
-    title: str = "search trials and Pareto front",
 ) -> Path:
-    """Scatter of every trial (infeasible ones as x), the Pareto front as a line, the chosen plan starred."""
+    """Scatter of every trial (infeasible ones as x), the Pareto front as a line, the chosen plan starred (titled
+    :data:`PARETO_TITLE`)."""
     loss = np.asarray(loss, dtype=float)
     latency = np.asarray(latency, dtype=float)
     feas = np.ones(len(loss), dtype=bool) if feasible is None else np.asarray(feasible, dtype=bool)
@@ -87,7 +90,7 @@ def pareto_plot(
         ax.scatter([latency[chosen]], [loss[chosen]], marker="*", s=200, c="tab:red", zorder=5, label="chosen")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(PARETO_TITLE)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

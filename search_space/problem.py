@@ -29,10 +29,10 @@ from plans.span import split_span
 from profilers.profile_format import Profile, load_profile
 from search_space.budgets import expand_budgets, format_budget, parse_budgets
 from search_space.candidates import Candidate, candidate_grid
-from search_space.cost_rows import CostRow
+from search_space.cost_rows import CostRow, SolverInput
 from search_space.costs import LatencyTable, density_costs, kv_density_costs
 from search_space.greedy import solve_greedy
-from search_space.milp import MilpResult, solve_milp
+from search_space.milp import MilpOptions, MilpResult, solve_milp
 
 Granularity = Literal["kv_head", "query_head"]
 
@@ -218,13 +218,14 @@ def solve_problem(
     """Run the chosen solver on a built problem; ``milp`` falls back to greedy when HiGHS finds no solution in time."""
     rows = problem.rows(budget_scale, lower_fraction)
     weights = objective_weights or {n: 1.0 for n in problem.profiled}
-    kw = dict(layer_of_head=problem.layer_of_head, K=K, objective_weights=weights, lower_fraction=lower_fraction)
+    inp = SolverInput(problem.loss, rows, layer_of_head=problem.layer_of_head, K=K, objective_weights=weights,
+                      lower_fraction=lower_fraction)
     if solver == "greedy":
-        res = solve_greedy(problem.loss, rows, **kw)
+        res = solve_greedy(inp)
     elif solver == "milp":
-        res = solve_milp(problem.loss, rows, time_limit=time_limit, **kw)
-        if not res.ok or "no feasible" in res.status:
-            g = solve_greedy(problem.loss, rows, **kw)
+        res = solve_milp(inp, MilpOptions(time_limit=time_limit))
+        if not res.ok or res.no_solution:
+            g = solve_greedy(inp)
             g.message = f"MILP {res.status}; greedy fallback. " + g.message
             res = g
     else:

@@ -1,6 +1,6 @@
 """`compress search`: profile + budgets -> plan.
 
-    result = search("out/profile", "density@4096=0.5", K=2)
+    result = search("out/profile", "density@4096=0.5", SearchArgs(K=2))
     result.plan            # plans.schema.Plan (source="search"), predicted density/KV density/loss per length
     result.solver          # MilpResult: status, MIP gap, time
 
@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from plans.identity import ModelIdentity
 from plans.schema import Plan
 from profilers.profile_format import Profile, normalize_profile
+from search_space.args import SearchArgs
 from search_space.candidates import Candidate
 from search_space.costs import LatencyTable
 from search_space.keep_dense import check_kept_dense, force_dense
@@ -27,7 +28,7 @@ from search_space.outputs import write_outputs
 from search_space.problem import Granularity, SearchProblem, as_profile, build_problem, solve_problem
 from search_space.study import StudyConfig, StudyResult, run_study
 
-__all__ = ["SearchResult", "search", "write_outputs", "build_problem", "solve_problem", "SearchProblem"]
+__all__ = ["SearchArgs", "SearchResult", "search", "write_outputs", "build_problem", "solve_problem", "SearchProblem"]
 
 
 @dataclass
@@ -43,39 +44,19 @@ class SearchResult:
         return self.problem.candidates
 
 
-def search(
-    profile: Profile | str | Path,
-    budgets,
-    *,
-    granularity: Granularity = "kv_head",
-    K: int = 2,
-    sinks: Sequence[int] | None = None,
-    lengths: Sequence[int] | None = None,
-    solver: str = "milp",
-    time_limit: float = 60.0,
-    latency_table: LatencyTable | str | Path | None = None,
-    out_dir: str | Path | None = None,
-    trials: int = 0,
-    evaluate: Callable[[Plan], dict] | None = None,
-    seed: int = 0,
-    storage: str | None = None,
-    study_name: str | None = None,
-    resume: bool = False,
-    model: ModelIdentity | None = None,
-    grid: "str | Sequence[Candidate]" = "auto",
-    normalize: str = "layer",
-    lower_fraction: float = 0.9,
-    objective_weights: dict | None = None,
-    keep_dense: Sequence[tuple[int, int]] = (),
-) -> SearchResult:
-    """Search a plan for ``profile`` under ``budgets`` (strings like ``"density@4096=0.5"``, Budget objects, a number).
-
-    ``normalize="layer"`` rescales each layer's influence to sum 1 before solving (see
-    :func:`profilers.profile_format.normalize_profile`); ``"none"`` uses the raw first-order influence.
-    With ``trials > 0`` runs the Optuna study (see :func:`search_space.study.run_study`) and returns its chosen
-    plan. ``keep_dense``: (layer, KV head) pairs kept dense (e.g. the top retrieval heads,
-    :func:`search_space.keep_dense.force_dense`); the rest is solved around them. With ``out_dir`` writes ``plan.json`` and ``spans.png`` there (plus the study's files).
-    """
+def search(profile: Profile | str | Path, budgets, args: SearchArgs = SearchArgs(), *,
+           out_dir: str | Path | None = None, evaluate: Callable[[Plan], dict] | None = None,
+           model: ModelIdentity | None = None) -> SearchResult:
+    """Search a plan for ``profile`` under ``budgets`` (strings like ``"density@4096=0.5"``, Budget objects, a number)
+    with :class:`SearchArgs` ``args``. ``evaluate(plan) -> {"loss", "latency_ms"}`` scores study trials (None:
+    predicted values); ``model`` is checked against the profile's model. With ``trials > 0`` runs the Optuna study
+    and returns its chosen plan. With ``out_dir`` writes ``plan.json`` and ``spans.png`` there (plus the study's
+    files). Raises CompressError for budgets no plan meets, a profile of another model, or bad settings."""
+    a = args
+    granularity, K, sinks, lengths, solver, time_limit = a.granularity, a.K, a.sinks, a.lengths, a.solver, a.time_limit
+    latency_table, trials, seed, grid, normalize = a.latency_table, a.trials, a.seed, a.grid, a.normalize
+    lower_fraction, objective_weights, keep_dense = a.lower_fraction, a.objective_weights, tuple(a.keep_dense)
+    storage, study_name, resume = a.storage, a.study_name, a.resume
     profile = normalize_profile(as_profile(profile), normalize)
     if trials and trials > 0:
         st = run_study(profile, budgets, StudyConfig(

@@ -247,10 +247,11 @@ def test_written_files_follow_the_umask(env, tmp_path, mask):
 def test_progress_lines_print_user_stage_names_literally(mode):
     import io
 
-    from profilers.progress import progress
+    from profilers.progress import ProgressOutput, progress
 
     buf = io.StringIO()
-    with progress("eval [red]my[/] plan\x1b[2J", total=2, interval=0, stream=buf, mode=mode, heartbeat=False) as tick:
+    out = ProgressOutput(interval=0, stream=buf, mode=mode, heartbeat=False)
+    with progress("eval [red]my[/] plan\x1b[2J", total=2, output=out) as tick:
         tick(1)
         tick(1)
     text = buf.getvalue()

@@ -19,6 +19,7 @@ for _name in ("attention_kernels.triton_prefill", "attention_kernels.triton_deco
     _mod = sys.modules.get(_name)
     if _mod is not None and not CUDA and not _mod.INTERPRET:
         importlib.reload(_mod)
+from attention_kernels.options import KeyPositions  # noqa: E402
 from attention_kernels.reference import reference_attention  # noqa: E402
 
 torch.set_num_threads(1)
@@ -106,5 +107,5 @@ def test_padded_batch_equals_reference_on_real_rows(side):
     sink = torch.tensor([[4, 0, 2, 70]] * b)
     span = torch.stack([torch.tensor([20, 33, 5, 100]).clamp(max=int(m)) for m in n_real])
     got = sparse_attention_padded(q, k, v, sink, span, valid, None)
-    ref = reference_attention(q, k, v, sink, span, None, q_pos=pos, k_pos=pos, k_valid=valid)
+    ref = reference_attention(q, k, v, sink, span, None, positions=KeyPositions(q_pos=pos, k_pos=pos, k_valid=valid))
     assert (got - ref)[valid[:, None, :, None].expand_as(got)].abs().max() < 1e-5

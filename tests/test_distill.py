@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from compressor.args import DistillArgs
 from compressor.distill import META_FILE, STATE_FILE, TEACHER_FILE, distill
 from compressor.patching import attention_modules
 from plans.errors import CompressError
@@ -38,7 +39,7 @@ def test_loss_decreases_and_state(tmp_path):
     flags = {n: p.requires_grad for n, p in m.named_parameters()}
     attn_before = {n: p.detach().clone() for n, p in attention_modules(m)[0].named_parameters()}
     mlp_before = m.model.layers[0].mlp.up_proj.weight.detach().clone()
-    losses = distill(m, window_plan(m), samples(1), steps=8, lr=3e-3, out_dir=tmp_path, progress=True, save_every=4)
+    losses = distill(m, window_plan(m), samples(1), DistillArgs(steps=8, lr=3e-3, progress=True, save_every=4), out_dir=tmp_path)
     assert len(losses) == 8 and all(x >= 0 for x in losses)
     assert losses[-1] < 0.5 * losses[0], losses
     assert m.config._attn_implementation == "compress"  # the student stays patched
@@ -57,8 +58,7 @@ class Stop(Exception):
 
 def test_resume_matches_uninterrupted_run(tmp_path):
     ss = samples(3)
-    full = distill(tiny_model("llama"), window_plan(tiny_model("llama")), ss, steps=6, lr=2e-3,
-                   out_dir=tmp_path / "full", progress=False, params="all", save_every=2)
+    full = distill(tiny_model("llama"), window_plan(tiny_model("llama")), ss, DistillArgs(steps=6, lr=2e-3, progress=False, params="all", save_every=2), out_dir=tmp_path / "full")
 
     def stop_at_4(step, loss):
         if step == 4:
@@ -66,26 +66,21 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
     m1 = tiny_model("llama")
     with pytest.raises(Stop):
-        distill(m1, window_plan(m1), ss, steps=6, lr=2e-3, out_dir=tmp_path / "r", progress=False, params="all",
-                save_every=2, on_step=stop_at_4)
+        distill(m1, window_plan(m1), ss, DistillArgs(steps=6, lr=2e-3, progress=False, params="all", save_every=2), out_dir=tmp_path / "r", on_step=stop_at_4)
     assert json.loads((tmp_path / "r" / META_FILE).read_text())["step"] == 4
     seen = []
     m2 = tiny_model("llama")  # a fresh process: the base weights again
-    resumed = distill(m2, window_plan(m2), ss, steps=6, lr=2e-3, out_dir=tmp_path / "r", progress=False,
-                      params="all", save_every=2, on_step=lambda s, v: seen.append(s))
+    resumed = distill(m2, window_plan(m2), ss, DistillArgs(steps=6, lr=2e-3, progress=False, params="all", save_every=2), out_dir=tmp_path / "r", on_step=lambda s, v: seen.append(s))
     assert seen == [5, 6]  # continued from the saved step
     assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5, atol=1e-7), (resumed, full)
     # already done: nothing to run
     m3 = tiny_model("llama")
-    again = distill(m3, window_plan(m3), ss, steps=6, lr=2e-3, out_dir=tmp_path / "r", progress=False, params="all",
-                    save_every=2, on_step=lambda s, v: seen.append(s))
+    again = distill(m3, window_plan(m3), ss, DistillArgs(steps=6, lr=2e-3, progress=False, params="all", save_every=2), out_dir=tmp_path / "r", on_step=lambda s, v: seen.append(s))
     assert again == resumed and seen == [5, 6]
     # a different recipe is refused, resume=False starts over
     with pytest.raises(CompressError, match="different"):
-        distill(tiny_model("llama"), window_plan(m3), ss, steps=6, lr=1e-3, out_dir=tmp_path / "r", progress=False,
-                params="all")
-    fresh = distill(tiny_model("llama"), window_plan(m3), ss, steps=2, lr=1e-3, out_dir=tmp_path / "r",
-                    progress=False, params="all", resume=False, loss="mse")
+        distill(tiny_model("llama"), window_plan(m3), ss, DistillArgs(steps=6, lr=1e-3, progress=False, params="all"), out_dir=tmp_path / "r")
+    fresh = distill(tiny_model("llama"), window_plan(m3), ss, DistillArgs(steps=2, lr=1e-3, progress=False, params="all", resume=False, loss="mse"), out_dir=tmp_path / "r")
     assert len(fresh) == 2 and fresh[1] < fresh[0] * 1.5
 
 
@@ -94,22 +89,21 @@ def test_teacher_copy_equals_cache(tmp_path):
     runs = {}
     for t in ("cache", "copy"):
         m = tiny_model("llama")
-        runs[t] = distill(m, window_plan(m), ss, steps=3, lr=3e-3, out_dir=tmp_path / t, progress=False, teacher=t,
-                          loss="mse")
+        runs[t] = distill(m, window_plan(m), ss, DistillArgs(steps=3, lr=3e-3, progress=False, teacher=t, loss="mse"), out_dir=tmp_path / t)
     assert torch.allclose(torch.tensor(runs["cache"]), torch.tensor(runs["copy"]), rtol=1e-5, atol=1e-8)
     assert not (tmp_path / "copy" / TEACHER_FILE).exists() and (tmp_path / "cache" / TEACHER_FILE).exists()
     m = tiny_model("llama")  # auto: over the cache limit -> a frozen copy
-    distill(m, window_plan(m), ss, steps=1, out_dir=tmp_path / "auto", progress=False, max_teacher_bytes=10)
+    distill(m, window_plan(m), ss, DistillArgs(steps=1, progress=False, max_teacher_bytes=10), out_dir=tmp_path / "auto")
     assert json.loads((tmp_path / "auto" / META_FILE).read_text())["teacher"] == "copy"
 
 
 def test_errors(tmp_path):
     m = tiny_model("llama")
     with pytest.raises(CompressError, match="no samples"):
-        distill(m, window_plan(m), [], steps=1, out_dir=tmp_path, progress=False)
+        distill(m, window_plan(m), [], DistillArgs(steps=1, progress=False), out_dir=tmp_path)
     with pytest.raises(CompressError, match="params"):
-        distill(m, window_plan(m), samples(1), steps=1, out_dir=tmp_path, progress=False, params="attention")
+        distill(m, window_plan(m), samples(1), DistillArgs(steps=1, progress=False, params="attention"), out_dir=tmp_path)
     with pytest.raises(CompressError, match="loss"):
-        distill(m, window_plan(m), samples(1), steps=1, out_dir=tmp_path, progress=False, loss="ce")
+        distill(m, window_plan(m), samples(1), DistillArgs(steps=1, progress=False, loss="ce"), out_dir=tmp_path)
     with pytest.raises(CompressError, match="teacher"):
-        distill(m, window_plan(m), samples(1), steps=1, out_dir=tmp_path, progress=False, teacher="none")
+        distill(m, window_plan(m), samples(1), DistillArgs(steps=1, progress=False, teacher="none"), out_dir=tmp_path)

@@ -8,7 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from compressor.cli import app
-from compressor.evaluation import answer_score, evaluate, method_plans, text_loss
+from compressor.args import EvalArgs
+from compressor.evaluation import answer_score, evaluate, text_loss
+from compressor.methods import methods_at
 from plans.identity import identity_from_config
 from plans.schema import uniform_plan
 from profilers.samples import Sample
@@ -51,7 +53,7 @@ def test_text_loss_matches_labels_loss():
 def test_uniform_baseline_has_the_plans_density():
     model, _ = tiny_model_with_tokenizer()
     p = uniform_plan(identity_from_config(model.config), 300, sink=8)
-    ms = method_plans({"p": p}, 2048)
+    ms = {m.name: m.plan for m in methods_at({"p": p}, 2048, ("prefill_density",))}
     assert list(ms) == ["dense", "p", "uniform"]
     assert abs(ms["uniform"].density(2048) - p.density(2048)) < 2e-3
 
@@ -59,11 +61,11 @@ def test_uniform_baseline_has_the_plans_density():
 def test_evaluate_passkey_and_ppl_share_samples():
     model, tok = tiny_model_with_tokenizer(max_position_embeddings=8192)
     p = uniform_plan(identity_from_config(model.config), 64, sink=4)
-    rep = evaluate(model, tok, {"p": p}, "passkey", [256], depths=[0.2, 0.8], samples=2, haystack=[DATA.read_text()])
+    rep = evaluate(model, tok, {"p": p}, EvalArgs("passkey", (256,), depths=(0.2, 0.8), samples=2), haystack=[DATA.read_text()])
     rows = rep.summary()
     assert [r["method"] for r in rows] == ["dense", "p", "uniform"]
     assert all(r["samples"] == 4 for r in rows)
-    rep2 = evaluate(model, tok, {"p": p}, "ppl", [200], samples=1, haystack=[DATA.read_text()])
+    rep2 = evaluate(model, tok, {"p": p}, EvalArgs("ppl", (200,), samples=1), haystack=[DATA.read_text()])
     ppl = {r["method"]: r["ppl"] for r in rep2.summary()}
     assert ppl["dense"] != ppl["p"] and all(v > 1 for v in ppl.values())
 
@@ -91,7 +93,7 @@ def test_evaluate_ruler_task_scores_the_generated_items():
 
     model, tok = tiny_model_with_tokenizer(max_position_embeddings=2048)
     docs = [DATA.read_text()]
-    rep = evaluate(model, tok, {}, "niah_single", [300], depths=[0.5], samples=2, seed=3, haystack=docs)
+    rep = evaluate(model, tok, {}, EvalArgs("niah_single", (300,), depths=(0.5,), samples=2, seed=3), haystack=docs)
     samples = make_samples("niah_single", tok, [300], [0.5], 2, 3, docs)[(300, 0.5)]
     item = ruler.make_item("niah_single", tok, 300, 0.5, ruler.item_seed("niah_single", 300, 0.5, 3, 0), style="plain",
                            haystack=ruler.Haystack("text", docs[0], "heldout"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from compressor.gate_profile import run_gates
+from compressor.gate_profile import GateArgs, run_gates
 from compressor.hf.gate_attention import GATES_ATTN
 from compressor.hf.modules import attention_modules, module_state
 from plans.errors import CompressError
@@ -97,8 +97,7 @@ def test_gates_find_the_long_range_head(tmp_path):
     impl = m.config._attn_implementation
     flags = {n: p.requires_grad for n, p in m.named_parameters()}
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    prof = run_gates(m, {N: copy_samples(4)}, tmp_path / "gates", pair="full_vs_window", window=(4, 16), steps=30,
-                     lr=0.2, l1=0.05, block=16, progress=True, seed=0, model_name="copy")
+    prof = run_gates(m, {N: copy_samples(4)}, tmp_path / "gates", GateArgs(pair="full_vs_window", window=(4, 16), steps=30, lr=0.2, l1=0.05, block=16, progress=True, seed=0), model_name="copy")
     # the model is untouched
     assert m.config._attn_implementation == impl
     assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
@@ -132,16 +131,14 @@ def test_gates_find_the_long_range_head(tmp_path):
 
 def test_gates_query_head_granularity_and_other_pairs(tmp_path):
     m = copy_model()
-    prof = run_gates(m, {N: copy_samples(2)}, None, pair="full_vs_window", window=(4, 16), steps=25, lr=0.25,
-                     l1=0.05, block=16, granularity="query_head", progress=False)
+    prof = run_gates(m, {N: copy_samples(2)}, None, GateArgs(pair="full_vs_window", window=(4, 16), steps=25, lr=0.25, l1=0.05, block=16, granularity="query_head", progress=False))
     gq, gkv = prof.tensors["gate.q"], prof.tensors["gate.kv"]
     assert gq.shape == (2, 4) and torch.equal(gkv, gq.view(2, 2, 2).amax(-1))
     assert gq[0, :2].min() > gq[0, 2:].max() and gq[0, :2].min() > gq[1].max(), gq
     assert not (tmp_path / "x.json").exists()
     for pair in ("softmax_vs_relu", "softmax_vs_linear"):
         p = run_gates(tiny_model("llama"), {24: [Sample(torch.arange(1, 25), torch.ones(24, dtype=torch.bool)
-                                                       .index_fill(0, torch.tensor([0]), False))]},
-                      tmp_path / pair, pair=pair, steps=3, progress=False, window=(4, 8), block=8)
+                                                       .index_fill(0, torch.tensor([0]), False))]}, tmp_path / pair, GateArgs(pair=pair, steps=3, progress=False, window=(4, 8), block=8))
         assert p.meta.extra["pair"] == pair and p.tensors["gate.kv"].shape == (2, 2)
         assert math.isfinite(p.meta.extra["history"][-1])
         assert (p.tensors["gate.kv"] < 1).all() and (p.tensors["gate.kv"] > 0).all()
@@ -151,9 +148,9 @@ def test_gates_errors():
     m = tiny_model("llama")
     s = {16: [Sample(torch.arange(16), torch.ones(16, dtype=torch.bool))]}
     with pytest.raises(CompressError, match="pair"):
-        run_gates(m, s, None, pair="nope", steps=1, progress=False)
+        run_gates(m, s, None, GateArgs(pair="nope", steps=1, progress=False))
     with pytest.raises(CompressError, match="tokens"):
-        run_gates(m, {17: s[16]}, None, steps=1, progress=False)
+        run_gates(m, {17: s[16]}, None, GateArgs(steps=1, progress=False))
     with pytest.raises(CompressError, match="no calibration"):
-        run_gates(m, {}, None, steps=1, progress=False)
+        run_gates(m, {}, None, GateArgs(steps=1, progress=False))
     assert set(PAIRS) == {"full_vs_window", "softmax_vs_relu", "softmax_vs_linear"} and GATES_ATTN

@@ -31,6 +31,7 @@ if not CUDA and not tp.INTERPRET:  # imported earlier in this process without th
 if not CUDA and not td.INTERPRET:
     td = importlib.reload(td)
 
+from attention_kernels.options import PrefillLaunch  # noqa: E402
 from attention_kernels.reference import decode_reference, reference_attention  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -49,7 +50,7 @@ def _check_prefill(b, hq, hkv, n, d, sink, span, dtype, seed=0, **kw):
     s, sp = torch.tensor(sink), torch.tensor(span)
     qd, kd, vd = (t.to(dtype) for t in (q, k, v))
     ref = reference_attention(qd.double(), kd.double(), vd.double(), s, sp)
-    out = tp.sparse_prefill(qd.to(DEV), kd.to(DEV), vd.to(DEV), s.to(DEV), sp.to(DEV), **kw)
+    out = tp.sparse_prefill(qd.to(DEV), kd.to(DEV), vd.to(DEV), s.to(DEV), sp.to(DEV), launch=PrefillLaunch(**kw))
     assert out.dtype == dtype and out.shape == (b, hq, n, d)
     err = (out.double().cpu() - ref).abs().max().item()
     assert err < TOL[dtype], f"max abs error {err} ({dtype}, n={n}, sink={sink}, span={span}, {kw})"
@@ -150,7 +151,8 @@ def test_prefill_non_contiguous_layout():
     v = torch.randn(1, 90, 2, 16, generator=g).transpose(1, 2)
     s, sp = torch.tensor([3, 0, 8, 1]), torch.tensor([20, 90, 30, 1])
     ref = reference_attention(q.double(), k.double(), v.double(), s, sp)
-    out = tp.sparse_prefill(q.to(DEV), k.to(DEV), v.to(DEV), s.to(DEV), sp.to(DEV), block_m=32, block_n=16)
+    out = tp.sparse_prefill(q.to(DEV), k.to(DEV), v.to(DEV), s.to(DEV), sp.to(DEV),
+                            launch=PrefillLaunch(block_m=32, block_n=16))
     assert (out.double().cpu() - ref).abs().max() < 1e-5
 
 
@@ -164,7 +166,7 @@ def test_prefill_bad_inputs():
     with pytest.raises(ValueError, match="shape"):
         tp.sparse_prefill(q, k, v, s[:1], s[:1])
     with pytest.raises(ValueError, match="block"):
-        tp.sparse_prefill(q, k, v, s, s + 4, block_m=24)
+        tp.sparse_prefill(q, k, v, s, s + 4, launch=PrefillLaunch(block_m=24))
 
 
 # ---------------------------------------------------------------- decode

@@ -17,7 +17,7 @@ from plans.span import kept_entries
 from profilers.gates import gate_profile_tensors
 from profilers.profile_format import Profile, ProfileMeta
 from search_space.operator_selection import (
-    OPERATOR_COSTS, OPERATORS, measure_operator_costs, operator_cost, plan_cost, select_operators,
+    OPERATOR_COSTS, OPERATORS, GateInfo, measure_operator_costs, operator_cost, plan_cost, select_operators,
 )
 
 
@@ -246,11 +246,12 @@ def test_select_operators_pairs():
 
 def test_select_operators_granularity_and_tensor_source():
     q_gates = torch.tensor([[0.9, 0.2, 0.1, 0.3], [0.5, 0.6, 0.8, 0.05]])
-    plan = select_operators(q_gates, 0.25, identity=IDENT, pair="softmax_vs_relu", granularity="query_head")
+    relu = GateInfo(identity=IDENT, pair="softmax_vs_relu")
+    plan = select_operators(q_gates, 0.25, info=relu, granularity="query_head")
     assert plan.granularity == "query_head"
     assert [h.operator for h in plan.layers[0].heads] == ["softmax", "relu_softmax", "relu_softmax", "relu_softmax"]
     assert [h.operator for h in plan.layers[1].heads] == ["relu_softmax", "relu_softmax", "softmax", "relu_softmax"]
-    kv = select_operators(q_gates, 0.5, identity=IDENT, pair="softmax_vs_relu", granularity="kv_head")
+    kv = select_operators(q_gates, 0.5, info=relu, granularity="kv_head")
     # KV gates = group max: [[0.9, 0.3], [0.6, 0.8]] -> keep (0, 0) and (1, 1)
     assert [[p.operator for p in l.heads] for l in kv.layers] == [["softmax", "relu_softmax"], ["relu_softmax", "softmax"]]
     qp = select_operators(gates_profile(), 0.5, granularity="query_head")
@@ -264,7 +265,7 @@ def test_select_operators_granularity_and_tensor_source():
     with pytest.raises(CompressError, match=r"\[0, 1\]"):
         select_operators(gates_profile(), 1.5)
     with pytest.raises(CompressError, match="shape"):
-        select_operators(torch.zeros(3, 2), 0.5, identity=IDENT)
+        select_operators(torch.zeros(3, 2), 0.5, info=GateInfo(identity=IDENT))
     with pytest.raises(CompressError, match="not 'gates'"):
         p = gates_profile()
         p.meta.method = "taylor"

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from profilers.samples import Sample
 from profilers.taylor import (
     FP32_EPS,
     InfluenceCollector,
+    ReduceOptions,
     dense_bucket_sums,
     kv_aggregate,
     reduce_layer_influence,
@@ -269,13 +271,12 @@ def test_reduce_layer_matches_dense(n, block, row_block, sinks, window):
     S = (q @ k.transpose(-1, -2) * sc).masked_fill(~allowed, float("-inf"))
     A = S.softmax(-1)
     ref_d, ref_s = dense_bucket_sums(moa_influence(A, do @ v.transpose(-1, -2)), block, sinks)
-    dist, sinkdist = reduce_layer_influence(q, k, v, do, sc, block=block, sink_sizes=sinks, row_block=row_block,
-                                            mask=mask, max_block_elems=3000)
+    opts = ReduceOptions(block=block, sink_sizes=sinks, row_block=row_block)
+    dist, sinkdist = reduce_layer_influence(q, k, v, do, sc, mask=mask, options=replace(opts, max_block_elems=3000))
     assert torch.allclose(dist, ref_d, rtol=1e-10, atol=1e-13)
     assert torch.allclose(sinkdist, ref_s, rtol=1e-10, atol=1e-13)
     # float32 inputs: float32 work buffers, float64 accumulation
-    d32, s32 = reduce_layer_influence(q.float(), k.float(), v.float(), do.float(), sc, block=block, sink_sizes=sinks,
-                                      row_block=row_block, mask=mask)
+    d32, s32 = reduce_layer_influence(q.float(), k.float(), v.float(), do.float(), sc, mask=mask, options=opts)
     assert d32.dtype == torch.float64 and rel_err(d32, ref_d) < 1e-5
 
 
@@ -287,7 +288,7 @@ _MEM_SCRIPT = textwrap.dedent(
     import json, sys, tempfile, torch
     sys.path.insert(0, {repo!r})
     from tests.test_profile_taylor import tiny, make_sample
-    from compressor.influence_profile import run_profile, sample_loss
+    from compressor.influence_profile import InfluenceArgs, run_profile, sample_loss
     torch.set_num_threads(2)
     def hwm():
         for line in open("/proc/self/status"):
@@ -302,13 +303,13 @@ _MEM_SCRIPT = textwrap.dedent(
         return hwm() - before
     m = tiny("llama")
     d = tempfile.mkdtemp()
-    run_profile(m, {{128: [make_sample(128, 64)]}}, d + "/warm", progress=False)  # warm up lazy imports/allocs
+    run_profile(m, {{128: [make_sample(128, 64)]}}, d + "/warm", InfluenceArgs(progress=False))  # warm up lazy imports/allocs
     s = make_sample({n}, {n} // 2)
     def baseline():
         m.requires_grad_(False)
         sample_loss(m, s).backward()
     base = measure(baseline)
-    prof = measure(lambda: run_profile(m, {{{n}: [s]}}, d + "/p", progress=False))
+    prof = measure(lambda: run_profile(m, {{{n}: [s]}}, d + "/p", InfluenceArgs(progress=False)))
     print(json.dumps({{"baseline": base, "profile": prof}}))
     """
 )
@@ -334,7 +335,7 @@ def test_largest_intermediate_is_one_row_block():
     """Count the largest tensor any op produces (forward and backward) with a dispatch mode."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from compressor.influence_profile import run_profile
+    from compressor.influence_profile import InfluenceArgs, run_profile
 
     class Largest(TorchDispatchMode):
         biggest = 0
@@ -351,6 +352,6 @@ def test_largest_intermediate_is_one_row_block():
     import tempfile
 
     with tempfile.TemporaryDirectory() as d, Largest():
-        run_profile(model, {n: [make_sample(n, 512)]}, d + "/p", row_block=row_block, progress=False)
+        run_profile(model, {n: [make_sample(n, 512)]}, d + "/p", InfluenceArgs(row_block=row_block, progress=False))
     assert Largest.biggest <= heads * row_block * n  # one (heads x rows x keys) block, never heads x N x N
     assert Largest.biggest < heads * n * n / 4

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from profilers.progress import Progress, fmt_duration, progress
+from profilers.progress import Progress, ProgressOutput, fmt_duration, progress
 from tests.test_synthetic import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +44,8 @@ def _progress_threads() -> list[threading.Thread]:
 # ---- the plain writer ------------------------------------------------------------------------------------------
 def test_plain_lines_rate_limited_with_eta_and_end_line():
     clock, buf = Clock(), io.StringIO()
-    with progress("profile", total=4, unit="samples", interval=30, stream=buf, clock=clock, heartbeat=False,
-                  mode="auto") as tick:
+    out = ProgressOutput(interval=30, stream=buf, clock=clock, heartbeat=False, mode="auto")
+    with progress("profile", total=4, unit="samples", output=out) as tick:
         assert tick.mode == "plain"  # a StringIO is not a TTY
         assert _lines(buf) == []  # nothing before the first tick
         clock.t += 65
@@ -65,8 +65,8 @@ def test_plain_lines_rate_limited_with_eta_and_end_line():
 
 def test_plain_interval_zero_every_tick_stage_change_info_and_work_weighted_eta():
     clock, buf = Clock(), io.StringIO()
-    with progress("eval passkey", total=3, unit="samples", work_total=600, interval=0, stream=buf, clock=clock,
-                  mode="plain") as tick:
+    out = ProgressOutput(interval=0, stream=buf, clock=clock, mode="plain")
+    with progress("eval passkey", total=3, unit="samples", work_total=600, output=out) as tick:
         tick(0, stage="eval passkey: dense N=100")  # a new stage is worth a line, even before any step
         clock.t += 10
         tick(1, work=100, loss=0.5)
@@ -84,7 +84,8 @@ def test_plain_interval_zero_every_tick_stage_change_info_and_work_weighted_eta(
 
 def test_resumed_progress_eta_uses_this_runs_rate():
     clock, buf = Clock(), io.StringIO()
-    with progress("profile", total=10, done=6, interval=0, stream=buf, clock=clock, mode="plain") as tick:
+    out = ProgressOutput(interval=0, stream=buf, clock=clock, mode="plain")
+    with progress("profile", total=10, done=6, output=out) as tick:
         clock.t += 20
         tick()
     assert _lines(buf)[0] == "[profile] 7/10  elapsed 20s  eta 1m00s"
@@ -92,7 +93,8 @@ def test_resumed_progress_eta_uses_this_runs_rate():
 
 def test_eta_counts_down_during_a_long_step():
     clock = Clock()
-    p = Progress("x", total=3, interval=0, stream=io.StringIO(), clock=clock, mode="plain", heartbeat=False)
+    p = Progress("x", total=3, output=ProgressOutput(interval=0, stream=io.StringIO(), clock=clock, mode="plain",
+                                                     heartbeat=False))
     with p as tick:
         clock.t += 10
         tick()
@@ -105,7 +107,8 @@ def test_eta_counts_down_during_a_long_step():
 
 def test_heartbeat_during_a_long_step_and_thread_stops():
     buf = io.StringIO()
-    with progress("search", total=3, unit="trials", interval=0.05, stream=buf, mode="plain") as tick:
+    out = ProgressOutput(interval=0.05, stream=buf, mode="plain")
+    with progress("search", total=3, unit="trials", output=out) as tick:
         tick()
         n0 = len(_lines(buf))
         time.sleep(0.4)  # one very long step, no tick
@@ -121,16 +124,17 @@ def test_heartbeat_during_a_long_step_and_thread_stops():
 
 def test_heartbeat_before_the_first_tick():
     buf = io.StringIO()
-    with progress("profile", total=2, interval=0.05, stream=buf, mode="plain"):
+    with progress("profile", total=2, output=ProgressOutput(interval=0.05, stream=buf, mode="plain")):
         time.sleep(0.3)
     assert any(ln.startswith("[profile] 0/2  elapsed") and "eta --" in ln for ln in _lines(buf))
 
 
 def test_nested_only_the_innermost_heartbeat_speaks():
     buf = io.StringIO()
-    with progress("run", total=2, unit="stages", interval=0.05, stream=buf, mode="plain") as outer:
+    out = ProgressOutput(interval=0.05, stream=buf, mode="plain")
+    with progress("run", total=2, unit="stages", output=out) as outer:
         outer(0, stage="run: profile")
-        with progress("profile", total=1, interval=0.05, stream=buf, mode="plain") as inner:
+        with progress("profile", total=1, output=out) as inner:
             time.sleep(0.3)
             inner()
         mark = len(_lines(buf))
@@ -150,13 +154,13 @@ def test_env_interval_disabled_and_exception():
     assert Progress("x", 1).interval == 30
 
     buf = io.StringIO()
-    with progress("x", total=3, enabled=False, stream=buf) as tick:
+    with progress("x", total=3, enabled=False, output=ProgressOutput(stream=buf)) as tick:
         tick()
     assert buf.getvalue() == ""
 
     buf = io.StringIO()
     with pytest.raises(RuntimeError):
-        with progress("x", total=3, interval=0, stream=buf, mode="plain") as tick:
+        with progress("x", total=3, output=ProgressOutput(interval=0, stream=buf, mode="plain")) as tick:
             tick()
             raise RuntimeError("boom")
     assert _lines(buf)[-1].endswith("stopped (RuntimeError)")
@@ -165,9 +169,10 @@ def test_env_interval_disabled_and_exception():
 
 def test_tty_gets_the_rich_bar_nested():
     buf = FakeTTY()
-    with progress("outer", total=2, stream=buf) as t1:
+    with progress("outer", total=2, output=ProgressOutput(stream=buf)) as t1:
         assert t1.mode == "rich"
-        with progress("inner", total=1, stream=buf) as t2:  # joins the same live display (no LiveError)
+        # joins the same live display (no LiveError)
+        with progress("inner", total=1, output=ProgressOutput(stream=buf)) as t2:
             assert t2.mode == "rich"
             t2()
         t1(2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.retrieval_profile import item_needle_mass, retrieval_items, run_retrieval_profile
+from compressor.retrieval_profile import RetrievalArgs, item_needle_mass, retrieval_items, run_retrieval_profile
 from plans.errors import CompressError
 from profilers.retrieval import (
     RetrievalScores,
@@ -93,7 +93,7 @@ def test_probe_matches_eager_attention_weights():
 
 def test_retrieval_profile_round_trip(tmp_path):
     model, tok = tiny_model_with_tokenizer("llama", seed=4)
-    r = run_retrieval_profile(model, tok, lengths=[320], samples=4, corpus=None, show_progress=False)
+    r = run_retrieval_profile(model, tok, RetrievalArgs(lengths=[320], samples=4, corpus=None), show_progress=False)
     assert r.scores.shape == (2, 2) and r.halves.shape == (2, 2, 2)
     assert torch.allclose(r.halves.mean(0), r.scores, atol=1e-12)  # equal halves: the mean of means
     assert torch.all((r.scores >= 0) & (r.scores <= 1))
@@ -103,7 +103,7 @@ def test_retrieval_profile_round_trip(tmp_path):
     with pytest.raises(CompressError, match="not found"):
         load_retrieval(tmp_path / "nothing")
     with pytest.raises(CompressError, match="at least 2"):
-        run_retrieval_profile(model, tok, lengths=[320], samples=1, corpus=None, show_progress=False)
+        run_retrieval_profile(model, tok, RetrievalArgs(lengths=[320], samples=1, corpus=None), show_progress=False)
 
 
 def test_retrieval_items_are_not_eval_items():
@@ -311,7 +311,7 @@ def test_question_rows_mass_matches_eager_attention_weights():
     assert len(item.prompt_ids) - q0 > 5  # more rows than a small last-rows window
     want = torch.stack([a[0, :, q0:, s:e].sum(-1).mean(-1).double() for a in out.attentions])
     assert torch.allclose(got, want, atol=1e-5)
-    r = run_retrieval_profile(model, tok, lengths=[320], samples=2, corpus=None, query_rows=None, show_progress=False)
+    r = run_retrieval_profile(model, tok, RetrievalArgs(lengths=[320], samples=2, corpus=None, query_rows=None), show_progress=False)
     assert r.meta["query_rows"] == "question"
     with pytest.raises(CompressError, match="query_rows"):
-        run_retrieval_profile(model, tok, lengths=[320], samples=2, corpus=None, query_rows=0, show_progress=False)
+        run_retrieval_profile(model, tok, RetrievalArgs(lengths=[320], samples=2, corpus=None, query_rows=0), show_progress=False)

@@ -355,13 +355,14 @@ def test_dropout_in_train_mode_is_honoured():
 
 def test_attention_sinks_s_aux_follow_the_eager_definition():
     """gpt-oss style learned sinks: one extra logit per head in the softmax denominator."""
+    from attention_kernels.options import ScoreOptions
     from attention_kernels.reference import reference_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 12, 8, generator=g) for _ in range(3))
     s_aux = torch.randn(4, generator=g)
     sink, span = torch.full((4,), 2), torch.full((4,), 5)
-    got = reference_attention(q, k, v, sink, span, 0.3, s_aux=s_aux)
+    got = reference_attention(q, k, v, sink, span, 0.3, score=ScoreOptions(s_aux=s_aux))
     i, j = torch.arange(12)[:, None], torch.arange(12)[None]
     ok = (j <= i) & ((j < 2) | (i - j < 3))
     s = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~ok, -math.inf)

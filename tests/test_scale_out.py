@@ -50,7 +50,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str
 @pytest.fixture(scope="module")
 def tiny_profiled(tmp_path_factory):
     """(model folder, profile stem): a tiny Llama with a tokenizer and its influence profile at 64 and 128."""
-    from compressor.influence_profile import run_profile
+    from compressor.influence_profile import InfluenceArgs, run_profile
     from compressor.models import load_model
     from tests.conftest import tiny_model_with_tokenizer
     from tests.test_profile_taylor import make_sample
@@ -61,7 +61,7 @@ def tiny_profiled(tmp_path_factory):
     tok.save_pretrained(d / "model")
     model, _ = load_model(d / "model")
     samples = {64: [make_sample(64, 32, seed=1)], 128: [make_sample(128, 64, seed=2)]}
-    run_profile(model, samples, d / "profile", block=16, sink_sizes=[4, 8], progress=False)
+    run_profile(model, samples, d / "profile", InfluenceArgs(block=16, sink_sizes=[4, 8], progress=False))
     return d / "model", d / "profile"
 
 
@@ -138,8 +138,8 @@ def test_two_workers_share_one_postgres_study(pg_server, tiny_profiled, tmp_path
 
 SEARCH_WORKER = """
 import sys
-from search_space.search import search
-search(sys.argv[1], "0.5", trials=3, out_dir=sys.argv[2], resume=True, time_limit=10)
+from search_space.search import SearchArgs, search
+search(sys.argv[1], "0.5", SearchArgs(trials=3, resume=True, time_limit=10), out_dir=sys.argv[2])
 """
 
 
@@ -334,7 +334,7 @@ def test_model_split_across_cpu_and_disk_matches_one_piece(single_process_profil
     import torch
     from transformers import AutoModelForCausalLM
 
-    from compressor.influence_profile import run_profile
+    from compressor.influence_profile import InfluenceArgs, run_profile
     from compressor.models import load_model
     from compressor.patching import apply
     from compressor.placement import placement_kwargs
@@ -360,7 +360,7 @@ def test_model_split_across_cpu_and_disk_matches_one_piece(single_process_profil
             apply(m, plan)
             assert torch.equal(m(ids).logits, patched)
     samples = {64: [make_sample(64, 32, seed=3), make_sample(64, 20, seed=4)]}
-    profiles = [run_profile(m, samples, tmp_path / f"p{i}", block=16, sink_sizes=[4], progress=False)
+    profiles = [run_profile(m, samples, tmp_path / f"p{i}", InfluenceArgs(block=16, sink_sizes=[4], progress=False))
                 for i, m in enumerate(load_model(model, **kw)[0] for kw in
                                       ({}, placement_kwargs(json.dumps(SPLIT), None, None)))]
     _assert_same_profile(*profiles)

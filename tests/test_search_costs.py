@@ -3,7 +3,9 @@ import pytest
 from plans.errors import CompressError
 from plans.span import decode_density, prefill_density
 from search_space.candidates import DENSE, Candidate
-from search_space.costs import LatencyTable, density_costs, kv_density_costs, measure_latency_table
+from search_space.costs import (
+    LatencyTable, TimingOptions, density_costs, kv_density_costs, measure_latency_table,
+)
 
 
 def test_density_costs_follow_span_semantics():
@@ -35,7 +37,7 @@ def test_latency_table_interpolation_and_io(tmp_path):
 
 
 def test_measure_latency_table_small():
-    t = measure_latency_table(lengths=[128], spans=[32, 64], repeats=1, head_dim=16, sink=16)
+    t = measure_latency_table(lengths=[128], spans=[32, 64], timing=TimingOptions(repeats=1), head_dim=16, sink=16)
     assert set(t.entries[128]) == {32, 64, 128}
     assert all(v > 0 for v in t.entries[128].values())
     assert "attention" in t.kernel
@@ -45,6 +47,6 @@ def test_measure_latency_table_small():
         calls.append(int(span))
         return q
 
-    t2 = measure_latency_table(lengths=[64], spans=[16], repeats=2, head_dim=8, fn=fake, sink=4)
+    t2 = measure_latency_table(lengths=[64], spans=[16], timing=TimingOptions(repeats=2), head_dim=8, fn=fake, sink=4)
     assert sorted(set(calls)) == [16, 64] and len(calls) == 6
     assert t2.head_dim == 8 and t2.dtype == "float32"

@@ -1,13 +1,14 @@
 import itertools
+from dataclasses import replace
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import pytest
 
 from plans.errors import CompressError
-from search_space.cost_rows import CostRow, evaluate_assignment, is_feasible, make_rows
+from search_space.cost_rows import CostRow, SolverInput, evaluate_assignment, is_feasible, make_rows
 from search_space.greedy import solve_greedy
-from search_space.milp import MilpResult, solve_milp
+from search_space.milp import MilpOptions, MilpResult, solve_milp
 from search_space.pareto import non_dominated
 
 
@@ -32,14 +33,18 @@ def pareto_front(
     lengths = list(loss)
     results: list[MilpResult] = []
 
+    opt_keys = set(MilpOptions.__dataclass_fields__)
+    inp = SolverInput(loss, cost, budgets, **{k: v for k, v in kw.items() if k not in opt_keys})
+    opt = MilpOptions(time_limit=time_limit, **{k: v for k, v in kw.items() if k in opt_keys})
+
     def solve(**extra):
         try:
-            r = solve_milp(loss, cost, budgets, time_limit=time_limit, **kw, **extra)
+            r = solve_milp(replace(inp, **extra), opt)
         except CompressError as e:
             if "cannot be met together" in str(e) and "loss bounds" in str(e):
                 return None
             raise
-        if r.status.startswith(("optimal", "time_limit")) and "no feasible" not in r.status:
+        if r.status.startswith(("optimal", "time_limit")) and not r.no_solution:
             results.append(r)
         return r
 
@@ -107,11 +112,13 @@ def test_milp_matches_brute_force(seed, K, method):
     rows = make_rows(cost, bud, 0.7)
     best = brute_force(loss, rows, LAYERS, K)
     if best is None:  # the lower bound cannot be met: the solver relaxes it
-        r = solve_milp(loss, cost, bud, layer_of_head=LAYERS, K=K, lower_fraction=0.7, method=method)
+        r = solve_milp(SolverInput(loss, cost, bud, layer_of_head=LAYERS, K=K, lower_fraction=0.7),
+                       MilpOptions(method=method))
         assert r.lower_relaxed
         best = brute_force(loss, rows, LAYERS, K, lower=False)
     else:
-        r = solve_milp(loss, cost, bud, layer_of_head=LAYERS, K=K, lower_fraction=0.7, mip_rel_gap=1e-9, method=method)
+        r = solve_milp(SolverInput(loss, cost, bud, layer_of_head=LAYERS, K=K, lower_fraction=0.7),
+                       MilpOptions(mip_rel_gap=1e-9, method=method))
         assert not r.lower_relaxed
     assert r.status == "optimal"
     assert r.objective == pytest.approx(best[0], rel=1e-6, abs=1e-9)
@@ -130,7 +137,8 @@ def test_k_constraint_honoured_on_larger_problem():
     bud = {1: 0.4 * H, 2: 0.35 * H}
     for K in (1, 2, 3):
         for method in ("direct", "colgen"):
-            r = solve_milp(loss, cost, bud, layer_of_head=lay, K=K, method=method, time_limit=20)
+            r = solve_milp(SolverInput(loss, cost, bud, layer_of_head=lay, K=K),
+                           MilpOptions(method=method, time_limit=20))
             assert r.status in ("optimal", "feasible")
             for l in range(L):
                 assert len(np.unique(r.assignment[lay == l])) <= K
@@ -140,8 +148,9 @@ def test_k_constraint_honoured_on_larger_problem():
             for n in (1, 2):
                 assert 0.9 * bud[n] - 1e-6 <= r.costs[str(n)] <= bud[n] + 1e-6
     # colgen and direct agree within the tolerance
-    a = solve_milp(loss, cost, bud, layer_of_head=lay, K=2, method="direct", mip_rel_gap=1e-6, time_limit=30)
-    b = solve_milp(loss, cost, bud, layer_of_head=lay, K=2, method="colgen", time_limit=30)
+    a = solve_milp(SolverInput(loss, cost, bud, layer_of_head=lay, K=2),
+                   MilpOptions(method="direct", mip_rel_gap=1e-6, time_limit=30))
+    b = solve_milp(SolverInput(loss, cost, bud, layer_of_head=lay, K=2), MilpOptions(method="colgen", time_limit=30))
     assert b.objective <= a.objective * (1 + 1e-3) + 1e-9
 
 
@@ -149,8 +158,8 @@ def test_lower_bound_forces_budget_use():
     loss, cost = small_problem(3)
     loss = {n: l * 0 + 1e-3 * np.arange(4)[None, ::-1] for n, l in loss.items()}  # nearly flat
     bud = {1: 0.6 * 6, 2: 0.6 * 6}
-    r0 = solve_milp(loss, cost, bud, layer_of_head=LAYERS, K=None, lower_fraction=0.0)
-    r9 = solve_milp(loss, cost, bud, layer_of_head=LAYERS, K=None, lower_fraction=0.95)
+    r0 = solve_milp(SolverInput(loss, cost, bud, layer_of_head=LAYERS, K=None, lower_fraction=0.0))
+    r9 = solve_milp(SolverInput(loss, cost, bud, layer_of_head=LAYERS, K=None, lower_fraction=0.95))
     for n in ("1", "2"):
         assert r9.costs[n] >= 0.95 * bud[int(n)] - 1e-9 or r9.lower_relaxed
         assert r9.costs[n] <= bud[int(n)] + 1e-9
@@ -160,15 +169,15 @@ def test_lower_bound_forces_budget_use():
 def test_infeasible_budget_names_length_and_min_cost():
     loss, cost = small_problem(0)
     with pytest.raises(CompressError) as e:
-        solve_milp(loss, cost, {1: 0.05 * 6, 2: 3.0}, layer_of_head=LAYERS)
+        solve_milp(SolverInput(loss, cost, {1: 0.05 * 6, 2: 3.0}, layer_of_head=LAYERS))
     msg = str(e.value)
     assert "N=1" in msg and "0.6" in msg and "0.3" in msg and "infeasible" in msg
     # the same through CostRow with display units (density)
     row = CostRow(key="density@4096", cost=cost[1], upper=0.05 * 6, length=4096, display_scale=6)
     with pytest.raises(CompressError, match=r"density@4096 at N=4096 .* costs 0\.1 but the budget allows 0\.05"):
-        solve_milp(loss, [row], layer_of_head=LAYERS)
+        solve_milp(SolverInput(loss, [row], layer_of_head=LAYERS))
     with pytest.raises(CompressError, match=r"infeasible"):
-        solve_greedy(loss, [row], layer_of_head=LAYERS)
+        solve_greedy(SolverInput(loss, [row], layer_of_head=LAYERS))
 
 
 def test_group_max_budget():
@@ -177,7 +186,7 @@ def test_group_max_budget():
     c = np.tile([0.2, 0.5, 1.0], (4, 1))
     grp = np.array([0, 0, 1, 1])
     row = CostRow(key="kv", cost=c, upper=1.5, group=grp)
-    r = solve_milp(loss, [row], layer_of_head=np.zeros(4, dtype=int), K=None)
+    r = solve_milp(SolverInput(loss, [row], layer_of_head=np.zeros(4, dtype=int), K=None))
     best = brute_force(loss, [row], None, None)
     assert r.objective == pytest.approx(best[0])
     assert row.total(r.assignment) <= 1.5 + 1e-9
@@ -195,8 +204,9 @@ def test_greedy_feasible_and_not_better_than_milp(seed):
     loss = {n: np.exp(-spans[None] / tau) * (1 - spans[None]) for n in (1, 2)}
     cost = {n: np.tile(spans ** n, (H, 1)) for n in (1, 2)}
     bud = {1: 0.45 * H, 2: 0.3 * H}
-    g = solve_greedy(loss, cost, bud, layer_of_head=lay, K=2, lower_fraction=0.0)
-    m = solve_milp(loss, cost, bud, layer_of_head=lay, K=2, lower_fraction=0.0, mip_rel_gap=1e-9, method="direct")
+    g = solve_greedy(SolverInput(loss, cost, bud, layer_of_head=lay, K=2, lower_fraction=0.0))
+    m = solve_milp(SolverInput(loss, cost, bud, layer_of_head=lay, K=2, lower_fraction=0.0),
+                   MilpOptions(mip_rel_gap=1e-9, method="direct"))
     rows = make_rows(cost, bud, 0.0)
     assert g.status == "greedy" and m.status == "optimal"
     assert is_feasible(g.assignment, rows, lay, 2) and is_feasible(m.assignment, rows, lay, 2)
@@ -232,7 +242,8 @@ def test_group_max_with_k_limit_matches_brute_force(method):
     kv = CostRow(key="kv", cost=np.tile(base, (H, 1)), upper=2.2, group=grp)
     dens = CostRow(key="density", cost=np.tile(base ** 1.5, (H, 1)), upper=0.5 * H)
     rows = [kv, dens]
-    r = solve_milp(loss, rows, layer_of_head=lay, K=2, lower_fraction=0.5, method=method, mip_rel_gap=1e-9)
+    r = solve_milp(SolverInput(loss, rows, layer_of_head=lay, K=2, lower_fraction=0.5),
+                   MilpOptions(method=method, mip_rel_gap=1e-9))
     best = brute_force(loss, make_rows(rows, None, 0.5), lay, 2)
     assert r.objective == pytest.approx(best[0], rel=1e-6)
     assert kv.total(r.assignment) <= 2.2 + 1e-9
@@ -251,8 +262,9 @@ def test_colgen_bound_is_valid_with_group_rows():
     loss = {n: np.exp(-spans[None] / tau) * (1 - spans[None]) * rng.uniform(0.5, 2, (H, 1)) for n in (1, 2)}
     rows = [CostRow(key="kv", cost=np.tile(spans, (H, 1)), upper=0.5 * H / G, group=grp),
             CostRow(key="d1", cost=np.tile(spans ** 1.3, (H, 1)), upper=0.35 * H)]
-    c = solve_milp(loss, rows, layer_of_head=lay, K=2, method="colgen", time_limit=20)
-    d = solve_milp(loss, rows, layer_of_head=lay, K=2, method="direct", linking="disaggregated", time_limit=20)
+    c = solve_milp(SolverInput(loss, rows, layer_of_head=lay, K=2), MilpOptions(method="colgen", time_limit=20))
+    d = solve_milp(SolverInput(loss, rows, layer_of_head=lay, K=2),
+                   MilpOptions(method="direct", linking="disaggregated", time_limit=20))
     lb = json.loads(c.message)["lagrangian_bound"]
     assert lb is not None and lb <= d.objective + 1e-9
     assert c.objective <= d.objective * (1 + 2e-3)
@@ -276,9 +288,10 @@ def test_colgen_extended_master_proves_tight_gap():
     import json
 
     loss, cost, bud, lay = _three_length_problem(2)
-    c = solve_milp(loss, cost, bud, layer_of_head=lay, K=2, method="colgen", mip_rel_gap=1e-5, time_limit=20)
-    d = solve_milp(loss, cost, bud, layer_of_head=lay, K=2, method="direct", linking="disaggregated",
-                   mip_rel_gap=1e-9, time_limit=20)
+    c = solve_milp(SolverInput(loss, cost, bud, layer_of_head=lay, K=2),
+                   MilpOptions(method="colgen", mip_rel_gap=1e-5, time_limit=20))
+    d = solve_milp(SolverInput(loss, cost, bud, layer_of_head=lay, K=2),
+                   MilpOptions(method="direct", linking="disaggregated", mip_rel_gap=1e-9, time_limit=20))
     info = json.loads(c.message)
     assert info.get("ext_calls", 0) >= 1
     assert c.status == "optimal" and c.mip_gap <= 1e-5
@@ -295,8 +308,10 @@ def test_duplicate_candidates_are_merged(method):
     dup = np.array([0, 1, 1, 2, 3, 4, 4, 4, 5, 6, 7, 2])
     loss_d = {n: l[:, dup] for n, l in loss.items()}
     cost_d = {n: c[:, dup] for n, c in cost.items()}
-    a = solve_milp(loss, cost, bud, layer_of_head=lay, K=2, method=method, mip_rel_gap=1e-9, time_limit=20)
-    b = solve_milp(loss_d, cost_d, bud, layer_of_head=lay, K=2, method=method, mip_rel_gap=1e-9, time_limit=20)
+    a = solve_milp(SolverInput(loss, cost, bud, layer_of_head=lay, K=2),
+                   MilpOptions(method=method, mip_rel_gap=1e-9, time_limit=20))
+    b = solve_milp(SolverInput(loss_d, cost_d, bud, layer_of_head=lay, K=2),
+                   MilpOptions(method=method, mip_rel_gap=1e-9, time_limit=20))
     assert a.status == b.status == "optimal"
     assert b.objective == pytest.approx(a.objective, rel=1e-9)
     assert b.assignment.max() < len(dup) and set(b.assignment) <= {0, 1, 3, 4, 5, 8, 9, 10}  # first copies

@@ -7,14 +7,14 @@ import pytest
 
 from plans.errors import CompressError
 from plans.io import load_plan
-from search_space.search import search
+from search_space.search import SearchArgs, search
 from tests.test_search_e2e import GRID
 from tests.test_search_synthetic import make_profile
 
 
 def test_study_sqlite_resume_and_files(tmp_path):
     prof = make_profile()
-    r = search(prof, "density=0.5", trials=3, out_dir=tmp_path, grid=GRID, time_limit=10, seed=0)
+    r = search(prof, "density=0.5", SearchArgs(trials=3, grid=GRID, time_limit=10, seed=0), out_dir=tmp_path)
     db = tmp_path / "optuna.db"
     assert db.exists()
     st = optuna.load_study(study_name="compress-search", storage=f"sqlite:///{db}")
@@ -39,14 +39,14 @@ def test_study_sqlite_resume_and_files(tmp_path):
         assert plan.density(n) <= 0.5 + 1e-9
     # without resume the stored study is not silently reused
     with pytest.raises(CompressError, match="--resume"):
-        search(prof, "density=0.5", trials=1, out_dir=tmp_path, grid=GRID)
+        search(prof, "density=0.5", SearchArgs(trials=1, grid=GRID), out_dir=tmp_path)
     # resume adds trials to the same study
-    r2 = search(prof, "density=0.5", trials=2, out_dir=tmp_path, grid=GRID, time_limit=10, seed=0, resume=True)
+    r2 = search(prof, "density=0.5", SearchArgs(trials=2, grid=GRID, time_limit=10, seed=0, resume=True), out_dir=tmp_path)
     assert len(optuna.load_study(study_name="compress-search", storage=f"sqlite:///{db}").trials) == 5
     assert len(r2.study.study.trials) == 5
     # a resumed study must keep its budgets
     with pytest.raises(CompressError, match="was run with budgets"):
-        search(prof, "density=0.4", trials=1, out_dir=tmp_path, grid=GRID, resume=True)
+        search(prof, "density=0.4", SearchArgs(trials=1, grid=GRID, resume=True), out_dir=tmp_path)
 
 
 def test_study_evaluate_hook_and_latency_constraint(tmp_path):
@@ -61,10 +61,9 @@ def test_study_evaluate_hook_and_latency_constraint(tmp_path):
     from search_space.costs import LatencyTable
 
     table = LatencyTable(device="test", dtype="float32", head_dim=16, entries={1024: {32: 0.1, 1024: 100 / 16}})
-    r = search(prof, ["density=0.6", "latency@1024<=45ms"], trials=3, evaluate=evaluate, latency_table=table,
-               grid=GRID, time_limit=10, seed=1, storage=f"sqlite:///{tmp_path}/s.db", study_name="hook")
+    r = search(prof, ["density=0.6", "latency@1024<=45ms"], SearchArgs(trials=3, latency_table=table, grid=GRID, time_limit=10, seed=1, storage=f"sqlite:///{tmp_path}/s.db", study_name="hook"), evaluate=evaluate)
     assert len(seen) >= 1
     assert r.plan.predicted.validation["latency_ms"] <= 45
     assert all(row.feasible == (row.latency <= 45) for row in r.study.rows)
     with pytest.raises(CompressError, match="must return a dict with loss and latency_ms"):
-        search(prof, "density=0.6", trials=1, evaluate=lambda p: {"loss": 1.0}, grid=GRID)
+        search(prof, "density=0.6", SearchArgs(trials=1, grid=GRID), evaluate=lambda p: {"loss": 1.0})

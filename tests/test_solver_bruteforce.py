@@ -25,8 +25,8 @@ import pytest
 import search_space.layer_pricing as pricing_mod
 import search_space.milp as milp_mod
 from plans.errors import CompressError
-from search_space.cost_rows import CostRow
-from search_space.milp import solve_milp
+from search_space.cost_rows import CostRow, SolverInput
+from search_space.milp import MilpOptions, solve_milp
 
 CASE = Path(__file__).parent / "data" / "exact_search_lower_bound.json"
 ABS_GAP = 1e-6  # HiGHS' default mip_abs_gap
@@ -189,13 +189,13 @@ def with_duplicate_candidate(inst: dict, rng: np.random.Generator) -> dict:
 def check_against_brute_force(inst: dict, gap: float, relax_lower: bool = True, bf=None, **kw):
     """Solve ``inst`` and hold the result to its promises; returns the solver name (the path taken)."""
     (n_ok, best, _), (n_up, best_up, _) = bf or (brute_force(inst, lower=True), brute_force(inst, lower=False))
-    call = dict(layer_of_head=inst["layer_of_head"], K=inst["K"], mip_rel_gap=gap, time_limit=30.0,
-                relax_lower=relax_lower, **kw)
+    inp = SolverInput(inst["loss"], cost_rows(inst), layer_of_head=inst["layer_of_head"], K=inst["K"])
+    opt = MilpOptions(mip_rel_gap=gap, time_limit=30.0, relax_lower=relax_lower, **kw)
     if n_up == 0 or (n_ok == 0 and not relax_lower):
         with pytest.raises(CompressError):
-            solve_milp(inst["loss"], cost_rows(inst), **call)
+            solve_milp(inp, opt)
         return "infeasible"
-    r = solve_milp(inst["loss"], cost_rows(inst), **call)
+    r = solve_milp(inp, opt)
     ctx = f"{r.solver} {r.status} lower_relaxed={r.lower_relaxed} objective={r.objective} message={r.message}"
     assert r.status in ("optimal", "feasible"), ctx
     if n_ok > 0:
@@ -241,8 +241,8 @@ def test_case_file_lower_bounds_kept(kw):
     """The column-generation path used to drop the lower bounds here (objective 1.074) instead of finding the one
     assignment that meets them."""
     d, inst, bf = load_case()
-    r = solve_milp(inst["loss"], cost_rows(inst), layer_of_head=inst["layer_of_head"], K=inst["K"],
-                   lower_fraction=d["lower_fraction"], **kw)
+    r = solve_milp(SolverInput(inst["loss"], cost_rows(inst), layer_of_head=inst["layer_of_head"], K=inst["K"],
+                               lower_fraction=d["lower_fraction"]), MilpOptions(**kw))
     assert not r.lower_relaxed, f"{r.solver}: lower bounds dropped, objective {r.objective}"
     assert r.status == "optimal"
     assert r.objective == pytest.approx(d["expected"]["objective"], rel=1e-9)
@@ -335,7 +335,8 @@ def test_greedy_says_when_it_misses_the_lower_bounds():
     seen = Counter()
     for inst in instances(800, 60, "any", [None, 1, 2]):
         try:
-            g = solve_greedy(inst["loss"], cost_rows(inst), layer_of_head=inst["layer_of_head"], K=inst["K"])
+            g = solve_greedy(SolverInput(inst["loss"], cost_rows(inst),
+                                         layer_of_head=inst["layer_of_head"], K=inst["K"]))
         except CompressError:
             assert brute_force(inst, lower=False)[0] == 0
             continue

@@ -36,15 +36,18 @@ class KeyLayout:
     source: str = "builder"
 
 
-def key_layout_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, attention_mask=None,
-                    mask_function=None, allow_is_causal_skip=True, **kw):
+def key_layout_mask(batch_size, q_length=None, kv_length=None, attention_mask=None, **kw):
     """Registered in AttentionMaskInterface: key validity (B, 1, 1, kv) bool carrying a :class:`KeyLayout` as
     ``.compress_layout``, or None for a plain causal call (no padding, every key slot written, no offsets).
 
     The pattern itself (causal, sink, windows, a native sliding window) is applied by the attention function
     from real positions, so no (q, kv) mask is built except where HF adds a mask function of its own (packed
     sequences, modality overlays, compiled decode), which is materialised as stock sdpa would and intersected.
+    ``kw``: the rest of transformers' mask-interface keywords (``q_offset``, ``kv_offset``, ``mask_function``,
+    ``allow_is_causal_skip``, ``device``, ...).
     """
+    q_offset, kv_offset = kw.get("q_offset", 0), kw.get("kv_offset", 0)
+    mask_function, allow_is_causal_skip = kw.get("mask_function"), kw.get("allow_is_causal_skip", True)
     if attention_mask is not None and (attention_mask.ndim != 2 or attention_mask.shape[0] not in (1, batch_size)):
         raise CompressError(f"compress attention: a mask of shape {tuple(attention_mask.shape)} for a batch of "
                             f"{batch_size}; expected a 2D padding mask ({batch_size}, kv) or a 4D (B|1, 1|Hq, q|1, kv) "

@@ -25,6 +25,7 @@ from attention_kernels.dispatch import backend, sparse_attention, sparse_attenti
 from attention_kernels.kv_groups import AttendSpec
 from attention_kernels.cheap_operators import head_subset, linear_attention, relu_softmax_attention
 from attention_kernels.reference import attention_probabilities, pattern_mask, reference_attention, repeat_kv
+from attention_kernels.options import KeyPositions, ScoreOptions
 from plans.errors import CompressError
 from plans.io import plan_from_dict
 from plans.schema import DensePattern, Plan
@@ -194,18 +195,20 @@ def _prefill(rt, query, key, value, layout: KeyLayout, sink_eff, window, feats: 
         out = _fast_prefill(query, key, value, sink_eff, window, feats.scaling, valid)
     span = torch.where(window >= DENSE_SPAN, DENSE_SPAN, sink_eff + window)
     if out is None:
-        out = reference_attention(query, key, value, sink_eff, span, feats.scaling, q_pos=layout.q_pos,
-                                  k_pos=layout.k_pos, k_valid=valid, native_window=feats.native_window,
-                                  allowed=layout.allowed, softcap=feats.softcap, s_aux=feats.s_aux,
-                                  dropout=feats.dropout)
+        positions = KeyPositions(q_pos=layout.q_pos, k_pos=layout.k_pos, k_valid=valid, allowed=layout.allowed)
+        score = ScoreOptions(native_window=feats.native_window, softcap=feats.softcap, s_aux=feats.s_aux,
+                             dropout=feats.dropout)
+        out = reference_attention(query, key, value, sink_eff, span, feats.scaling, positions=positions, score=score)
     if rt.relu_heads or rt.linear_heads:
-        out = _other_operators(rt, out, query, key, value, feats.scaling, layout, valid, sink_eff, span,
-                               feats.native_window)
+        out = _other_operators(rt, out, (query, key, value), feats, layout, valid, (sink_eff, span))
     return out
 
 
-def _other_operators(rt, out, query, key, value, scaling, layout, valid, sink_eff, span, native):
-    """Overwrite the heads whose operator is not softmax: relu-softmax (same key set) and linear attention."""
+def _other_operators(rt, out, qkv, feats, layout, valid, pattern):
+    """Overwrite the heads whose operator is not softmax: relu-softmax (same key set) and linear attention.
+    ``qkv``: the call's (query, key, value); ``pattern``: the per-head (sink_eff, span)."""
+    (query, key, value), (sink_eff, span) = qkv, pattern
+    scaling, native = feats.scaling, feats.native_window
     out = out.clone()
     if rt.linear_heads:
         h = rt.linear_heads

@@ -1,7 +1,9 @@
-"""CLI round trip on a tiny model: profile -> search -> apply -> eval, then logits of the patched folder.
+"""CLI round trip on a tiny model: profile -> search -> apply -> eval, then logits of the patched folder, then
+`compress run` with both plan shapes (keep_dense, search).
 
-Prints sha256 fingerprints of the plan's layers and predictions, of the patched model's logits on fixed ids and of
-the eval summary, so two trees (before / after a refactor) can be compared bit for bit:
+Prints sha256 fingerprints of the plan's layers and predictions, of the patched model's logits on fixed ids, of
+the eval summary, and of each run's plans and per-item eval rows, so two trees (before / after a refactor) can be
+compared bit for bit (run both from the same checkout path: a calibration recipe names its data file's path):
 
     python tests/scripts/cli_round_trip.py /tmp/rt_before
 """
@@ -64,6 +66,19 @@ def main(out: Path) -> dict:
         "eval": sha(json.dumps([{k: v for k, v in r.items() if "second" not in k and "time" not in k}
                                 for r in ev["summary"]], sort_keys=True).encode()),
     }
+    for shape, budgets in (("keep_dense", ["--budget", "0.5", "--budget", "0.25"]), ("search", ["--budget", "0.5", "--retrieval-samples", "0"])):
+        run_out = out / f"run_{shape}"
+        cli("run", "--model", str(model_dir), "--out", str(run_out), "--profile-lengths", "256",
+            "--validate-length", "320", "--eval-lengths", "384", "--retrieval-samples", "2", *budgets,
+            "--samples", "2", "--trials", "2", "--eval-tasks", "niah_single,ppl", "--eval-depths", "0.5",
+            "--eval-samples", "2", "--sources", f"{data},passkey", "--sinks", "8", "--block", "16",
+            "--local-span", "32", "--bench-length", "0", "--plan-shape", shape)
+        plans = {f.name: json.loads(f.read_text())["layers"] for f in sorted((run_out / "plans").glob("*.json"))}
+        fp[f"run_{shape}_plans"] = sha(json.dumps(plans, sort_keys=True).encode())
+        for task in ("niah_single", "ppl"):
+            rows = json.loads((run_out / f"eval_{task}.json").read_text())
+            rows = {k: v for k, v in rows.items() if k != "summary"}
+            fp[f"run_{shape}_eval_{task}"] = sha(json.dumps(rows, sort_keys=True, default=str).encode())
     (out / "fingerprint.json").write_text(json.dumps(fp, indent=1))
     return fp
 
