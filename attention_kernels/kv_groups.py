@@ -29,6 +29,7 @@ from attention_kernels.cheap_operators import (
     relu_softmax_attention,
 )
 from attention_kernels.reference import masked_attention, repeat_kv
+from attention_kernels.options import ScoreOptions
 from plans.span import sees
 
 @dataclass(frozen=True)
@@ -129,8 +130,9 @@ class DenseGroup:
             ok = ok & (qp - kp < spec.native_window)
         ok = ok | (~ok.any(-1, keepdim=True) & valid)  # padding query rows: any valid key, never NaN
         qg, kg, vg = query.index_select(1, qi), repeat_kv(self.k, n_rep), repeat_kv(self.v, n_rep)
-        o = masked_attention(qg, kg, vg, ok, spec.scale, softcap=spec.softcap,
-                             s_aux=None if spec.s_aux is None else spec.s_aux.index_select(0, qi), dropout=spec.dropout)
+        s_aux = None if spec.s_aux is None else spec.s_aux.index_select(0, qi)
+        o = masked_attention(qg, kg, vg, ok, spec.scale, ScoreOptions(softcap=spec.softcap, s_aux=s_aux,
+                                                                      dropout=spec.dropout))
         for r, h in enumerate(qi.tolist()):
             if h in spec.relu_heads:
                 o[:, r] = relu_softmax_attention(qg[:, r : r + 1], kg[:, r : r + 1], vg[:, r : r + 1], ok[:, r : r + 1],

@@ -57,37 +57,28 @@ def masked_attention(
     v: torch.Tensor,
     mask: torch.Tensor,
     scale: float | None = None,
-    *,
-    softcap: float | None = None,
-    s_aux: torch.Tensor | None = None,
-    dropout: float = 0.0,
+    score: ScoreOptions = ScoreOptions(),
 ) -> torch.Tensor:
     """Softmax attention of q (B, H, q, D) over k/v (B, H, k, D) (already repeated) under a bool ``mask``
     (B, H, q, k) -> (B, H, q, D).
 
-    The model features of transformers' eager functions: ``softcap`` (Gemma2: ``cap * tanh(s / cap)`` on the
-    logits before masking), ``s_aux`` (H,) learned attention-sink logits (gpt-oss: one extra column in the softmax
-    denominator, dropped afterwards), ``dropout`` on the probabilities (training only; HF passes 0 in eval).
-    Without softcap and s_aux this is one ``F.scaled_dot_product_attention`` call.
+    The model features of transformers' eager functions (:class:`attention_kernels.options.ScoreOptions`):
+    ``softcap`` (Gemma2: ``cap * tanh(s / cap)`` on the logits before masking), ``s_aux`` (H,) learned
+    attention-sink logits (gpt-oss: one extra column in the softmax denominator, dropped afterwards), ``dropout``
+    on the probabilities (training only; HF passes 0 in eval); ``native_window`` is not read here (it is part of
+    ``mask``). Without softcap and s_aux this is one ``F.scaled_dot_product_attention`` call.
     """
-    if softcap is None and s_aux is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
-    return attention_probabilities(q, k, mask, scale, softcap=softcap, s_aux=s_aux, dropout=dropout) @ v
+    if score.softcap is None and score.s_aux is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=score.dropout)
+    return attention_probabilities(q, k, mask, scale, score) @ v
 
 
-def attention_probabilities(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    mask: torch.Tensor,
-    scale: float | None = None,
-    *,
-    softcap: float | None = None,
-    s_aux: torch.Tensor | None = None,
-    dropout: float = 0.0,
-) -> torch.Tensor:
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float | None = None,
+                            score: ScoreOptions = ScoreOptions()) -> torch.Tensor:
     """The softmax weights (B, H, q, k) of q (B, H, q, D) over k (B, H, k, D) under a bool ``mask`` (B, H, q, k),
-    as transformers' eager attention returns them (0 where masked; ``softcap``, ``s_aux`` and ``dropout`` as in
-    :func:`masked_attention`, whose output is these weights times v)."""
+    as transformers' eager attention returns them (0 where masked; ``score`` as in :func:`masked_attention`,
+    whose output is these weights times v)."""
+    softcap, s_aux, dropout = score.softcap, score.s_aux, score.dropout
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap is not None:
@@ -133,8 +124,7 @@ def reference_attention(
     mask = pattern_mask(q_pos, k_pos, k_valid, sink.to(q.device), span.to(q.device), score.native_window,
                         positions.allowed)
     n_rep = hq // k.shape[1]
-    return masked_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, scale, softcap=score.softcap,
-                            s_aux=score.s_aux, dropout=score.dropout)
+    return masked_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, scale, score)
 
 
 def decode_reference(

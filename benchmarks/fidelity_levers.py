@@ -127,9 +127,9 @@ def _answer_loss(model, samples) -> float:
 
 
 def second_order(argv, heads_per_group: int) -> None:
+    from compressor.args import CalibrationArgs
     from compressor.models import compress_home, load_model
     from compressor.patching import plan_applied
-    from compressor.pipeline import calibration_recipe
     from plans.identity import identity_from_config
     from profilers.calibration import get_or_build_calibration
     from profilers.retrieval import load_retrieval
@@ -140,7 +140,7 @@ def second_order(argv, heads_per_group: int) -> None:
     n = 2048
     model, tok = load_model(None)  # float32, as the profile
     samples = get_or_build_calibration(compress_home() / "calibration", tok,
-                                       calibration_recipe(None, [n], 4, ["qa"], 0), model=model)[n]
+                                       CalibrationArgs((n,), 4, ("qa",), 0).recipe("default"), model=model)[n]
     prof = _influence(["qa_s0"])  # the same 4 samples: estimate and measurement see identical data
     est = _head_loss(prof, n, by_layer=False)
     ident = identity_from_config(model.config)
@@ -379,15 +379,16 @@ def perplexity(argv, plan_names: list[str], lengths: list[int], samples: int, mo
     ``label``: added to the section's name (each set of plans its own section)."""
     import math
 
-    from compressor.evaluation import evaluate, heldout_corpus
+    from compressor.args import EvalArgs
+    from compressor.evaluation import evaluate
     from compressor.models import load_model
     from plans.io import load_plan
 
     torch.set_num_threads(1)
     model, tok = load_model(model_name)
     plans = {name: load_plan(PLANS / f"{name}.json") for name in plan_names}
-    rep = evaluate(model, tok, plans, "ppl", lengths, samples=samples, haystack=heldout_corpus("austen"),
-                   include_uniform=False)
+    rep = evaluate(model, tok, plans, EvalArgs("ppl", tuple(lengths), samples=samples, corpus="austen",
+                                               include_uniform=False))
     out = {}
     for m in rep.methods:
         cells = [c for c in rep.cells if c.method == m]

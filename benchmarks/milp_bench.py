@@ -26,7 +26,8 @@ from common import machine, write_results
 from search_space.candidates import moa_grid
 from search_space.costs import density_costs
 from search_space.greedy import solve_greedy
-from search_space.milp import solve_milp
+from search_space.cost_rows import SolverInput
+from search_space.milp import MilpOptions, solve_milp
 
 LENGTHS = (2048, 4096, 8192)
 
@@ -72,12 +73,12 @@ def main(argv=None):
             loss, cost, bud, lay, C = make_problem(args.layers, args.heads, seed, loss_kind, args.budget, args.candidates)
             for method in args.methods:
                 t0 = time.perf_counter()
+                inp = SolverInput(loss, cost, bud, layer_of_head=lay, K=args.K)
                 if method == "greedy":
-                    r = solve_greedy(loss, cost, bud, layer_of_head=lay, K=args.K)
+                    r = solve_greedy(inp)
                 else:
                     tl = args.direct_time_limit if method == "direct" else args.time_limit
-                    r = solve_milp(loss, cost, bud, layer_of_head=lay, K=args.K, time_limit=tl, mip_rel_gap=args.gap,
-                                   method=method)
+                    r = solve_milp(inp, MilpOptions(time_limit=tl, mip_rel_gap=args.gap, method=method))
                 wall = time.perf_counter() - t0
                 info = {}
                 if r.message.startswith("{"):

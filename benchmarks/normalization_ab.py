@@ -9,7 +9,7 @@ import sys
 import torch
 
 from profilers.profile_format import load_profile, normalize_profile
-from search_space.search import search
+from search_space.search import SearchArgs, search
 from search_space.candidates import candidate_grid
 from plans.schema import uniform_plan, span_for_density
 from compressor.models import load_model
@@ -23,10 +23,10 @@ normalized = normalize_profile  # the search's own per-layer normalisation, appl
 grid = candidate_grid(prof.meta.lengths, block=64, sinks=[64])
 minspan = [c for c in grid if c.kind == "dense" or min(c.span(n) for n in prof.meta.lengths) >= 256]
 variants = {
-  "A_raw": search(prof, [budget], normalize="none").plan,
-  "B_norm": search(normalized(prof), [budget], normalize="none").plan,
-  "C_min256": search(prof, [budget], grid=minspan, normalize="none").plan,
-  "D_both": search(normalized(prof), [budget], grid=minspan, normalize="none").plan,
+  "A_raw": search(prof, [budget], SearchArgs(normalize="none")).plan,
+  "B_norm": search(normalized(prof), [budget], SearchArgs(normalize="none")).plan,
+  "C_min256": search(prof, [budget], SearchArgs(grid=minspan, normalize="none")).plan,
+  "D_both": search(normalized(prof), [budget], SearchArgs(grid=minspan, normalize="none")).plan,
 }
 m, tok = load_model()
 hay = list(split_corpus(load_corpus("austen")).heldout)

@@ -82,6 +82,7 @@ def main():
         elif "distill" in name:
             import tempfile
 
+            from compressor.args import DistillArgs
             from compressor.distill import distill
             from profilers.calibration import CalibrationRecipe, build_calibration
 
@@ -89,7 +90,7 @@ def main():
             rec = CalibrationRecipe(sources=["austen"], lengths=[a.distill_length], samples_per_length=8, seed=3)
             cal = build_calibration(tok, rec, progress=False)
             with tempfile.TemporaryDirectory() as tmp:
-                losses = distill(model, plan, cal, steps=a.distill_steps, lr=1e-4, out_dir=tmp, resume=False)
+                losses = distill(model, plan, cal, DistillArgs(steps=a.distill_steps, lr=1e-4, resume=False), out_dir=tmp)
             print(f"distill loss {losses[0]:.4g} -> {losses[-1]:.4g}", flush=True)
         else:
             apply(model, plan)

@@ -118,6 +118,7 @@ def child(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from compressor.args import InfluenceArgs
     from compressor.influence_profile import run_profile, sample_loss
 
     rss0 = _rss()
@@ -137,8 +138,9 @@ def child(args) -> dict:
                 sample_loss(model, s).backward()
 
     def run_prof(ss, stem):
-        run_profile(model, {ss[0].length: ss}, os.path.join(tmp, stem), block=args.block, sink_sizes=(args.sink,),
-                    row_block=args.row_block, allow_extrapolation=True, progress=False)
+        run_profile(model, {ss[0].length: ss}, os.path.join(tmp, stem),
+                    InfluenceArgs(block=args.block, sink_sizes=(args.sink,), row_block=args.row_block,
+                                  allow_extrapolation=True, progress=False))
 
     fn = run_baseline if args.child == "baseline" else (lambda ss: run_prof(ss, "p"))
     (run_baseline if args.child == "baseline" else (lambda ss: run_prof(ss, "warm")))(warm)

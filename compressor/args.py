@@ -82,7 +82,7 @@ class InfluenceArgs:
     allow_extrapolation: bool = False
     loss_mode: str = "answer_ce"
     resume: bool = True
-    max_block_elems: int | None = None  # None: profilers.taylor.DEFAULT_MAX_BLOCK_ELEMS
+    max_block_elems: int | None = None  # None: profilers.influence.DEFAULT_MAX_BLOCK_ELEMS
     progress: bool = True
 
 

@@ -296,7 +296,7 @@ def profile_cmd(
                                    help="retrieval: the prompt rows whose attention on the needle is scored: the last "
                                         "N, or 'question' (every row after the context, where the key is read)"),
     workers: int = typer.Option(1, "--workers", help="data-parallel processes (torchrun: gloo on CPU, nccl with a "
-                                                     "GPU each), the samples split across them; taylor only"),
+                                                     "GPU each), the samples split across them; influence only"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
     offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),

@@ -308,7 +308,7 @@ def distill(model, plan: Plan, samples: Sequence[Sample] | dict[int, list[Sample
     ``on_step(step, loss)`` is called after each step (1-based; raising from it stops the run, leaving the last
     checkpoint for a resume). Returns every step's loss from step 0 (a checkpoint already at or past ``steps`` is
     loaded and its history returned without training). Raises CompressError for bad settings or no samples."""
-    steps, lr, resume, progress, params, loss = args.steps, args.lr, args.resume, args.progress, args.params, args.loss
+    steps, lr, resume, params, loss = args.steps, args.lr, args.resume, args.params, args.loss
     save_every, weight_decay, seed, teacher = args.save_every, args.weight_decay, args.seed, args.teacher
     max_teacher_bytes = args.max_teacher_bytes
     from compressor import apply

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +20,6 @@ import torch
 from compressor.args import GateArgs
 from compressor.hf.gate_attention import gates_mode
 from compressor.hf.modules import check_model_supported
-from plans.defaults import DEFAULT_BLOCK
 from plans.errors import CompressError
 from plans.identity import identity_from_config
 from plans.schema import tool_version

@@ -1,10 +1,10 @@
 """`compress profile`'s driver: run the streamed Taylor influence over calibration samples and write a profile.
 
 One sample at a time (batch 1), for each length: embeddings require grad (parameters are frozen, so no parameter
-gradient is stored), forward through :data:`compressor.hf.profile_attention.PROFILE_ATTN`, loss = mean CE over the
+gradient is stored), forward through :data:`compressor.hf.influence_attention.INFLUENCE_ATTN`, loss = mean CE over the
 sample's target tokens (``loss_mask``; HF shift: token t is predicted from position t - 1), backward; each layer's
 attention backward recomputes its attention blockwise and adds the layer's influence to the sums
-(:class:`profilers.taylor.InfluenceCollector`, math in :mod:`profilers.taylor`).
+(:class:`profilers.influence.InfluenceCollector`, math in :mod:`profilers.influence`).
 
 Resumable: after every sample the float64 running sums and the progress (samples done per length, recipe hash)
 are written atomically to ``<out_stem>.partial.safetensors`` (authoritative: the progress is also in its metadata)
@@ -20,7 +20,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,17 +29,16 @@ from safetensors.torch import save_file
 
 from compressor.args import InfluenceArgs
 from compressor.hf.modules import accepts_logits_to_keep, check_model_supported
-from compressor.hf.profile_attention import profiling_mode
+from compressor.hf.influence_attention import influence_mode
 from compressor.placement import input_device, param_value
 from plans.atomic import atomic_path, write_text_atomic
-from plans.defaults import DEFAULT_BLOCK, DEFAULT_SINK
 from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
 from plans.schema import tool_version
 from profilers.profile_format import Profile, ProfileMeta, save_profile
 from profilers.progress import progress as progress_helper
 from profilers.samples import Sample
-from profilers.taylor import (
+from profilers.influence import (
     DEFAULT_MAX_BLOCK_ELEMS,
     FP32_EPS,
     InfluenceCollector,
@@ -363,7 +361,7 @@ def run_profile(model, samples_by_length: dict[int, list[Sample]], out_stem: str
         partial = _share_partial(dp, partial, lengths, coll)
     st, js, sums, done = partial
     show = progress and (dp is None or dp.is_main)
-    with profiling_mode(model, coll), _progress_bar(samples_by_length, lengths, done, show) as tick:
+    with influence_mode(model, coll), _progress_bar(samples_by_length, lengths, done, show) as tick:
         if dp is None:
             seconds = _profile_samples(model, coll, samples_by_length, lengths, partial, recipe, tick, on_sample)
         else:

@@ -34,9 +34,9 @@ from typing import Sequence
 
 from compressor.models import apply_to_folder, save_patched  # noqa: F401  (`compress apply`; distill's folder)
 from compressor.args import (BenchArgs, CalibrationArgs, EvalArgs, PlacementArgs, PlanArgs, ProfileArgs,
-                             DEFAULT_SOURCES, PROFILE_METHODS)
+                             DEFAULT_SOURCES, PROFILE_METHODS)  # noqa: F401  (re-exported)
 from plans.atomic import write_text_atomic
-from plans.defaults import DEFAULT_LOCAL_SPAN, DEFAULT_SINK
+from plans.defaults import DEFAULT_SINK
 from plans.errors import CompressError
 from plans.identity import ModelIdentity, identity_from_config
 from plans.importers import import_plan_file

@@ -17,7 +17,6 @@ by the last 6 rows, the top 16 kept dense retrieve 15/50 held-out multikey needl
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
 

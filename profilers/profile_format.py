@@ -9,7 +9,7 @@ Tensors, for each profiled length N (``nb = ceil(N / block)`` distance buckets, 
 - ``sinkdist.q.{N}``  [L, Hq, nS, nb]      the same restricted to keys j < sink_sizes[s]
 - ``dist.kv.{N}``, ``sinkdist.kv.{N}``     the same summed over the query heads of each KV head
 
-For the ``taylor`` method the influence is |dL_ij| (MoA); for ``gates`` it is a keep score spread the same way.
+For the ``taylor`` method (``compress profile --method influence``; the stored name) the influence is |dL_ij| (MoA); for ``gates`` it is a keep score spread the same way.
 
 The masked loss of a sink+window config with (sink S, window w) -- see plans.span -- is the influence of
 entries with i - j >= w and j >= S: a suffix sum over buckets, see :func:`masked_loss`.

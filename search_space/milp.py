@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
-from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 

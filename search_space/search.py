@@ -21,7 +21,6 @@ from plans.schema import Plan
 from profilers.profile_format import Profile, normalize_profile
 from search_space.args import SearchArgs
 from search_space.candidates import Candidate
-from search_space.costs import LatencyTable
 from search_space.keep_dense import check_kept_dense, force_dense
 from search_space.milp import MilpResult
 from search_space.outputs import write_outputs

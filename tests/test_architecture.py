@@ -5,7 +5,9 @@ Every import statement in the five packages is read with ``ast`` (module level a
 * a package imports only itself and those to its left: ``plans <- attention_kernels <- profilers <- search_space <- compressor``;
 * no import cycle between modules (graphlib's topological sort over module -> imported-module edges);
 * ``attention_kernels/`` imports nothing from transformers (pure tensor code; the one seam to transformers is ``compressor/hf``);
-* no function is longer than 100 lines;
+* no function is longer than 100 lines, in the packages and in benchmarks/;
+* no function takes more than 8 parameters, except the CLI's Typer commands (one parameter per option) and Triton
+  kernels (``@triton.jit``: pointers, strides and constexprs are their only way in); stages take typed ``*Args``;
 * no top-level package shares its name with a module another installed distribution provides (transformers 5.25
   requires the `kernels` distribution: a package of ours named `kernels` shadowed it and broke `import transformers`).
 """
@@ -21,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["plans", "attention_kernels", "profilers", "search_space", "compressor"]
 MAX_FUNCTION_LINES = 100
+MAX_PARAMETERS = 8
 
 
 def modules() -> dict[str, Path]:
@@ -93,9 +96,13 @@ def test_kernels_are_pure_tensor_code():
     assert not bad, "\n".join(bad)
 
 
+def benchmark_files() -> list[Path]:
+    return sorted((ROOT / "benchmarks").glob("*.py"))
+
+
 def test_no_function_over_100_lines():
     long = []
-    for name, path in modules().items():
+    for path in [*modules().values(), *benchmark_files()]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
@@ -154,3 +161,43 @@ def test_transformers_models_import_beside_our_packages():
     r = subprocess.run([sys.executable, "-c", "import attention_kernels, transformers.modeling_utils"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def parameter_count(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Positional, keyword-only, ``*args`` and ``**kwargs`` parameters, without ``self`` / ``cls``."""
+    a = node.args
+    named = [x for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+    return len(named) + bool(a.vararg) + bool(a.kwarg)
+
+
+def exempt_from_parameter_rule(node) -> bool:
+    """A Typer command (``@app.command(...)``) or a Triton kernel (``@triton.jit``)."""
+    decorators = [ast.unparse(d) for d in node.decorator_list]
+    return any(d.startswith(("app.command", "plan_app.command", "data_app.command")) or "triton.jit" in d
+               for d in decorators)
+
+
+def many_parameters(paths, root: Path = ROOT) -> list[str]:
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not exempt_from_parameter_rule(node):
+                if parameter_count(node) > MAX_PARAMETERS:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({parameter_count(node)})")
+    return found
+
+
+def test_no_function_with_more_than_8_parameters():
+    """Options travel in typed dataclasses (compressor/args.py, search_space/args.py, attention_kernels/options.py),
+    not as keyword relays through layers."""
+    bad = many_parameters([*modules().values(), *benchmark_files()])
+    assert not bad, "functions with more than 8 parameters:\n" + "\n".join(bad)
+
+
+def test_the_parameter_checker_sees_one_and_exempts_commands_and_kernels(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("def f(a, b, c, d, e, g, h, i, *rest):\n    pass\n"
+                 "def ok(self, a, b, c, d, e, g, h, i):\n    pass\n"
+                 "@app.command('x')\ndef cmd(a, b, c, d, e, g, h, i, j):\n    pass\n"
+                 "@triton.jit\ndef kern(a, b, c, d, e, g, h, i, j):\n    pass\n")
+    assert many_parameters([f], tmp_path) == ["x.py:1 f (9)"]

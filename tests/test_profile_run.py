@@ -11,8 +11,8 @@ from compressor.hf.modules import attention_modules, module_state
 from compressor.influence_profile import InfluenceArgs, partial_paths, run_profile
 from plans.errors import CompressError
 from profilers.profile_format import load_profile
-from profilers.taylor import kv_aggregate
-from tests.test_profile_taylor import make_sample, tiny
+from profilers.influence import kv_aggregate
+from tests.test_profile_influence import make_sample, tiny
 
 
 class Stop(Exception):
@@ -146,12 +146,12 @@ def test_gqa_window_model_runs_and_warns(tmp_path):
 
 
 def test_registered_function_is_plain_sdpa_without_collector():
-    from compressor.hf.profile_attention import PROFILE_ATTN  # registers it at import
+    from compressor.hf.influence_attention import INFLUENCE_ATTN  # registers it at import
 
     model = tiny("llama")
     ids = make_sample(40, 10).input_ids[None]
     ref = model(ids).logits
-    model.set_attn_implementation(PROFILE_ATTN)
+    model.set_attn_implementation(INFLUENCE_ATTN)
     assert torch.equal(model(ids).logits, ref)
     model.set_attn_implementation("sdpa")
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from compressor.args import CalibrationArgs, InfluenceArgs, ProfileArgs, args_to_json
 from compressor.cli import app
 from plans.io import load_plan
 from search_space.storage import WORKER_ATTR, open_storage
@@ -50,10 +51,10 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str
 @pytest.fixture(scope="module")
 def tiny_profiled(tmp_path_factory):
     """(model folder, profile stem): a tiny Llama with a tokenizer and its influence profile at 64 and 128."""
-    from compressor.influence_profile import InfluenceArgs, run_profile
+    from compressor.influence_profile import run_profile
     from compressor.models import load_model
     from tests.conftest import tiny_model_with_tokenizer
-    from tests.test_profile_taylor import make_sample
+    from tests.test_profile_influence import make_sample
 
     d = tmp_path_factory.mktemp("scale_out")
     m, tok = tiny_model_with_tokenizer("llama", max_position_embeddings=8192)
@@ -200,6 +201,10 @@ def test_bad_storage_is_a_clear_error(tiny_profiled, tmp_path, url, message):
 # -- profile: data parallel under torchrun ------------------------------------------------------------------------
 PROFILE_KW = dict(lengths=[128, 256], samples=3, sources=[str(ROOT / "tests/data/pride_and_prejudice_ch1-12.txt")],
                   sinks=[4, 8], block=16, seed=0)
+PROFILE_ARGS = ProfileArgs(
+    calibration=CalibrationArgs(lengths=tuple(PROFILE_KW["lengths"]), samples=PROFILE_KW["samples"],
+                                sources=tuple(PROFILE_KW["sources"]), seed=PROFILE_KW["seed"]),
+    influence=InfluenceArgs(block=PROFILE_KW["block"], sink_sizes=tuple(PROFILE_KW["sinks"])))
 
 
 def _profile_args(out: Path, model: Path) -> list[str]:
@@ -220,7 +225,7 @@ def single_process_profile(tiny_profiled, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COMPRESS_HOME", str(d / "home"))
         mp.setenv("COMPRESS_PROGRESS_INTERVAL", "0")
-        prof = profile(d / "single", str(model), **PROFILE_KW)
+        prof = profile(d / "single", str(model), PROFILE_ARGS)
         yield model, prof
 
 
@@ -259,7 +264,7 @@ def test_killed_rank_resumes_without_loss(single_process_profile, tmp_path):
 
     model, ref = single_process_profile
     out = tmp_path / "dp"
-    kw = {**PROFILE_KW, "out": str(out), "model": str(model)}
+    kw = {"out": str(out), "model": str(model), "args": args_to_json(PROFILE_ARGS)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests/scripts/profile_kill_rank.py"), "1", "2", json.dumps(kw)]
     killed = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path, COMPRESS_HOME=os.environ["COMPRESS_HOME"]),
@@ -294,7 +299,7 @@ def test_data_parallel_rank_resumes_rank0_partial(single_process_profile, tmp_pa
             raise Stop
 
     with pytest.raises(Stop):  # a single-process run stopped after 2 samples leaves the partial files
-        profile(tmp_path / "p", str(model), **PROFILE_KW, on_sample=stop_after_two)
+        profile(tmp_path / "p", str(model), PROFILE_ARGS, on_sample=stop_after_two)
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -303,7 +308,7 @@ def test_data_parallel_rank_resumes_rank0_partial(single_process_profile, tmp_pa
                 mp.setenv(k, v)
             dp = distributed.DataParallel(rank=0, world=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
             mp.setattr(distributed, "from_env", lambda: dp)
-            prof = profile(tmp_path / "p", str(model), **PROFILE_KW)
+            prof = profile(tmp_path / "p", str(model), PROFILE_ARGS)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -334,13 +339,13 @@ def test_model_split_across_cpu_and_disk_matches_one_piece(single_process_profil
     import torch
     from transformers import AutoModelForCausalLM
 
-    from compressor.influence_profile import InfluenceArgs, run_profile
+    from compressor.influence_profile import run_profile
     from compressor.models import load_model
     from compressor.patching import apply
     from compressor.placement import placement_kwargs
     from compressor.pipeline import make_uniform_plan
     from profilers.profile_format import load_profile
-    from tests.test_profile_taylor import make_sample
+    from tests.test_profile_influence import make_sample
 
     model, ref = single_process_profile
     whole, _ = load_model(model)

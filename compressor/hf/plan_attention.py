@@ -158,8 +158,8 @@ def _prefill_with_weights(query, key, value, layout: KeyLayout, sink_eff, window
     span = torch.where(window >= DENSE_SPAN, DENSE_SPAN, sink_eff + window)
     mask = pattern_mask(layout.q_pos, layout.k_pos, layout.k_pos >= 0, sink_eff, span, feats.native_window,
                         layout.allowed)
-    probs = attention_probabilities(query, repeat_kv(key, n_rep), mask, feats.scaling, softcap=feats.softcap,
-                                    s_aux=feats.s_aux, dropout=feats.dropout)
+    probs = attention_probabilities(query, repeat_kv(key, n_rep), mask, feats.scaling,
+                                    ScoreOptions(softcap=feats.softcap, s_aux=feats.s_aux, dropout=feats.dropout))
     out = probs @ repeat_kv(value, n_rep)
     if probs.shape[-1] < n_slots:
         probs = torch.nn.functional.pad(probs, (0, n_slots - probs.shape[-1]))

@@ -3,7 +3,8 @@ its KILL_STEP-th step (the same point as a machine lost mid-run). Used by tests/
 
     torchrun --standalone --nproc-per-node 2 tests/scripts/profile_kill_rank.py KILL_RANK KILL_STEP '{profile kwargs}'
 
-The kwargs are those of :func:`compressor.pipeline.profile` (``out`` and ``model`` included), as JSON.
+The JSON holds ``out``, ``model`` and ``args`` (a :class:`compressor.args.ProfileArgs` as
+:func:`compressor.args.args_to_json` writes it) for :func:`compressor.pipeline.profile`.
 """
 
 import json
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main(kill_rank: int, kill_step: int, kwargs: dict) -> None:
+    from compressor.args import ProfileArgs, args_from_json
     from compressor.pipeline import profile
 
     steps = []
@@ -25,7 +27,7 @@ def main(kill_rank: int, kill_step: int, kwargs: dict) -> None:
         if int(os.environ["RANK"]) == kill_rank and len(steps) == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    profile(**kwargs, on_sample=on_sample)
+    profile(kwargs["out"], kwargs["model"], args_from_json(ProfileArgs, kwargs["args"]), on_sample=on_sample)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""The attention function used while profiling influence (registered as :data:`PROFILE_ATTN`).
+"""The attention function used while profiling influence (registered as :data:`INFLUENCE_ATTN`).
 
-It is plain sdpa, except in a layer whose attention module carries an :class:`profilers.taylor.InfluenceCollector`
-(``module_state(module).collector``, set by :func:`profiling_mode`) while a sample is open and grad is needed:
+It is plain sdpa, except in a layer whose attention module carries an :class:`profilers.influence.InfluenceCollector`
+(``module_state(module).collector``, set by :func:`influence_mode`) while a sample is open and grad is needed:
 there the layer runs as :class:`_ProfiledAttention`, whose forward is sdpa under no_grad saving only q, k, v and
-whose backward is the collector's blockwise recompute (:func:`profilers.taylor.reduce_layer_influence`): it yields
-dq, dk, dv and, from the same blocks, the layer's influence. See :mod:`profilers.taylor` for the math.
+whose backward is the collector's blockwise recompute (:func:`profilers.influence.reduce_layer_influence`): it yields
+dq, dk, dv and, from the same blocks, the layer's influence. See :mod:`profilers.influence` for the math.
 
 ``sdpa_mask`` is registered with ``AttentionMaskInterface`` under the same name, so natively windowed layers get
 their real mask. Logit soft-capping (Gemma2) and attention sinks (``s_aux``) are refused with a CompressError.
@@ -21,10 +21,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from compressor.hf.modules import attached_attention_mode, module_state
 from plans.errors import CompressError
-from profilers.taylor import InfluenceCollector
+from profilers.influence import InfluenceCollector
 
-PROFILE_ATTN = "compress_profile"
-"""Name under which :func:`profile_attention` is registered (``model.set_attn_implementation(PROFILE_ATTN)``)."""
+INFLUENCE_ATTN = "compress_influence"
+"""Name under which :func:`influence_attention` is registered (``model.set_attn_implementation(INFLUENCE_ATTN)``)."""
 
 
 class _ProfiledAttention(torch.autograd.Function):
@@ -53,7 +53,7 @@ class _ProfiledAttention(torch.autograd.Function):
         return dq[None], dk[None], dv[None], None, None, None, None
 
 
-def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def influence_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function: sdpa. When a collector is attached to ``module``, a sample is open and grad is
     needed, the attention runs as :class:`_ProfiledAttention`, whose backward reduces this layer's influence.
     Without a collector it is plain sdpa."""
@@ -90,12 +90,12 @@ def profile_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 @contextlib.contextmanager
-def profiling_mode(model, collector: InfluenceCollector):
+def influence_mode(model, collector: InfluenceCollector):
     """Switch the model to the profiling attention, eval mode and frozen parameters, with ``collector`` attached to
     every attention module; detach it and restore everything after."""
-    with attached_attention_mode(model, PROFILE_ATTN, "profiling", collector=collector):
+    with attached_attention_mode(model, INFLUENCE_ATTN, "profiling", collector=collector):
         yield
 
 
-AttentionInterface.register(PROFILE_ATTN, profile_attention)
-AttentionMaskInterface.register(PROFILE_ATTN, sdpa_mask)
+AttentionInterface.register(INFLUENCE_ATTN, influence_attention)
+AttentionMaskInterface.register(INFLUENCE_ATTN, sdpa_mask)

@@ -11,8 +11,8 @@ The profile stores |dL_ij| (MoA's ``take_abs``) summed per (layer, head) into di
 
 How it is streamed (see docs/hf-integration.md section 4, "sdpa forward + recompute"):
 
-* The profiling attention function (:mod:`compressor.hf.profile_attention`, registered with transformers under
-  ``"compress_profile"``) runs each layer's forward as ``F.scaled_dot_product_attention`` under no_grad and saves
+* The profiling attention function (:mod:`compressor.hf.influence_attention`, registered with transformers under
+  ``"compress_influence"``) runs each layer's forward as ``F.scaled_dot_product_attention`` under no_grad and saves
   only q, k, v (no N x N, no logsumexp, and no float32 copy of an explicit mask, which sdpa's own backward would
   keep per layer). It hands every layer's tensors to an :class:`InfluenceCollector` (this module, pure math).
 * Its backward is the recompute: when dO arrives for a layer, :func:`reduce_layer_influence` redoes that layer's
@@ -239,7 +239,7 @@ class InfluenceCollector:
     :meth:`begin_sample` opens a sample; for each layer's attention call the attention function asks
     :meth:`check_forward` (validates shapes, returns the layer index) and, in the backward, hands the layer's
     q, k, v, dO to :meth:`reduce`; :meth:`end_sample` returns dist [L, Hq, nb] and sinkdist [L, Hq, nS, nb] for
-    that sample (float64, CPU). Attaching it to a model is the job of :mod:`compressor.hf.profile_attention`."""
+    that sample (float64, CPU). Attaching it to a model is the job of :mod:`compressor.hf.influence_attention`."""
 
     def __init__(self, num_layers: int, num_heads: int, *, block: int = 64, sink_sizes=(64,), row_block: int = 256,
                  eps: float = FP32_EPS, max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS):

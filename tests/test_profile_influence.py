@@ -1,4 +1,4 @@
-"""The streamed Taylor influence (profilers.taylor, compressor.hf.profile_attention): exactness vs an explicit eager A and dL/dA, first-order
+"""The streamed Taylor influence (profilers.influence, compressor.hf.influence_attention): exactness vs an explicit eager A and dL/dA, first-order
 validity vs real masking, the per-distance reduction vs dense bucket sums, and peak memory."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from profilers.samples import Sample
-from profilers.taylor import (
+from profilers.influence import (
     FP32_EPS,
     InfluenceCollector,
     ReduceOptions,
@@ -83,13 +83,13 @@ def eager_reference(model, sample: Sample):
 
 
 def streamed(model, sample: Sample, *, block, sink_sizes, row_block):
-    from compressor.hf.profile_attention import profiling_mode
+    from compressor.hf.influence_attention import influence_mode
     from compressor.influence_profile import sample_loss
 
     cfg = model.config
     coll = InfluenceCollector(cfg.num_hidden_layers, cfg.num_attention_heads, block=block, sink_sizes=sink_sizes,
                               row_block=row_block)
-    with profiling_mode(model, coll):
+    with influence_mode(model, coll):
         coll.begin_sample(sample.length)
         sample_loss(model, sample).backward()
         return coll.end_sample()
@@ -126,7 +126,7 @@ def test_streamed_matches_eager_reference(kind):
 @pytest.mark.parametrize("kind", ["llama", "mistral_window"])
 def test_profiled_backward_gives_sdpa_gradients(kind):
     """The profiled attention's own backward (blockwise dq, dk, dv) reproduces autograd through sdpa."""
-    from compressor.hf.profile_attention import profiling_mode
+    from compressor.hf.influence_attention import influence_mode
 
     model = tiny(kind)
     s = make_sample(150, 60)
@@ -143,7 +143,7 @@ def test_profiled_backward_gives_sdpa_gradients(kind):
     model.requires_grad_(False)
     l_ref, g_ref = grads()
     coll = InfluenceCollector(2, 4, block=16, sink_sizes=(16,), row_block=32)
-    with profiling_mode(model, coll):
+    with influence_mode(model, coll):
         coll.begin_sample(150)
         l_p, g_p = grads()
         coll.end_sample()
@@ -287,7 +287,7 @@ _MEM_SCRIPT = textwrap.dedent(
     """
     import json, sys, tempfile, torch
     sys.path.insert(0, {repo!r})
-    from tests.test_profile_taylor import tiny, make_sample
+    from tests.test_profile_influence import tiny, make_sample
     from compressor.influence_profile import InfluenceArgs, run_profile, sample_loss
     torch.set_num_threads(2)
     def hwm():
