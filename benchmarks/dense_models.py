@@ -4,7 +4,7 @@
 
 8000, not 8192: a teacher-forced sequence is the prompt plus its answer tokens, and SmolLM2 has 8192 positions.
 
-Per (model, task, length) cell: up to ``--n`` items from :mod:`profilers.ruler` (noise haystack; item ``i`` of a
+Per (model, task, length) cell: up to ``--n`` items from :mod:`profilers.data.ruler` (noise haystack; item ``i`` of a
 cell is item ``i`` of :func:`compressor.fidelity.make_cell_items`, so depths cycle over 0.1..0.9 and a partial
 run is a prefix of the full grid), in each model's recorded prompt style (:func:`compressor.models.prompt_style`:
 plain text for all three), scored by teacher-forced greedy exact match (:func:`compressor.evaluation.answer_score`,
@@ -38,7 +38,7 @@ from compressor.fidelity import FidelityGrid, make_cell_items
 from compressor.models import KNOWN_MODELS, known_model, load_model, prompt_style
 from compressor.statistics import CellResult, threshold_decided
 from plans.atomic import write_text_atomic
-from profilers import ruler
+from profilers.data import ruler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
@@ -142,7 +142,7 @@ def markdown(data: dict) -> str:
              "can be judged there (compressor.statistics.BEYOND_MODEL_THRESHOLD).", "",
              "- scoring: teacher-forced greedy exact match of the whole answer (== greedy decoding of it); "
              "correct/n with the Wilson 95% interval",
-             "- items: profilers/ruler.py, noise haystack, depths cycled over the grid, seeds from ruler.item_seed "
+             "- items: profilers/data/ruler.py, noise haystack, depths cycled over the grid, seeds from ruler.item_seed "
              "(the same items for every model up to tokenization); item i of a cell sits at depth "
              "(0.1, 0.3, 0.5, 0.7, 0.9)[i % 5]",
              "- n per cell: up to the run's --n; a cell stops early once decided (≥ --min-n items and its Wilson "

@@ -63,7 +63,7 @@ class HeldIn:
 
     def samples(self, tok) -> list:
         from compressor.fidelity import FidelityGrid, make_cell_items
-        from profilers import ruler
+        from profilers.data import ruler
 
         grid = FidelityGrid(tasks=(self.task,), lengths=(self.n_tokens,), n_per_cell=self.items, seed=1,
                             style="plain", haystack="noise")
@@ -131,7 +131,7 @@ def second_order(argv, heads_per_group: int) -> None:
     from compressor.models import compress_home, load_model
     from compressor.patching import plan_applied
     from plans.identity import identity_from_config
-    from profilers.calibration import get_or_build_calibration
+    from profilers.data.calibration import get_or_build_calibration
     from profilers.retrieval import load_retrieval
     from search_space.keep_dense import keep_dense_plan
     from scipy.stats import spearmanr

@@ -18,7 +18,7 @@ from compressor.models import load_model
 from compressor.patching import apply
 from plans.atomic import write_text_atomic
 from plans.io import load_plan
-from profilers import ruler
+from profilers.data import ruler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -15,7 +15,7 @@ from plans.schema import uniform_plan, span_for_density
 from compressor.models import load_model
 from compressor.patching import apply, unapply
 from compressor.evaluation import answer_score, make_samples
-from profilers.corpora import load_corpus, split_corpus
+from profilers.data.corpora import load_corpus, split_corpus
 torch.manual_seed(0)
 prof = load_profile(sys.argv[1])
 budget = sys.argv[2] if len(sys.argv) > 2 else "density@2048=0.25"

@@ -23,7 +23,7 @@ from compressor.patching import apply, unapply
 from plans.atomic import write_text_atomic
 from plans.identity import identity_from_config
 from plans.schema import LayerPlan, LinearPattern, Plan, SinkWindowPattern
-from profilers.corpora import load_corpus, split_corpus
+from profilers.data.corpora import load_corpus, split_corpus
 from profilers.profile_format import load_profile, normalize_profile
 from search_space.operator_selection import plan_cost
 
@@ -84,7 +84,7 @@ def main():
 
             from compressor.args import DistillArgs
             from compressor.distill import distill
-            from profilers.calibration import CalibrationRecipe, build_calibration
+            from profilers.data.calibration import CalibrationRecipe, build_calibration
 
             unapply(model, "sdpa")  # the teacher is the dense model
             rec = CalibrationRecipe(sources=["austen"], lengths=[a.distill_length], samples_per_length=8, seed=3)

@@ -101,7 +101,7 @@ def _load(model_arg: str, dtype: str):
 def _samples(n: int, count: int, vocab: int, seed: int = 0):
     import torch
 
-    from profilers.samples import Sample
+    from profilers.data.samples import Sample
 
     g = torch.Generator().manual_seed(seed)
     out = []

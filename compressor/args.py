@@ -42,8 +42,8 @@ class CalibrationArgs:
     seed: int = 0
 
     def recipe(self, model_name: str):
-        """The :class:`profilers.calibration.CalibrationRecipe`; raises CompressError for a bad one."""
-        from profilers.calibration import CalibrationRecipe
+        """The :class:`profilers.data.calibration.CalibrationRecipe`; raises CompressError for a bad one."""
+        from profilers.data.calibration import CalibrationRecipe
 
         try:
             return CalibrationRecipe(sources=list(self.sources), lengths=list(self.lengths),

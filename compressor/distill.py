@@ -47,7 +47,7 @@ from plans.atomic import atomic_path, write_text_atomic
 from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
 from plans.schema import Plan
-from profilers.samples import Sample
+from profilers.data.samples import Sample
 
 CKPT_FORMAT = 1
 STATE_FILE = "distill.safetensors"

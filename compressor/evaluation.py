@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from compressor.args import RULER_TASKS, TASKS, EvalArgs  # noqa: F401  (TASKS: re-exported)
 from plans.errors import CompressError
 from plans.schema import Plan
-from profilers.samples import Sample
+from profilers.data.samples import Sample
 
 
 
@@ -137,10 +137,10 @@ def text_loss(model, ids: torch.Tensor, chunk: int = 1024) -> tuple[float, int]:
 
 def make_samples(task: str, tokenizer, lengths, depths, n_per_cell: int, seed: int, haystack: list[str],
                  style: str = "plain"):
-    """{(n, depth): [Sample]} for retrieval/passkey and the RULER tasks (:mod:`profilers.ruler`: needles in the
+    """{(n, depth): [Sample]} for retrieval/passkey and the RULER tasks (:mod:`profilers.data.ruler`: needles in the
     held-out ``haystack`` documents, or RULER's noise when none; ``style`` plain or chat prompt); {(n, None):
     [Sample]} for ppl (held-out text windows)."""
-    from profilers import ruler, synthetic
+    from profilers.data import ruler, synthetic
 
     out = {}
     if task in RULER_TASKS:
@@ -233,7 +233,7 @@ def _score_cell(model, task: str, name: str, n: int, depth, plan: Plan | None, s
 def heldout_corpus(corpus: str) -> list[str]:
     """The held-out documents of ``corpus`` (``austen``, ``wikipedia``, files; comma-separated for several): the
     same split calibration uses, so eval never sees calibration text."""
-    from profilers.corpora import load_corpus, split_corpus
+    from profilers.data.corpora import load_corpus, split_corpus
 
     docs = load_corpus(corpus.split(",") if "," in corpus else corpus)
     return list(split_corpus(docs).heldout)

@@ -1,8 +1,8 @@
 """Fidelity on a held-out RULER-style suite: dense vs each plan vs the uniform window at equal cost.
 
-The instrument of the fidelity issue: items from :mod:`profilers.ruler` (never calibration text), scored by
+The instrument of the fidelity issue: items from :mod:`profilers.data.ruler` (never calibration text), scored by
 teacher-forced greedy exact match (:func:`compressor.evaluation.answer_score`, equivalent to greedy decoding of
-the answer, see :mod:`profilers.ruler`), Wilson 95% intervals per cell and paired exact McNemar tests
+the answer, see :mod:`profilers.data.ruler`), Wilson 95% intervals per cell and paired exact McNemar tests
 (:mod:`compressor.statistics`).
 
 Equal cost. Each plan is compared with StreamingLLM's uniform sink + window plan matched on one cost axis at
@@ -30,7 +30,7 @@ from compressor.statistics import BEYOND_MODEL_THRESHOLD, CellResult, Comparison
 from plans.atomic import write_text_atomic
 from plans.errors import CompressError
 from plans.schema import Plan
-from profilers import ruler
+from profilers.data import ruler
 from profilers.progress import progress
 
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
@@ -82,7 +82,7 @@ class FidelityReport:
 
 
 def make_cell_items(task: str, tokenizer, n: int, grid: FidelityGrid, style: str, haystack) -> list:
-    """``grid.n_per_cell`` items of one cell, depths cycled over the grid, seeds from :func:`profilers.ruler.item_seed`."""
+    """``grid.n_per_cell`` items of one cell, depths cycled over the grid, seeds from :func:`profilers.data.ruler.item_seed`."""
     items = []
     for i in range(grid.n_per_cell):
         depth = grid.depths[i % len(grid.depths)]

@@ -32,7 +32,7 @@ from profilers.gates import (
 )
 from profilers.profile_format import Profile, ProfileMeta, save_profile
 from profilers.progress import progress as progress_helper
-from profilers.samples import Sample
+from profilers.data.samples import Sample
 
 
 def _positions(sample: Sample, positions: str) -> torch.Tensor:

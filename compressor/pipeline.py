@@ -3,7 +3,7 @@
 Each stage is one function of an already loaded model, with a typed ``*Args`` dataclass (defaults and checks,
 owned by the stage's module) and a typed result:
 
-    calibration(tok, CalibrationArgs, name, model)        -> {N: [Sample]}          profilers.calibration
+    calibration(tok, CalibrationArgs, name, model)        -> {N: [Sample]}          profilers.data.calibration
     influence(model, data, out, InfluenceArgs, name)       -> Profile                compressor.influence_profile
     retrieval(model, tok, RetrievalArgs)                   -> RetrievalScores        compressor.retrieval_profile
     make_plan(PlanArgs, profile, retrieval, ident, ...)    -> PlanResult             search_space.search / keep_dense
@@ -134,7 +134,7 @@ def calibration(tok, args: CalibrationArgs, model_name: str, model=None, cache: 
     """The calibration samples {N: [Sample]} of ``args``, built or loaded from ``cache`` (default:
     $COMPRESS_HOME/calibration); ``model`` (loaded) answers the ``qa`` source when it is one of the sources."""
     from compressor.models import compress_home
-    from profilers.calibration import get_or_build_calibration
+    from profilers.data.calibration import get_or_build_calibration
 
     recipe = args.recipe(model_name)
     cache = cache or compress_home() / "calibration"
@@ -145,7 +145,7 @@ def build_calibration(model: str | None = None, args: CalibrationArgs = Calibrat
                       out: str | Path | None = None) -> tuple[Path, dict]:
     """Build (or load from the cache folder ``out``) a calibration set; returns (its folder, samples by length)."""
     from compressor.models import check_lengths_fit, compress_home, load_config, load_model
-    from profilers.calibration import calibration_dir
+    from profilers.data.calibration import calibration_dir
 
     check_lengths_fit(load_config(model), args.lengths)  # before the model loads
     cache = out or compress_home() / "calibration"
@@ -156,7 +156,7 @@ def build_calibration(model: str | None = None, args: CalibrationArgs = Calibrat
 
 def show_calibration(path: str | Path) -> tuple[object, list[dict]]:
     """(recipe, one row per sample: n, i, source, loss_tokens, answer) of a calibration folder."""
-    from profilers.calibration import load_calibration
+    from profilers.data.calibration import load_calibration
 
     cs = load_calibration(path)
     rows = []

@@ -28,7 +28,7 @@ from compressor.hf.retrieval_attention import RetrievalProbe, retrieval_mode
 from plans.defaults import DEFAULT_LOCAL_SPAN, DEFAULT_SINK
 from plans.errors import CompressError
 from plans.identity import identity_from_config
-from profilers import ruler
+from profilers.data import ruler
 from profilers.progress import progress as progress_helper
 from profilers.retrieval import RetrievalScores, kv_head_scores, ranking_agreement
 
@@ -50,7 +50,7 @@ def retrieval_items(tokenizer, lengths: Sequence[int], samples: int, seed: int =
     needle drawn uniformly in [0.05, 0.95].
 
     The haystack is the calibration side of ``corpus`` (``None``: RULER noise); item seeds are salted so they
-    differ from :func:`profilers.ruler.item_seed` of any evaluation cell. Raises CompressError for another task."""
+    differ from :func:`profilers.data.ruler.item_seed` of any evaluation cell. Raises CompressError for another task."""
     check_retrieval_task(task)
     hay = ruler.NOISE if corpus is None else ruler.Haystack.calibration_side(corpus)
     single = task == "niah_single"  # niah_single keeps its original streams: earlier scores reproduce

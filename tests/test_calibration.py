@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from plans.errors import CompressError
-from profilers import calibration
-from profilers.calibration import (
+from profilers.data import calibration
+from profilers.data.calibration import (
     CalibrationRecipe,
     build_calibration,
     get_or_build_calibration,
@@ -79,7 +79,7 @@ def test_depths_are_stratified(tok):
 
 
 def test_calibration_text_comes_from_the_calibration_split(tok):
-    from profilers.corpora import split_corpus
+    from profilers.data.corpora import split_corpus
     held = split_corpus([DATA.read_text()], 0.2).heldout[0]
     out = build_calibration(tok, _recipe(sources=[CORPUS], lengths=[512], samples_per_length=6), progress=False)
     for s in out[512]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from plans.errors import CompressError
-from profilers import corpora
-from profilers.corpora import (
+from profilers.data import corpora
+from profilers.data.corpora import (
     load_corpus,
     load_documents,
     read_austen,

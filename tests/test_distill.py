@@ -13,7 +13,7 @@ from compressor.patching import attention_modules
 from plans.errors import CompressError
 from plans.identity import identity_from_config
 from plans.schema import DensePattern, LayerPlan, Plan, SinkWindowPattern
-from profilers.samples import Sample
+from profilers.data.samples import Sample
 from tests.conftest import VOCAB, tiny_model
 
 

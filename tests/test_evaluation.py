@@ -13,7 +13,7 @@ from compressor.evaluation import answer_score, evaluate, text_loss
 from compressor.methods import methods_at
 from plans.identity import identity_from_config
 from plans.schema import uniform_plan
-from profilers.samples import Sample
+from profilers.data.samples import Sample
 from tests.conftest import tiny_model_with_tokenizer
 from tests.test_synthetic import DATA
 
@@ -86,10 +86,10 @@ def test_cli_eval_json(tiny_model_dir, tmp_path):
 
 
 def test_evaluate_ruler_task_scores_the_generated_items():
-    """A RULER task through `compress eval`: the items are profilers.ruler's (same seeds) in held-out text, and
+    """A RULER task through `compress eval`: the items are profilers.data.ruler's (same seeds) in held-out text, and
     each outcome is answer_score recomputed on that item."""
     from compressor.evaluation import make_samples
-    from profilers import ruler
+    from profilers.data import ruler
 
     model, tok = tiny_model_with_tokenizer(max_position_embeddings=2048)
     docs = [DATA.read_text()]

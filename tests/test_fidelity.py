@@ -9,7 +9,7 @@ from compressor.evaluation import answer_score
 from compressor.fidelity import FidelityGrid, methods_at, run_fidelity, uniform_matched
 from plans.identity import identity_from_config
 from plans.schema import DensePattern, LayerPlan, Plan, SinkWindowPattern
-from profilers import ruler
+from profilers.data import ruler
 from tests.conftest import tiny_model_with_tokenizer
 
 

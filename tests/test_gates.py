@@ -15,7 +15,7 @@ from compressor.hf.modules import attention_modules, module_state
 from plans.errors import CompressError
 from profilers.gates import PAIRS, profile_gates
 from profilers.profile_format import load_profile
-from profilers.samples import Sample
+from profilers.data.samples import Sample
 from tests.conftest import tiny_model
 
 VOCAB, N, COPY = 16, 64, 40

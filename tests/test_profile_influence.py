@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from profilers.samples import Sample
+from profilers.data.samples import Sample
 from profilers.influence import (
     FP32_EPS,
     InfluenceCollector,

@@ -108,7 +108,7 @@ def test_retrieval_profile_round_trip(tmp_path):
 
 def test_retrieval_items_are_not_eval_items():
     from compressor.fidelity import FidelityGrid, make_cell_items
-    from profilers import ruler
+    from profilers.data import ruler
 
     _, tok = tiny_model_with_tokenizer("llama")
     mine = retrieval_items(tok, [256], 3, seed=0, corpus=None)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from plans.errors import CompressError
-from profilers import ruler
-from profilers.corpora import split_corpus
-from profilers.ruler import (
+from profilers.data import ruler
+from profilers.data.corpora import split_corpus
+from profilers.data.ruler import (
     NOISE,
     TASKS,
     Haystack,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from plans.errors import CompressError
-from profilers import synthetic
-from profilers.samples import Sample
-from profilers.synthetic import (
+from profilers.data import synthetic
+from profilers.data.samples import Sample
+from profilers.data.synthetic import (
     PASSKEY_ANSWER_PREFIX,
     lines_retrieval,
     passkey,

@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from plans.errors import CompressError
-from profilers.samples import Sample
+from profilers.data.samples import Sample
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 """The classic repetitive passkey haystack (Landmark Attention); repeat it as ``haystack_text``."""

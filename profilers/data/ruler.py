@@ -21,7 +21,7 @@ Keys are ``adjective-noun`` words; ``value_kind`` picks values: ``"number"`` (7 
 everything the model reads before answering (template, instruction, context, question and the answer prefix);
 the answer is *not* part of it (as in RULER, where the context length counts the input). A teacher-forced
 sequence (:func:`to_sample`) is therefore ``n_tokens + len(answer_ids(item, tokenizer))`` tokens long. The
-pieces are tokenized separately and concatenated (as in :mod:`profilers.synthetic`), so the count is exact by
+pieces are tokenized separately and concatenated (as in :mod:`profilers.data.synthetic`), so the count is exact by
 construction: the needle tasks size the haystack window to the remaining budget; the words tasks fill the list
 until no further entry fits and pad the rest (fewer tokens than one more entry, ``meta["n_pad"]``) with
 single-token newlines after the list.
@@ -35,7 +35,7 @@ the needles: ``at / len(haystack)``, snapped to the nearest boundary (:attr:`Eva
 tasks have no depth: it is recorded as given and changes nothing but the item seed of :func:`item_seed`.
 
 **Haystacks.** :data:`NOISE` is RULER's repetitive "The grass is green. The sky is blue. ..."; real text comes
-only from the *held-out* side of :func:`profilers.corpora.split_corpus` (:meth:`Haystack.from_corpus` /
+only from the *held-out* side of :func:`profilers.data.corpora.split_corpus` (:meth:`Haystack.from_corpus` /
 :meth:`Haystack.heldout`, the same split arguments calibration uses), so no evaluation item contains
 calibration text.
 
@@ -45,7 +45,7 @@ Item ``i`` of a grid cell ``(task, n_tokens, depth, base_seed)`` uses :func:`ite
 
 **Styles.** ``"plain"``: plain-text completion (the tokenizer's BOS, the instruction, the context, the question,
 then the answer prefix); ``"chat"``: one user turn through the tokenizer's chat template, the assistant turn
-prefilled with the answer prefix (:func:`profilers.synthetic.build_frame`). The caller picks per model.
+prefilled with the answer prefix (:func:`profilers.data.synthetic.build_frame`). The caller picks per model.
 
 **Scoring.** :func:`score` is RULER's ``string_match_all``: correct iff every expected string occurs in the
 generated text (case-insensitive). For the single-value tasks (``niah_single``, ``niah_multikey``) that is "the
@@ -79,9 +79,9 @@ import torch
 from scipy.special import zeta
 
 from plans.errors import CompressError
-from profilers import corpora
-from profilers.samples import Sample
-from profilers.synthetic import (
+from profilers.data import corpora
+from profilers.data.samples import Sample
+from profilers.data.synthetic import (
     ADJECTIVES,
     NOUNS,
     PASSKEY_FILLER,
@@ -150,7 +150,7 @@ class Haystack:
     def heldout(cls, docs: Sequence[str], heldout_fraction: float = 0.2, by: str = "auto", split_seed: int = 0,
                 name: str = "text") -> Haystack:
         """The held-out documents of ``split_corpus(docs, heldout_fraction, by, split_seed)``, joined by blank
-        lines. The defaults are the ones calibration uses (:class:`profilers.calibration.CalibrationRecipe`)."""
+        lines. The defaults are the ones calibration uses (:class:`profilers.data.calibration.CalibrationRecipe`)."""
         split = corpora.split_corpus(list(docs), heldout_fraction, by, split_seed)
         return cls("text", "\n\n".join(split.heldout), f"heldout:{name}")
 

@@ -4,10 +4,10 @@
 tokens (template and BOS included). Sample ``i`` at length N comes from ``sources[i % len(sources)]``:
 
 - a corpus (``"austen"``, ``"wikipedia"`` or a .txt / .jsonl path): N consecutive tokens of the corpus'
-  *calibration* split (see :func:`profilers.corpora.split_corpus`; evaluation uses the held-out part), after
+  *calibration* split (see :func:`profilers.data.corpora.split_corpus`; evaluation uses the held-out part), after
   the tokenizer's BOS. The loss covers the last ``text_loss_fraction`` (default 25%) of the tokens, the part
   that can draw on the longest context.
-- ``"passkey"`` / ``"lines"``: :mod:`profilers.synthetic` tasks, loss on the answer tokens; depths are stratified
+- ``"passkey"`` / ``"lines"``: :mod:`profilers.data.synthetic` tasks, loss on the answer tokens; depths are stratified
   over the samples of that source at that length.
 - ``"qa"``: a question after a long context from the haystack corpus, answered by the *dense* model
   greedily (``max_new_tokens=qa_max_new_tokens``); the answer tokens are the supervision. Questions are about
@@ -39,9 +39,9 @@ from safetensors.torch import load_file, save_file
 
 from plans.atomic import atomic_path
 from plans.errors import CompressError
-from profilers import corpora, synthetic
+from profilers.data import corpora, synthetic
 from profilers.progress import progress as progress_helper
-from profilers.samples import Sample
+from profilers.data.samples import Sample
 
 CALIBRATION_FORMAT_VERSION = 1
 TASK_SOURCES = ("passkey", "lines", "qa")

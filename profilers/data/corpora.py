@@ -476,7 +476,7 @@ def _austen_dir(data_dir: Path, fetch: bool) -> Path:
     if (AUSTEN_SYSTEM_DIR / "Rdata.rdb").is_file():  # r-cran-janeaustenr installed system-wide
         return AUSTEN_SYSTEM_DIR
     if not fetch:
-        raise CompressError(f"Jane Austen is not in {local}; fetch it with profilers.corpora.fetch_austen()")
+        raise CompressError(f"Jane Austen is not in {local}; fetch it with profilers.data.corpora.fetch_austen()")
     return fetch_austen(data_dir)
 
 
@@ -498,7 +498,7 @@ def load_documents(name_or_paths: str | os.PathLike | Sequence[str | os.PathLike
             if not path.is_file():
                 if not fetch:
                     raise CompressError(f"the Wikipedia excerpt is not in {path}; fetch it with "
-                                        "profilers.corpora.fetch_wikipedia()")
+                                        "profilers.data.corpora.fetch_wikipedia()")
                 path = fetch_wikipedia(data_dir)
             docs.update(read_wikipedia(path))
         elif Path(key).exists():
