@@ -38,7 +38,7 @@ n = 2048
 variants["U"] = uniform_plan(variants["A_raw"].model, span_for_density(variants["A_raw"].density(n), n), sink=64)
 from compressor.evaluation import text_loss
 for name, p in [("dense", None)] + list(variants.items()):
-    if p is None: unapply(m, "sdpa")
+    if p is None: unapply(m)
     else: apply(m, p)
     ces = [answer_score(m, s) for s in samples]
     tl, tc = text_loss(m, txt.input_ids)

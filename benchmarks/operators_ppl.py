@@ -78,7 +78,7 @@ def main():
         runs.append((f"linear_mix+distill{a.distill_steps}", mixed))
     for name, plan in runs:
         if plan is None:
-            unapply(model, "sdpa")
+            unapply(model)
         elif "distill" in name:
             import tempfile
 
@@ -86,7 +86,7 @@ def main():
             from compressor.distill import distill
             from profilers.data.calibration import CalibrationRecipe, build_calibration
 
-            unapply(model, "sdpa")  # the teacher is the dense model
+            unapply(model)  # the teacher is the dense model (the implementation apply found)
             rec = CalibrationRecipe(sources=["austen"], lengths=[a.distill_length], samples_per_length=8, seed=3)
             cal = build_calibration(tok, rec, progress=False)
             with tempfile.TemporaryDirectory() as tmp:

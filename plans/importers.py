@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from plans.defaults import DEFAULT_SINK
 from plans.errors import CompressError
 from plans.identity import ModelIdentity
 from plans.io import describe_validation_error, loads_json
@@ -118,7 +119,7 @@ def from_moa(data: dict, model: ModelIdentity, *, new_tokens: int = MOA_NEW_TOKE
                  layers=layers)
 
 
-def from_duo(rows: list[list[float]], model: ModelIdentity, *, threshold: float = 0.5, sink: int = 64,
+def from_duo(rows: list[list[float]], model: ModelIdentity, *, threshold: float = 0.5, sink: int = DEFAULT_SINK,
              recent: int = 256, where: str = "DuoAttention table") -> Plan:
     if not _finite(threshold):
         raise CompressError(f"DuoAttention threshold = {threshold!r}: must be a finite number")

@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from plans.defaults import DEFAULT_SINK
 from plans.errors import CompressError
 from plans.identity import ModelIdentity
 from plans.span import DENSE_SPAN, decode_density, prefill_density, span_at
@@ -253,7 +254,7 @@ class Plan(BaseModel):
         return f"{p.span(n + self.length_offset)}" + tag
 
 
-def uniform_plan(identity: ModelIdentity, span: int, sink: int = 64, granularity="kv_head", lengths=()) -> Plan:
+def uniform_plan(identity: ModelIdentity, span: int, sink: int = DEFAULT_SINK, granularity="kv_head", lengths=()) -> Plan:
     """StreamingLLM baseline: every head keeps ``sink`` + recent tokens, ``span`` in all."""
     pat = SinkWindowPattern(sink=sink, alpha=span, beta=0.0)
     n = identity.num_heads if granularity == "query_head" else identity.num_kv_heads

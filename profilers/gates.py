@@ -57,13 +57,14 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from plans.defaults import DEFAULT_LOCAL_SPAN, DEFAULT_SINK
 from plans.errors import CompressError
 from plans.span import visibility_mask
 from profilers.profile_format import Profile
 
 PAIRS = ("full_vs_window", "softmax_vs_relu", "softmax_vs_linear")
 Pair = Literal["full_vs_window", "softmax_vs_relu", "softmax_vs_linear"]
-DEFAULT_WINDOW = (64, 256)
+DEFAULT_WINDOW = (DEFAULT_SINK, DEFAULT_LOCAL_SPAN)
 
 
 # --------------------------------------------------------------------------------------------------------------

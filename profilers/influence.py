@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from plans.defaults import DEFAULT_BLOCK, DEFAULT_SINK
 from plans.errors import CompressError
 
 FP32_EPS = float(torch.finfo(torch.float32).eps)
@@ -117,8 +118,8 @@ class ReduceOptions:
     ``max_block_elems``: the most elements of one (heads x rows x keys) work buffer; heads are chunked under it.
     """
 
-    block: int = 64
-    sink_sizes: tuple[int, ...] = (64,)
+    block: int = DEFAULT_BLOCK
+    sink_sizes: tuple[int, ...] = (DEFAULT_SINK,)
     row_block: int = 256
     eps: float = FP32_EPS
     max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS
@@ -241,7 +242,7 @@ class InfluenceCollector:
     q, k, v, dO to :meth:`reduce`; :meth:`end_sample` returns dist [L, Hq, nb] and sinkdist [L, Hq, nS, nb] for
     that sample (float64, CPU). Attaching it to a model is the job of :mod:`compressor.hf.influence_attention`."""
 
-    def __init__(self, num_layers: int, num_heads: int, *, block: int = 64, sink_sizes=(64,), row_block: int = 256,
+    def __init__(self, num_layers: int, num_heads: int, *, block: int = DEFAULT_BLOCK, sink_sizes=(DEFAULT_SINK,), row_block: int = 256,
                  eps: float = FP32_EPS, max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS):
         self.num_layers, self.num_heads = num_layers, num_heads
         self.block, self.sink_sizes, self.row_block = int(block), tuple(int(s) for s in sink_sizes), int(row_block)

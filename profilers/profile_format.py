@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from plans.defaults import DEFAULT_BLOCK
 from plans.atomic import atomic_path, write_text_atomic
 from plans.errors import CompressError
 from plans.identity import ModelIdentity
@@ -42,7 +43,7 @@ class ProfileMeta(BaseModel):
     lengths: list[int]
     samples: dict[int, int] = Field(default_factory=dict, description="calibration samples per length")
     loss_mode: str = "answer_ce"
-    block: int = 64
+    block: int = DEFAULT_BLOCK
     sink_sizes: list[int] = Field(default_factory=lambda: [64])
     complete: bool = True
     extra: dict = Field(default_factory=dict)

@@ -18,6 +18,7 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+from plans.defaults import DEFAULT_BLOCK, DEFAULT_SINK
 from plans.errors import CompressError
 from plans.schema import DensePattern, SinkWindowPattern
 from plans.span import span_at
@@ -104,8 +105,8 @@ def _sorted_unique(cands: list[Candidate], lengths: Sequence[int]) -> list[Candi
 def moa_grid(
     profile_lengths: Sequence[int],
     extra_lengths: Sequence[int] = (),
-    block: int = 64,
-    sinks: Sequence[int] = (64,),
+    block: int = DEFAULT_BLOCK,
+    sinks: Sequence[int] = (DEFAULT_SINK,),
     n_betas: int = 9,
     include_dense: bool = True,
 ) -> list[Candidate]:
@@ -137,8 +138,8 @@ def moa_grid(
 
 def block_grid(
     lengths: Sequence[int],
-    block: int = 64,
-    sinks: Sequence[int] = (64,),
+    block: int = DEFAULT_BLOCK,
+    sinks: Sequence[int] = (DEFAULT_SINK,),
     betas: Sequence[float] = tuple(np.linspace(0, 1, 9)),
     alpha_step: int | None = None,
     include_dense: bool = True,
@@ -189,8 +190,8 @@ def candidate_grid(
     profile_lengths: Sequence[int],
     extra_lengths: Sequence[int] = (),
     *,
-    block: int = 64,
-    sinks: Sequence[int] = (64,),
+    block: int = DEFAULT_BLOCK,
+    sinks: Sequence[int] = (DEFAULT_SINK,),
     grid: Literal["auto", "moa", "block"] | Sequence[Candidate] = "auto",
     min_candidates: int = 16,
 ) -> list[Candidate]:

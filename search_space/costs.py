@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from plans.defaults import DEFAULT_SINK
 from plans.atomic import write_text_atomic
 from plans.errors import CompressError
 from plans.span import decode_density, kept_entries, prefill_density
@@ -167,7 +168,7 @@ def measure_latency_table(
     dtype: torch.dtype = torch.float32,
     lengths: Sequence[int] = (1024, 2048),
     spans: Sequence[int] | None = None,
-    sink: int = 64,
+    sink: int = DEFAULT_SINK,
     fn: Callable | None = None,
     timing: TimingOptions = TimingOptions(),
 ) -> LatencyTable:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from plans.defaults import DEFAULT_SINK
 from plans.errors import CompressError
 from plans.identity import ModelIdentity
 from plans.schema import Budget, DensePattern, LayerPlan, Plan, SinkWindowPattern
@@ -77,7 +78,7 @@ def check_kept_dense(plan: Plan, kv_heads: Sequence[tuple[int, int]]) -> None:
 
 
 def keep_dense_plan(identity: ModelIdentity, kv_heads: Sequence[tuple[int, int]], span: int | Sequence[int],
-                    sink: int = 64, lengths: Sequence[int] = ()) -> Plan:
+                    sink: int = DEFAULT_SINK, lengths: Sequence[int] = ()) -> Plan:
     """KV-head plan: the given (layer, KV head) pairs dense, every other head ``sink`` + window, ``span`` in all
     (one span for every layer, or one per layer). Raises CompressError for a span < 2, a sink outside
     [0, span) or a per-layer list of the wrong length."""
@@ -110,7 +111,7 @@ def meets(plan: Plan, budgets: Sequence[Budget], lengths: Sequence[int]) -> bool
 
 
 def largest_keep_dense(identity: ModelIdentity, ranked: Sequence[tuple[int, int]], budgets: Sequence[Budget],
-                       lengths: Sequence[int], span: int | Sequence[int], sink: int = 64) -> int:
+                       lengths: Sequence[int], span: int | Sequence[int], sink: int = DEFAULT_SINK) -> int:
     """The largest k such that ``keep_dense_plan(ranked[:k], span, sink)`` meets every budget at every length
     (0 when even the all-local plan does not; the density of the shape grows with k, so bisection is exact)."""
     lo, hi = 0, len(ranked)
@@ -126,7 +127,7 @@ def largest_keep_dense(identity: ModelIdentity, ranked: Sequence[tuple[int, int]
 
 
 def fit_keep_dense_plan(identity: ModelIdentity, ranked: Sequence[tuple[int, int]], budgets: Sequence[Budget],
-                        lengths: Sequence[int], span: int | Sequence[int], sink: int = 64) -> Plan:
+                        lengths: Sequence[int], span: int | Sequence[int], sink: int = DEFAULT_SINK) -> Plan:
     """:func:`keep_dense_plan` with the first :func:`largest_keep_dense` heads of ``ranked`` dense and ``budgets``
     recorded. Raises CompressError when even no dense head meets the budgets (the local span is too wide)."""
     k = largest_keep_dense(identity, ranked, budgets, lengths, span, sink)

@@ -319,7 +319,7 @@ def test_data_parallel_rank_resumes_rank0_partial(single_process_profile, tmp_pa
 def test_bad_workers_is_a_clear_error(single_process_profile, tmp_path):
     model, _ = single_process_profile
     for extra, message in ((["--workers", "0"], "--workers must be >= 1"),
-                           (["--workers", "2", "--method", "gates"], "is for --method taylor"),
+                           (["--workers", "2", "--method", "gates"], "is for --method influence"),
                            (["--max-memory", "cpu=lots"], "--max-memory size"),
                            (["--device-map", "{not json"], "not valid JSON")):
         r = runner.invoke(app, [*_profile_args(tmp_path / "p", model), *extra])

@@ -11,10 +11,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
+
+if TYPE_CHECKING:  # the attention functions import this module: their types only for annotations
+    from transformers import Cache
+
+    from compressor.hf.plan_attention import LayerRuntime
+    from compressor.hf.retrieval_attention import RetrievalProbe
+    from profilers.gates import GateController
+    from profilers.influence import InfluenceCollector
 
 STATE_ATTR = "_compress_state"
 ATTN_NAME = "compress"  # the plan's attention implementation (AttentionInterface / AttentionMaskInterface name)
@@ -36,11 +44,11 @@ class ModuleState:
     probe: the retrieval probe while scoring retrieval heads; hooked: whether the cache hooks are installed.
     """
 
-    runtime: Any = None
-    cache: Any = None
-    collector: Any = None
-    controller: Any = None
-    probe: Any = None
+    runtime: LayerRuntime | None = None
+    cache: Cache | None = None
+    collector: InfluenceCollector | None = None
+    controller: GateController | None = None
+    probe: RetrievalProbe | None = None
     hooked: bool = False
 
 

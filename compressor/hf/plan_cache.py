@@ -22,7 +22,7 @@ from plans.identity import identity_from_config
 
 
 class PlanCacheLayer(CacheLayerMixin, PlanKV):
-    """One layer of a :class:`PlanCache` (``cum`` = cache slots ever seen, pads included: what HF masks index)."""
+    """One layer of a :class:`PlanCache` (``cumulative_length`` = cache slots ever seen, pads included: what HF masks index)."""
 
     is_sliding = False
     is_compileable = False
@@ -31,7 +31,7 @@ class PlanCacheLayer(CacheLayerMixin, PlanKV):
     def __init__(self, n_rep: int):
         CacheLayerMixin.__init__(self)
         PlanKV.__init__(self, n_rep)
-        self.cum = 0
+        self.cumulative_length = 0
 
     def lazy_initialization(self, key_states, value_states, *args, **kwargs):
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -40,17 +40,17 @@ class PlanCacheLayer(CacheLayerMixin, PlanKV):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.cum and not self.has_states:
+        if self.cumulative_length and not self.has_states:
             raise CompressError("this PlanCache was filled by an attention that does not run the plan (it stored "
                                 "nothing): give PlanCache only to a model patched with compressor.apply")
-        self.cum += key_states.shape[-2]
+        self.cumulative_length += key_states.shape[-2]
         return key_states, value_states
 
     def get_seq_length(self) -> int:
-        return self.cum
+        return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        return self.cum + query_length, 0
+        return self.cumulative_length + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -65,7 +65,7 @@ class PlanCacheLayer(CacheLayerMixin, PlanKV):
         self.index_batch(lambda t: t[indices, ...])
 
     def reset(self) -> None:
-        self.cum = 0
+        self.cumulative_length = 0
         self.clear()
 
     def crop(self, max_length: int) -> None:
