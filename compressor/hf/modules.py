@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 from plans.errors import CompressError
 from plans.identity import identity_from_config, text_config
 
-if TYPE_CHECKING:  # the attention functions import this module: their types only for annotations
+if TYPE_CHECKING:  # names for the annotations only (the attention functions, which import this module, are
+    #                named by their dotted path below, so no import edge points back at them)
     from transformers import Cache
 
-    from compressor.hf.plan_attention import LayerRuntime
-    from compressor.hf.retrieval_attention import RetrievalProbe
     from profilers.gates import GateController
     from profilers.influence import InfluenceCollector
 
@@ -44,11 +43,11 @@ class ModuleState:
     probe: the retrieval probe while scoring retrieval heads; hooked: whether the cache hooks are installed.
     """
 
-    runtime: LayerRuntime | None = None
+    runtime: "compressor.hf.plan_attention.LayerRuntime | None" = None
     cache: Cache | None = None
     collector: InfluenceCollector | None = None
     controller: GateController | None = None
-    probe: RetrievalProbe | None = None
+    probe: "compressor.hf.retrieval_attention.RetrievalProbe | None" = None
     hooked: bool = False
 
 
