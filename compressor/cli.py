@@ -415,6 +415,8 @@ def search_cmd(
                                         "head sink + --local-span (no profile needed)"),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="lengths where the budgets hold (default: the "
                                           "profiled lengths; required with --plan-shape keep_dense)"),
+    sinks: Optional[str] = typer.Option(None, "--sinks", help="sink sizes the plan may use (default: the profiled "
+                                        "ones; keep_dense: the smallest, default 64)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """An exact per-head plan under the budgets (HiGHS MILP), optionally inside an Optuna study."""
@@ -424,7 +426,8 @@ def search_cmd(
     check_out(out, "folder")
     spec = SearchArgs(granularity=granularity, K=k, solver=solver, time_limit=time_limit, trials=trials, seed=seed,
                       latency_table=latency_table, storage=storage, study_name=study_name, resume=resume,
-                      normalize=normalize, lengths=None if lengths is None else tuple(_lengths(lengths)))
+                      normalize=normalize, lengths=None if lengths is None else tuple(_lengths(lengths)),
+                      sinks=None if sinks is None else tuple(int(x) for x in _floats(sinks, "--sinks")))
     args = PlanArgs(budgets=tuple(budget), shape=plan_shape, search=spec, keep_dense=keep_dense,
                     local_span=local_span, validate_length=validate_length, val_samples=val_samples)
     res = search(profile, out, args, model=model, retrieval=retrieval)

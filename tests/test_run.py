@@ -108,3 +108,28 @@ def test_cli_bench_json_and_kernel_table(tiny_model_dir, tmp_path):
     assert t.ms(192, 64) > 0
     assert set(t.operators) >= {"softmax", "sink_window", "relu_softmax", "linear"}  # cost entries per operator
     assert all(t.operators[op][192] > 0 for op in t.operators)
+
+
+def test_search_keep_dense_shape_is_the_plan_compress_run_writes(tiny_model_dir, tmp_path, monkeypatch):
+    """`compress profile --method retrieval` -> `compress search --plan-shape keep_dense` gives, layer for layer, the
+    plan `compress run` writes from the same retrieval scores: one path from the commands to the plan."""
+    from plans.io import load_plan
+
+    monkeypatch.setenv("COMPRESS_HOME", str(tmp_path / "home"))
+    run_out = tmp_path / "run"
+    r = runner.invoke(app, ["run", "--model", str(tiny_model_dir), "--out", str(run_out), "--profile-lengths", "256",
+                            "--validate-length", "320", "--eval-lengths", "512", "--budget", "density@512=0.6",
+                            "--eval-tasks", "ppl", "--eval-samples", "1", "--sinks", "8", "--local-span", "64",
+                            "--retrieval-samples", "2", "--bench-length", "0"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["profile", "--method", "retrieval", "--model", str(tiny_model_dir), "--lengths", "256",
+                            "--samples", "2", "--out", str(tmp_path / "ret")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["search", "--plan-shape", "keep_dense", "--retrieval", str(tmp_path / "ret"),
+                            "--budget", "density@512=0.6", "--lengths", "512", "--local-span", "64", "--sinks", "8",
+                            "--out", str(tmp_path / "s"), "--json"])
+    assert r.exit_code == 0, r.output
+    ours = load_plan(tmp_path / "s" / "plan.json")
+    theirs = load_plan(run_out / "plans" / "density_512_0.6.json")
+    assert ours.model_dump()["layers"] == theirs.model_dump()["layers"]
+    assert any(h.kind == "dense" for layer in ours.layers for h in layer.heads)  # not vacuous: heads were kept
