@@ -301,6 +301,9 @@ def _keep_dense_plan(args: PlanArgs, retrieval, ident: ModelIdentity | None, out
         raise CompressError("the keep_dense shape needs retrieval scores (`compress profile --method retrieval`, "
                             "`compress search --retrieval`)")
     ident = ident or Identity.model_validate(retrieval.meta["model"])
+    if tuple(retrieval.scores.shape) != (ident.num_layers, ident.num_kv_heads):
+        raise CompressError(f"the retrieval scores are [{retrieval.scores.shape[0]} x {retrieval.scores.shape[1]}] but "
+                            f"the model has {ident.num_layers} layers x {ident.num_kv_heads} KV heads")
     ranked = retrieval.top(ident.num_layers * ident.num_kv_heads)
     lengths = sorted(set(args.search.lengths or ()))
     if not lengths:

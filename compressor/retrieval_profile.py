@@ -135,7 +135,8 @@ def kept_retrieval_heads(prof, retrieval: RetrievalScores | str | Path, budgets:
     r = retrieval if isinstance(retrieval, RetrievalScores) else load_retrieval(retrieval)
     ident = prof.meta.model
     if tuple(r.scores.shape) != (ident.num_layers, ident.num_kv_heads):
-        raise CompressError(f"retrieval scores {retrieval} are [{r.scores.shape[0]} x {r.scores.shape[1]}] but the "
+        where = "the retrieval scores" if isinstance(retrieval, RetrievalScores) else f"retrieval scores {retrieval}"
+        raise CompressError(f"{where} are [{r.scores.shape[0]} x {r.scores.shape[1]}] but the "
                             f"profile's model has {ident.num_layers} layers x {ident.num_kv_heads} KV heads")
     ranked = r.top(r.scores.numel())
     if keep_dense == "auto":

@@ -133,3 +133,23 @@ def test_search_keep_dense_shape_is_the_plan_compress_run_writes(tiny_model_dir,
     theirs = load_plan(run_out / "plans" / "density_512_0.6.json")
     assert ours.model_dump()["layers"] == theirs.model_dump()["layers"]
     assert any(h.kind == "dense" for layer in ours.layers for h in layer.heads)  # not vacuous: heads were kept
+
+
+def test_keep_dense_refuses_scores_of_another_model_shape():
+    import torch
+
+    from compressor.args import PlanArgs
+    from compressor.pipeline import make_plan
+    from plans.errors import CompressError
+    from plans.identity import ModelIdentity
+    from profilers.retrieval import RetrievalScores
+    from search_space.args import SearchArgs
+
+    ident = ModelIdentity(model_type="llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    scores = RetrievalScores(scores=torch.rand(3, 2), halves=torch.rand(2, 3, 2), meta={})
+    args = PlanArgs(budgets=("0.5",), shape="keep_dense", search=SearchArgs(lengths=(512,), sinks=(8,)), local_span=64)
+    with pytest.raises(CompressError, match="3 x 2.*2 layers x 2 KV heads"):
+        make_plan(args, retrieval=scores, ident=ident)
+    ok = make_plan(args, retrieval=RetrievalScores(scores=torch.rand(2, 2), halves=torch.rand(2, 2, 2), meta={}),
+                   ident=ident)
+    assert ok.plan.density(512) <= 0.5 + 1e-9
