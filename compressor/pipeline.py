@@ -293,6 +293,7 @@ def make_plan(args: PlanArgs, *, profile=None, retrieval=None, ident: ModelIdent
 
 
 def _keep_dense_plan(args: PlanArgs, retrieval, ident: ModelIdentity | None, out) -> PlanResult:
+    from compressor.retrieval_profile import check_scores_fit
     from plans.identity import ModelIdentity as Identity
     from search_space.budgets import parse_budgets
     from search_space.keep_dense import fit_keep_dense_plan
@@ -301,9 +302,7 @@ def _keep_dense_plan(args: PlanArgs, retrieval, ident: ModelIdentity | None, out
         raise CompressError("the keep_dense shape needs retrieval scores (`compress profile --method retrieval`, "
                             "`compress search --retrieval`)")
     ident = ident or Identity.model_validate(retrieval.meta["model"])
-    if tuple(retrieval.scores.shape) != (ident.num_layers, ident.num_kv_heads):
-        raise CompressError(f"the retrieval scores are [{retrieval.scores.shape[0]} x {retrieval.scores.shape[1]}] but "
-                            f"the model has {ident.num_layers} layers x {ident.num_kv_heads} KV heads")
+    check_scores_fit(retrieval, ident)
     ranked = retrieval.top(ident.num_layers * ident.num_kv_heads)
     lengths = sorted(set(args.search.lengths or ()))
     if not lengths:

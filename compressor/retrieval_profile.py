@@ -120,6 +120,14 @@ def run_retrieval_profile(model, tokenizer, args: RetrievalArgs = RetrievalArgs(
     return RetrievalScores(scores=scores, halves=halves, meta=meta)
 
 
+def check_scores_fit(scores: RetrievalScores, ident, where: str = "the retrieval scores",
+                     whose: str = "the model") -> None:
+    """Raise CompressError unless ``scores`` are [layers x KV heads] of ``ident`` (a ModelIdentity)."""
+    if tuple(scores.scores.shape) != (ident.num_layers, ident.num_kv_heads):
+        raise CompressError(f"{where} are [{scores.scores.shape[0]} x {scores.scores.shape[1]}] but {whose} has "
+                            f"{ident.num_layers} layers x {ident.num_kv_heads} KV heads")
+
+
 def kept_retrieval_heads(prof, retrieval: RetrievalScores | str | Path, budgets: Sequence[str],
                          keep_dense: str = "auto", local_span: int = DEFAULT_LOCAL_SPAN,
                          lengths: Sequence[int] | None = None) -> list[tuple[int, int]]:
@@ -134,10 +142,8 @@ def kept_retrieval_heads(prof, retrieval: RetrievalScores | str | Path, budgets:
 
     r = retrieval if isinstance(retrieval, RetrievalScores) else load_retrieval(retrieval)
     ident = prof.meta.model
-    if tuple(r.scores.shape) != (ident.num_layers, ident.num_kv_heads):
-        where = "the retrieval scores" if isinstance(retrieval, RetrievalScores) else f"retrieval scores {retrieval}"
-        raise CompressError(f"{where} are [{r.scores.shape[0]} x {r.scores.shape[1]}] but the "
-                            f"profile's model has {ident.num_layers} layers x {ident.num_kv_heads} KV heads")
+    where = "the retrieval scores" if isinstance(retrieval, RetrievalScores) else f"retrieval scores {retrieval}"
+    check_scores_fit(r, ident, where, "the profile's model")
     ranked = r.top(r.scores.numel())
     if keep_dense == "auto":
         sink = int(min(prof.meta.sink_sizes or [DEFAULT_SINK]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from plans.identity import ModelIdentity
 from plans.schema import Plan
@@ -24,7 +24,7 @@ from search_space.candidates import Candidate
 from search_space.keep_dense import check_kept_dense, force_dense
 from search_space.milp import MilpResult
 from search_space.outputs import write_outputs
-from search_space.problem import Granularity, SearchProblem, as_profile, build_problem, solve_problem
+from search_space.problem import SearchProblem, as_profile, build_problem, solve_problem
 from search_space.study import StudyConfig, StudyResult, run_study
 
 __all__ = ["SearchArgs", "SearchResult", "search", "write_outputs", "build_problem", "solve_problem", "SearchProblem"]
