@@ -252,18 +252,20 @@ def _apply_stage(ctx: _Ctx, plans: dict) -> None:
 
 def _eval_stages(ctx: _Ctx, plans: dict) -> dict:
     """Dense vs the plans vs uniform per eval task (`compress eval`); returns {task: EvalReport}."""
-    from compressor.evaluation import EvalReport, evaluate
+    from compressor.evaluation import EvalReport, evaluate, heldout_corpus
     from compressor.pipeline import write_eval
 
     cfg, out = ctx.cfg, ctx.out
-    reports = {}
+    reports, haystack = {}, None
     for task in cfg.eval_tasks:
         args = replace(cfg.eval, task=task, seed=cfg.seed)
         st = _Stage(out, f"eval_{task}", _fp(ctx.model_name, {k: p.model_dump_json() for k, p in plans.items()}, args))
         path = out / f"eval_{task}.json"
         ctx.tick(0, stage=f"run: eval {task}")
         if not st.done() or not path.exists():
-            reports[task] = _timed(ctx, st, lambda: evaluate(ctx.model, ctx.tok, plans, args, progress=True))
+            haystack = haystack or heldout_corpus(cfg.eval.corpus)  # read once for every task
+            reports[task] = _timed(ctx, st, lambda: evaluate(ctx.model, ctx.tok, plans, args, haystack=haystack,
+                                                              progress=True))
             write_eval(reports[task], out)
         else:
             reports[task] = EvalReport.from_dict(json.loads(path.read_text()))
