@@ -1,6 +1,8 @@
-"""CPU sink+window prefill by composing SDPA calls ("banded_v2", see docs/cpu-kernels.md §3).
+"""CPU sink+window prefill: the native C kernel where it builds, else a composition of SDPA calls.
 
-For one head with ``sink_eff = S`` and ``window = W`` (``span = S + W``, semantics in ``plans/span.py``):
+The native kernel (:mod:`attention_kernels.native_cpu`, ``csrc/sink_window_cpu.c``) takes every head of an
+fp32 / bf16 / fp16 call in one pass per 16-row block over the gathered sink + window keys. The composition
+("banded_v2", docs/cpu-kernels.md §3) is the fallback (no C compiler, fp64, ``kernel="sdpa"``). For one head with ``sink_eff = S`` and ``window = W`` (``span = S + W``, semantics in ``plans/span.py``):
 
 1. rows ``[0, span)`` see every earlier key: one causal SDPA call on that prefix;
 2. rows ``[span, N)``, windows below ``CHUNK_SWITCH``: query blocks of ``Bq`` rows, one call over a zero-copy
@@ -14,7 +16,7 @@ Heads with the same ``(S, W)`` are processed together (as head views when their 
 progressions, so GQA never materialises repeated K/V). Heads with ``span >= N`` use causal SDPA; tiny inputs
 (``N < SMALL_N``) use one masked SDPA call. Everything is exact, near-full heads included (for span/N above
 ~0.75 the composition runs at about dense speed; there is no inexact dense shortcut). bf16/fp16 are computed
-in fp32 (no faster on the CPU, and exact merges).
+in fp32 (no faster on the CPU, and exact merges), on both paths.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_kernels.checks import check_prefill_args
+from attention_kernels.native_cpu import sink_window_prefill
 from plans.span import split_span_tensor
 
 SMALL_N = 128  # below this length one masked SDPA call over all heads is faster than the composition
@@ -220,8 +223,19 @@ def banded_attention(
     sink: torch.Tensor,
     span: torch.Tensor,
     scale: float | None = None,
+    *,
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    """Causal sink+window prefill on the CPU: q (B, Hq, N, D), k/v (B, Hkv, N, D), sink/span (Hq,) -> (B, Hq, N, D)."""
+    """Causal sink+window prefill on the CPU: q (B, Hq, N, D), k/v (B, Hkv, N, D), sink/span (Hq,) -> (B, Hq, N, D).
+
+    ``kernel``: ``native`` the C kernel of :mod:`attention_kernels.native_cpu` (one pass per 16-row block over
+    the gathered sink + window keys), ``sdpa`` the SDPA composition described above, ``auto`` native when it
+    built on this machine, else sdpa (measured per window in ``benchmarks/results/kernels_cpu.md``: native is
+    faster at every window and for full heads). Raises ValueError for bad arguments or ``kernel="native"``
+    where the kernel is not available.
+    """
+    if kernel not in ("auto", "native", "sdpa"):
+        raise ValueError(f"kernel={kernel!r} is not one of auto, native, sdpa")
     b, hq, hkv, n, d = check_prefill_args(q, k, v, sink, span)
     if q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu":
         raise ValueError("banded_attention runs on CPU tensors; use attention_kernels.triton_prefill.sparse_prefill on a GPU")
@@ -233,8 +247,14 @@ def banded_attention(
     cdt = _COMPUTE_DTYPE[q.dtype]
     if n == 0 or b == 0 or d == 0:
         return q.new_zeros(q.shape)
-    q, k, v = (t.to(cdt) for t in (q, k, v))
     sink_eff, window = head_pattern(sink.cpu(), span.cpu(), n)
+    if kernel != "sdpa" and cdt == torch.float32:
+        out = sink_window_prefill(q, k, v, sink_eff, window, scale)
+        if out is not None:
+            return out.to(out_dtype)
+        if kernel == "native":
+            raise ValueError("kernel='native': the native CPU kernel is not available on this machine (no C compiler?)")
+    q, k, v = (t.to(cdt) for t in (q, k, v))
     if n < SMALL_N:
         return _small(q, k, v, sink_eff, window, scale, n_rep).to(out_dtype)
 

@@ -8,10 +8,15 @@ import pytest
 import torch
 
 import attention_kernels.banded as kb
+import attention_kernels.native_cpu as native_cpu
 from attention_kernels.banded import banded_attention
 from attention_kernels.reference import reference_attention
 
 torch.set_num_threads(1)
+NATIVE = pytest.param(
+    "native", marks=pytest.mark.skipif(native_cpu._compiler() is None, reason="no C compiler on this machine")
+)
+KERNELS = [NATIVE, "sdpa"]
 
 
 def _inputs(b, hq, hkv, n, d, dtype, seed=0, layout="bhnd"):
@@ -27,10 +32,10 @@ def _inputs(b, hq, hkv, n, d, dtype, seed=0, layout="bhnd"):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def _check(b, hq, hkv, n, d, sink, span, dtype=torch.float32, seed=0, layout="bhnd", scale=None):
+def _check(b, hq, hkv, n, d, sink, span, dtype=torch.float32, seed=0, layout="bhnd", scale=None, kernel="sdpa"):
     q, k, v = _inputs(b, hq, hkv, n, d, dtype, seed, layout)
     sink_t, span_t = torch.tensor(sink, dtype=torch.int64), torch.tensor(span, dtype=torch.int64)
-    out = banded_attention(q, k, v, sink_t, span_t, scale)
+    out = banded_attention(q, k, v, sink_t, span_t, scale, kernel=kernel)
     ref = reference_attention(q.double(), k.double(), v.double(), sink_t, span_t, scale)
     assert out.dtype == dtype and out.shape == (b, hq, n, d)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -49,19 +54,84 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(kb, "CHUNK_SWITCH", 40)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_default_constants_mixed_heads(dtype):
+def test_default_constants_mixed_heads(dtype, kernel):
     # GQA 8/2, odd length, dense head, sink 0, sink > span, spans not multiples of any block, both Bq sizes
     n = 1337
     sink = [64, 0, 64, 200, 3, 64, 64, 1]
     span = [64 + 32, 100, 64 + 600, 50, 5000, 1, 64 + 1100, 2]
-    _check(1, 8, 2, n, 32, sink, span, dtype)
+    _check(1, 8, 2, n, 32, sink, span, dtype, kernel=kernel)
 
 
-def test_chunked_path_default_constants():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_chunked_path_default_constants(kernel):
     # windows >= CHUNK_SWITCH (4096): chunked decomposition with a partial last chunk, plus a full head
     n = 4096 + 64 + 300
-    _check(1, 2, 1, n, 8, [64, 7], [64 + 4096, 4100])
+    _check(1, 2, 1, n, 8, [64, 7], [64 + 4096, 4100], kernel=kernel)
+
+
+@pytest.mark.skipif(native_cpu._compiler() is None, reason="no C compiler on this machine")
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize(
+    "b, hq, hkv, n, d",
+    [
+        (2, 8, 4, 203, 16),  # batch, GQA, a 16-row block tail (203 = 12 * 16 + 11)
+        (1, 4, 1, 100, 8),  # MQA, head dim below one 16-lane tile
+        (1, 4, 2, 150, 100),  # head dim 6 tiles + a 4-wide tail
+        (1, 4, 4, 64, 128),  # four full tiles of the head dim, N a whole number of blocks
+        (3, 2, 1, 17, 20),  # one block and one row
+    ],
+)
+def test_native_kernel_shapes(b, hq, hkv, n, d, layout):
+    """Every shape path of csrc/sink_window_cpu.c: block tails, head-dim tails, GQA/MQA, batches, strided rows;
+    windows below one block (1, 5), a sink longer than the sequence, sink 0, full heads."""
+    pattern = [(4, 20), (0, 9), (16, 61), (500, 600), (2, 1000), (0, 1), (1, 6), (3, 35)]
+    sink = [pattern[h % len(pattern)][0] for h in range(hq)]
+    span = [pattern[(h + b) % len(pattern)][1] for h in range(hq)]
+    _check(b, hq, hkv, n, d, sink, span, layout=layout, kernel="native")
+    _check(b, hq, hkv, n, d, sink, span, dtype=torch.bfloat16, layout=layout, kernel="native", seed=1)
+
+
+@pytest.mark.skipif(native_cpu._compiler() is None, reason="no C compiler on this machine")
+def test_native_kernel_random_configs_two_threads():
+    rng = random.Random(7)
+    torch.set_num_threads(2)
+    try:
+        for seed in range(20):
+            hkv = rng.choice([1, 2, 3])
+            hq = hkv * rng.choice([1, 2, 4])
+            n = rng.randint(1, 300)
+            d = rng.choice([1, 3, 16, 24, 64])
+            sink = [rng.choice([0, 1, 3, 8, 40, 64]) for _ in range(hq)]
+            span = [rng.choice([1, 2, 9, 15, 16, 17, 33, 50, 96, 100, 400]) for _ in range(hq)]
+            _check(rng.choice([1, 2]), hq, hkv, n, d, sink, span, seed=seed, kernel="native",
+                   scale=rng.choice([None, 0.05]))
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_native_kernel_unavailable_falls_back(monkeypatch):
+    """No compiler (or COMPRESS_NATIVE_CPU=0): auto uses the SDPA composition; an explicit native raises."""
+    monkeypatch.setenv(native_cpu.ENV_OFF, "0")
+    assert native_cpu.native_kernel() is None
+    _check(1, 2, 1, 300, 16, [4, 0], [40, 300], kernel="auto")
+    with pytest.raises(ValueError, match="not available"):
+        _check(1, 2, 1, 300, 16, [4, 0], [40, 300], kernel="native")
+    with pytest.raises(ValueError, match="one of"):
+        _check(1, 2, 1, 30, 16, [4, 0], [40, 300], kernel="fast")
+
+
+@pytest.mark.skipif(native_cpu._compiler() is None, reason="no C compiler on this machine")
+def test_native_build_is_cached_by_content(monkeypatch, tmp_path):
+    """The library is built once per (source, flags, compiler, CPU) into the cache and reused, never rebuilt."""
+    monkeypatch.setenv("ATTENTION_COMPRESSOR_CACHE", str(tmp_path))
+    cc = native_cpu._compiler()
+    lib = native_cpu._build(cc)
+    assert lib.is_file() and lib.is_relative_to(tmp_path / "kernels")
+    stamp = lib.stat().st_mtime_ns
+    assert native_cpu._build(cc) == lib and lib.stat().st_mtime_ns == stamp
+    assert [p.name for p in lib.parent.iterdir()] == [lib.name]  # no temporary left behind
 
 
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
@@ -77,10 +147,11 @@ def test_tiny_sequences(small_blocks):
         _check(1, 2, 1, n, 8, [1, 0], [2, 1])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n", [1, 5, 17, 127])
-def test_small_n_masked_path(n):
+def test_small_n_masked_path(n, kernel):
     # N < SMALL_N: one masked SDPA call (N smaller than any block)
-    _check(2, 4, 2, n, 16, [2, 0, 64, 1], [3, 1, 10, 1000])
+    _check(2, 4, 2, n, 16, [2, 0, 64, 1], [3, 1, 10, 1000], kernel=kernel)
 
 
 def test_scale_and_mqa(small_blocks):
@@ -103,7 +174,7 @@ def test_float64_and_fp16_inputs(small_blocks):
     s, sp = torch.tensor([3, 0]), torch.tensor([20, 50])
     ref = reference_attention(q, k, v, s, sp)
     assert (banded_attention(q, k, v, s, sp) - ref).abs().max() < 1e-12
-    out16 = banded_attention(q.half(), k.half(), v.half(), s, sp)
+    out16 = banded_attention(q.half(), k.half(), v.half(), s, sp)  # auto: native when it built
     assert out16.dtype == torch.float16 and (out16.double() - ref).abs().max() < 1e-2
 
 
