@@ -123,6 +123,8 @@ def sink_window_prefill(
     if lib is None:
         return None
     b, hq, n, d = q.shape
+    if n >= 2**31:
+        raise ValueError(f"the native CPU kernel takes sequences below 2^31 tokens; got {n}")
     hkv = k.shape[1]
     n_rep = hq // hkv
     q, k, v = (_rows(t.to(torch.float32)) for t in (q, k, v))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_kernels.banded import banded_attention
+from attention_kernels.native_cpu import native_kernel
 from common import command_line, machine, utc_minute, write_results
 from plans.span import prefill_density
 
@@ -104,20 +105,23 @@ def bench(n: int, h: int, d: int, target: float, repeats: int, dtype=torch.float
     def banded():
         return banded_attention(q, k, v, sink, span)
 
+    def composition():
+        return banded_attention(q, k, v, sink, span, kernel="sdpa")
+
     def timed(fn):
         t = time.perf_counter()
         fn()
         return time.perf_counter() - t
 
-    fns = {"dense": dense, "banded": banded}
-    extra = {}
+    fns = {"dense": dense, "banded": banded, "composition": composition}
+    extra = {"kernel": "native" if native_kernel() is not None else "sdpa composition (no C compiler)"}
     if flex:
         run, compile_s, mask_s = flex_runner(q, k, v, sink, span)
         err = float((run() - banded()).abs().max())
         if err > 1e-3:
             raise AssertionError(f"FlexAttention differs from the banded kernel by {err} at N={n}")
         fns["flex"] = run
-        extra = {"flex_compile_s": round(compile_s, 1), "flex_block_mask_s": round(mask_s, 2), "flex_max_abs_diff": err}
+        extra |= {"flex_compile_s": round(compile_s, 1), "flex_block_mask_s": round(mask_s, 2), "flex_max_abs_diff": err}
     for fn in fns.values():  # warm-up
         fn()
     times = {m: [] for m in fns}
@@ -134,6 +138,10 @@ def bench(n: int, h: int, d: int, target: float, repeats: int, dtype=torch.float
         "banded_ms": round(1000 * statistics.median(times["banded"]), 1),
         "speedup": round(speed, 2), "pct_of_ideal": round(100 * speed * density, 1),
         "ratios": [round(times["dense"][i] / times["banded"][i], 3) for i in range(repeats)],
+        "composition_ms": round(1000 * statistics.median(times["composition"]), 1),
+        "composition_speedup": round(med("composition"), 2),
+        "composition_pct_of_ideal": round(100 * med("composition") * density, 1),
+        **({} if flex else extra),
     }
     if flex:
         fs = med("flex")
@@ -143,38 +151,46 @@ def bench(n: int, h: int, d: int, target: float, repeats: int, dtype=torch.float
 
 
 def by_window(n: int, h: int, d: int, windows: list[int], repeats: int) -> list[dict]:
-    """The cause of a row below its ideal: every head at one window W (sink 64), banded vs dense, % of ideal."""
+    """The path decision: every head at one window W (sink 64; W = N: a full head), the native kernel and the SDPA
+    composition each vs dense, % of ideal, and which is faster."""
     out = []
     for w in windows:
-        span = SINK + w
+        span = min(SINK + w, n)
         r = bench_spans(n, h, d, [span] * h, repeats)
-        out.append({"N": n, "H": h, "window": w, "density": r["density"], "speedup": r["speedup"],
-                    "pct_of_ideal": r["pct_of_ideal"]})
-        print(f"window {w:>5}: density {r['density']:.3f} speed-up {r['speedup']:.2f} = {r['pct_of_ideal']:.0f}% of ideal",
-              flush=True)
+        r = {"N": n, "H": h, "window": w} | r
+        r["faster"] = "native" if r["native_speedup"] >= r["composition_speedup"] else "composition"
+        out.append(r)
+        print(f"window {w:>5}: density {r['density']:.3f} native {r['native_pct_of_ideal']:.0f}% composition "
+              f"{r['composition_pct_of_ideal']:.0f}% of ideal", flush=True)
     return out
 
 
 def bench_spans(n: int, h: int, d: int, spans: list[int], repeats: int) -> dict:
-    """banded vs dense for given per-head spans (no FlexAttention)."""
+    """Native kernel and SDPA composition vs dense for given per-head spans (no FlexAttention), rotating order."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, n, d, generator=g) for _ in range(3))
     sink, span = torch.full((h,), SINK, dtype=torch.int64), torch.tensor(spans, dtype=torch.int64)
     density = sum(prefill_density(x, n) for x in spans) / h
-    dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-    banded = lambda: banded_attention(q, k, v, sink, span)  # noqa: E731
-    dense(), banded()
-    ratios = []
+    fns = {
+        "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "native": lambda: banded_attention(q, k, v, sink, span, kernel="native"),
+        "composition": lambda: banded_attention(q, k, v, sink, span, kernel="sdpa"),
+    }
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    times = {m: [] for m in fns}
     for r in range(repeats):
-        t0 = time.perf_counter()
-        (dense if r % 2 == 0 else banded)()
-        t1 = time.perf_counter()
-        (banded if r % 2 == 0 else dense)()
-        t2 = time.perf_counter()
-        a, b = (t1 - t0, t2 - t1) if r % 2 == 0 else (t2 - t1, t1 - t0)
-        ratios.append(a / b)
-    speed = statistics.median(ratios)
-    return {"density": density, "speedup": speed, "pct_of_ideal": 100 * speed * density}
+        for m in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            fns[m]()
+            times[m].append(time.perf_counter() - t)
+    out = {"density": round(density, 4)}
+    for m in ("native", "composition"):
+        speed = statistics.median(times["dense"][i] / times[m][i] for i in range(repeats))
+        out[f"{m}_speedup"] = round(speed, 2)
+        out[f"{m}_pct_of_ideal"] = round(100 * speed * density, 1)
+    return out
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
@@ -186,15 +202,19 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         f"- date: {meta['date']}, load average (1/5/15 min) at start {meta['loadavg']}, at end {meta['loadavg_end']}",
         f"- method: {meta['method']}",
         "",
+        "`banded` is `banded_attention` as shipped (the native kernel where it builds: see `kernel` in the json); "
+        "`composition` is its SDPA-composition fallback (`kernel=\"sdpa\"`), timed in the same rotation.",
+        "",
         "| N | H | D | density | ideal 1/density | dense ms | banded ms | banded × | banded % of ideal | "
-        "flex ms | flex × | flex % of ideal | banded ÷ flex | flex compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "composition × | composition % of ideal | flex ms | flex × | flex % of ideal | banded ÷ flex | flex compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     g = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['N']} | {r['H']} | {r['D']} | {r['density']:.3f} | {r['ideal']:.2f} | {r['dense_ms']:.0f} | "
-            f"{r['banded_ms']:.0f} | {r['speedup']:.2f} | {r['pct_of_ideal']:.0f}% | {g(r, 'flex_ms', '.0f')} | "
+            f"{r['banded_ms']:.0f} | {r['speedup']:.2f} | {r['pct_of_ideal']:.0f}% | {g(r, 'composition_speedup', '.2f')} | "
+            f"{g(r, 'composition_pct_of_ideal', '.0f')}% | {g(r, 'flex_ms', '.0f')} | "
             f"{g(r, 'flex_speedup', '.2f')} | {g(r, 'flex_pct_of_ideal', '.0f')}% | {g(r, 'banded_vs_flex', '.2f')} | "
             f"{g(r, 'flex_compile_s', '.1f')} |"
         )
@@ -202,10 +222,14 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"- N={r['N']}, density {r['density']:.3f}: {r['spans']}")
     if meta.get("by_window"):
-        lines += ["", "Cause of the rows below 80%: every head at one window W (sink 64), banded vs dense, same run:", "",
-                  "| N | window W | density | speed-up | % of ideal |", "|---|---|---|---|---|"]
+        lines += ["", "The path decision (`banded_attention(kernel=\"auto\")`): every head at one window W (sink 64; "
+                  "W = N is a full head), each kernel vs dense in one rotation:", "",
+                  "| N | window W | density | native × | native % of ideal | composition × | composition % of ideal "
+                  "| faster |", "|---|---|---|---|---|---|---|---|"]
         for r in meta["by_window"]:
-            lines.append(f"| {r['N']} | {r['window']} | {r['density']:.3f} | {r['speedup']:.2f} | {r['pct_of_ideal']:.0f}% |")
+            lines.append(f"| {r['N']} | {r['window']} | {r['density']:.3f} | {r['native_speedup']:.2f} | "
+                         f"{r['native_pct_of_ideal']:.0f}% | {r['composition_speedup']:.2f} | "
+                         f"{r['composition_pct_of_ideal']:.0f}% | {r['faster']} |")
     lines += ["", "Notes:", ""] + [f"- {x}" for x in NOTES]
     return "\n".join(lines) + "\n"
 
@@ -217,16 +241,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--n", type=int, nargs="*", help="override the lengths")
-    ap.add_argument("--density", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    ap.add_argument("--density", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     ap.add_argument("--by-window", action="store_true",
-                    help="only the per-window breakdown at N=8192 (added to the existing results)")
+                    help="only the per-window path decision at N=8192 (added to the existing results)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.by_window:
         data = json.loads((RESULTS / "kernels_cpu.json").read_text())
-        data["meta"]["by_window"] = by_window(8192, 16, args.d, [64, 128, 256, 512, 1024, 2048], args.repeats or 5)
+        data["meta"]["by_window"] = by_window(8192, 16, args.d, [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
+                                              args.repeats or 5)
         data["meta"]["by_window_command"] = command_line()
         write_results(RESULTS / "kernels_cpu.json", data, to_markdown(data["meta"], data["rows"]))
         return

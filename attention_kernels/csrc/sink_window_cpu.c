@@ -116,14 +116,16 @@ static void block(const float *restrict q, int64_t q_rs, const float *restrict k
 
   for (c = 0; c < n_keys; c += KEYS) score_keys(qT, k, k_rs, d, c, s_end, w_beg, n_keys, sT);
 
-  /* mask: key j is seen by row i iff j <= i and (j < sink or i - j < window) */
+  /* mask: key j is seen by row i iff j <= i and (j < sink or i - j < window); only keys some row misses */
+  const vrowi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vrowi iv = (int32_t)i0 + lane;
+  const vrow neg_inf = (vrow){0} - INFINITY;
   for (c = 0; c < n_keys; c++) {
     int64_t j = key_at(c, s_end, w_beg);
     if (j <= i0 && (j < sink || last - j < window)) continue;
-    for (int r = 0; r < ROWS; r++) {
-      int64_t i = i0 + r;
-      if (!(j <= i && (j < sink || i - j < window))) sT[c][r] = -INFINITY;
-    }
+    vrowi in_sink = (vrowi){0} - (int32_t)(j < sink);
+    vrowi seen = (iv >= (int32_t)j) & (in_sink | (iv - (int32_t)j < (int32_t)window));
+    sT[c] = vselect(seen, sT[c], neg_inf);
   }
 
   vrow mx = sT[0], den = {0};
