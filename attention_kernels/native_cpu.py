@@ -89,7 +89,8 @@ def _load() -> ctypes.CDLL | None:
         log.warning("the native CPU kernel did not build (%s): the CPU prefill uses the SDPA composition", detail)
         return None
     fn = lib.sink_window_prefill
-    fn.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float,
+                   ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
@@ -107,12 +108,24 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def sink_window_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_eff: torch.Tensor, window: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink_eff: torch.Tensor,
+    window: torch.Tensor,
+    scale: float,
+    *,
+    selected: torch.Tensor | None = None,
+    block: int = 64,
 ) -> torch.Tensor | None:
     """Exact causal sink+window attention, fp32: q (B, Hq, N, D), k/v (B, Hkv, N, D) un-repeated (GQA by head
     index ``h // (Hq / Hkv)``), ``sink_eff``/``window`` (Hq,) int64 from
     :func:`attention_kernels.banded.head_pattern` (key j visible from row i iff ``j <= i`` and
     ``(j < sink_eff or i - j < window)``) -> (B, Hq, N, D) fp32, or None when the kernel is not available.
+
+    ``selected`` (B, Hkv, ceil(N / block)) bool adds content-selected blocks of ``block`` keys per KV head (its
+    query heads share them): key j is also visible from every row ``i >= j`` when block ``j // block`` is
+    selected (:func:`plans.span.sees_or_selected`; the selection rule: :mod:`attention_kernels.selection`).
 
     Strided views (e.g. ``(B, N, H, D).transpose(1, 2)``) are read in place when D has unit stride and each
     tensor's row stride is one number. Runs on ``torch.get_num_threads()`` OpenMP threads.
@@ -139,10 +152,20 @@ def sink_window_prefill(
     q_off, k_off, v_off, o_off = offsets(q, hi), offsets(k, kv), offsets(v, kv), offsets(out, hi)
     s_item = sink_eff.to(torch.int64)[hi].contiguous()
     w_item = window.to(torch.int64)[hi].contiguous()
+    sel_map = sel_off = None
+    if selected is not None:
+        n_blocks = -(-n // block)
+        if block < 1 or selected.shape != (b, hkv, n_blocks) or selected.dtype != torch.bool:
+            raise ValueError(f"selected must be a bool tensor of shape ({b}, {hkv}, {n_blocks}) for block {block}; "
+                             f"got {selected.dtype} {tuple(selected.shape)}")
+        sel_map = selected.to(torch.uint8).contiguous()
+        sel_off = ((bi * hkv + kv) * n_blocks).contiguous()
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     rc = lib.sink_window_prefill(
         b * hq, q_off.data_ptr(), k_off.data_ptr(), v_off.data_ptr(), o_off.data_ptr(), s_item.data_ptr(),
-        w_item.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.stride(2), k.stride(2),
-        v.stride(2), out.stride(2), n, d, float(scale), torch.get_num_threads(),
+        w_item.data_ptr(), ptr(sel_map), ptr(sel_off), int(block), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+        out.data_ptr(), q.stride(2), k.stride(2), v.stride(2), out.stride(2), n, d, float(scale),
+        torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("the native CPU prefill kernel could not allocate its scratch memory")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from attention_kernels.checks import check_decode_args
 from attention_kernels.options import KeyPositions, ScoreOptions
-from plans.span import sees, split_span_tensor, visibility_mask
+from plans.span import sees, sees_or_selected, split_span_tensor, visibility_mask
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -29,8 +29,12 @@ def pattern_mask(
     span: torch.Tensor,
     native_window: int | None = None,
     allowed: torch.Tensor | None = None,
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool (B, H, q, k): query at real position q_pos sees key at real position k_pos under (sink, span).
+
+    ``selected`` (B, H, k) bool marks keys a head keeps by content selection (visible to every later query,
+    :func:`plans.span.sees_or_selected`; None: none).
 
     q_pos (B, q), k_pos (B, k) are positions among real tokens; k_valid (B, k) marks real keys;
     sink/span are (B, H) or (H,) int tensors. ``native_window`` (a model's own sliding window, HF semantics
@@ -42,7 +46,11 @@ def pattern_mask(
     span = span.expand(b, -1) if span.ndim == 1 else span
     sink_eff, window = split_span_tensor(sink, span)
     i, j = q_pos[:, None, :, None], k_pos[:, None, None, :]
-    ok = k_valid[:, None, None, :] & sees(i, j, sink_eff[:, :, None, None], window[:, :, None, None])
+    se, w = sink_eff[:, :, None, None], window[:, :, None, None]
+    if selected is None:
+        ok = k_valid[:, None, None, :] & sees(i, j, se, w)
+    else:
+        ok = k_valid[:, None, None, :] & sees_or_selected(i, j, se, w, selected[:, :, None, :])
     if native_window is not None:
         ok = ok & (i - j < native_window)
     if allowed is not None:
@@ -105,8 +113,12 @@ def reference_attention(
     *,
     positions: KeyPositions = KeyPositions(),
     score: ScoreOptions = ScoreOptions(),
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, q, D), k/v (B, Hkv, k, D) un-repeated -> (B, Hq, q, D).
+
+    ``selected`` (B, Hkv, k) bool: keys each KV head keeps by content selection, shared by its query heads
+    (:func:`pattern_mask`; None: none).
 
     Without ``positions``, queries are the last q of k contiguous tokens (plain causal prefill / decode).
     ``positions.allowed`` and ``score`` (native window, softcap, s_aux, dropout): see :func:`pattern_mask` and
@@ -121,9 +133,11 @@ def reference_attention(
         k_pos = torch.arange(nk, device=q.device).expand(b, nk)
     if q_pos is None:
         q_pos = k_pos[:, nk - nq :]
-    mask = pattern_mask(q_pos, k_pos, k_valid, sink.to(q.device), span.to(q.device), score.native_window,
-                        positions.allowed)
     n_rep = hq // k.shape[1]
+    if selected is not None:
+        selected = repeat_kv(selected[..., None], n_rep)[..., 0].to(q.device)
+    mask = pattern_mask(q_pos, k_pos, k_valid, sink.to(q.device), span.to(q.device), score.native_window,
+                        positions.allowed, selected)
     return masked_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, scale, score)
 
 

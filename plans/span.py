@@ -74,6 +74,12 @@ def sees(i, j, sink_eff, window):
     return (j <= i) & ((j < sink_eff) | (i - j < window))
 
 
+def sees_or_selected(i, j, sink_eff, window, selected):
+    """Visibility of a head that also keeps content-selected blocks: :func:`sees`, or ``j <= i`` and key j lies in
+    a selected block (``selected``: bool for key j, broadcasting like ``j``). Selection never breaks causality."""
+    return sees(i, j, sink_eff, window) | ((j <= i) & selected)
+
+
 def sink_window_mask_mod(sink, window, n: int | None = None):
     """A FlexAttention ``mask_mod`` ``(b, h, q_idx, kv_idx) -> bool tensor`` for sink+window heads, built on :func:`sees`.
 
