@@ -28,6 +28,7 @@ class MethodResult:
     model_prefill_ms: float | None = None
     decode_step_ms: float | None = None
     decode_tok_s: float | None = None
+    attn_decode_ms: float | None = None  # dense only: every layer's attention over an N-slot cache, one step
     kv_bytes: int | None = None
     ratios: dict = field(default_factory=dict)
 
@@ -75,6 +76,23 @@ def attention_only_ms(plan: Plan | None, n: int, dtype=torch.float32, seed: int 
         return f
 
     return run_plan
+
+
+def attention_decode_only(n: int, layers: int, hq: int, hkv: int, d: int, dtype=torch.float32, seed: int = 0):
+    """A closure running one dense decode step's attention for every layer: one query token over an N-slot KV
+    cache per layer (:func:`attention_kernels.cpu_decode.sdpa_decode`, the kernel the dense cache path uses)."""
+    from attention_kernels.cpu_decode import sdpa_decode
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, d, generator=g, dtype=dtype)
+    caches = [(torch.randn(1, hkv, n, d, generator=g, dtype=dtype), torch.randn(1, hkv, n, d, generator=g, dtype=dtype))
+              for _ in range(layers)]
+    kv_len = torch.full((1, hkv), n, dtype=torch.int64)
+
+    def f():
+        for k, v in caches:
+            sdpa_decode(q, k, v, kv_len)
+    return f
 
 
 def bench(model, plan: Plan, args: BenchArgs = BenchArgs(), *, progress: bool = False) -> list[MethodResult]:
@@ -128,6 +146,11 @@ def bench(model, plan: Plan, args: BenchArgs = BenchArgs(), *, progress: bool = 
                         res[m].kv_bytes = cache.nbytes() if p is not None else dense_cache_bytes(model, n + decode_steps)
                     res[m].decode_step_ms = statistics.median(step)
                     res[m].decode_tok_s = 1000 / res[m].decode_step_ms
+                    if attention and p is None:
+                        f = attention_decode_only(n, ident.num_layers, ident.num_heads, ident.num_kv_heads,
+                                                  ident.head_dim)
+                        f()
+                        res[m].attn_decode_ms = statistics.median(_timeit(f, max(3, decode_steps)))
                     tick(1, work=n)
             for m in methods:
                 if "attn" in times[m]:
@@ -136,6 +159,7 @@ def bench(model, plan: Plan, args: BenchArgs = BenchArgs(), *, progress: bool = 
                     res[m].model_prefill_ms = statistics.median(times[m]["model"])
             d = res["dense"]
             share = attention_share(d.attn_prefill_ms, d.model_prefill_ms)
+            decode_share = attention_share(d.attn_decode_ms, d.decode_step_ms)
             for m in methods:
                 r = res[m]
                 for key in ("attn_prefill_ms", "model_prefill_ms", "decode_step_ms"):
@@ -148,6 +172,10 @@ def bench(model, plan: Plan, args: BenchArgs = BenchArgs(), *, progress: bool = 
                     ideal = ideal_model_speedup(share, r.density)
                     r.ratios.update(attention_share=share, ideal_model_speedup=ideal,
                                     fraction_of_ideal=r.ratios["model_prefill_speedup"] / ideal)
+                if decode_share is not None and "decode_step_speedup" in r.ratios:
+                    ideal = ideal_model_speedup(decode_share, r.kv_density)  # decode reads the kept KV only
+                    r.ratios.update(decode_attention_share=decode_share, ideal_decode_speedup=ideal,
+                                    decode_fraction_of_ideal=r.ratios["decode_step_speedup"] / ideal)
             results.extend(res.values())
     return results
 
@@ -288,4 +316,4 @@ def kernel_table(lengths: list[int], head_dim: int):
 
 
 __all__ = ["bench", "BenchArgs", "BenchReport", "MethodResult", "ThroughputResult", "throughput", "attention_share",
-           "ideal_model_speedup", "kernel_table", "results_as_dicts"]
+           "ideal_model_speedup", "attention_decode_only", "kernel_table", "results_as_dicts"]

@@ -627,21 +627,27 @@ def bench_cmd(
         return
     t = Table(title="compress bench (speedup = dense time / method time, same run)")
     for c in ("N", "method", "density", "kv density", "attn ms", "attn ×", "model ms", "model ×", "ideal ×",
-              "% ideal", "decode ms", "decode ×", "tok/s", "KV MiB", "KV frac"):
+              "% ideal", "decode ms", "decode ×", "decode ideal ×", "decode % ideal", "tok/s", "KV MiB", "KV frac"):
         t.add_column(c, justify="right")
     for r in report.results:
+        dec_frac = r.ratios.get("decode_fraction_of_ideal")
         t.add_row(str(r.n), r.method, f(r.density, ".3f"), f(r.kv_density, ".3f"), f(r.attn_prefill_ms, ".0f"),
                   f(r.ratios.get("attn_prefill_speedup"), ".2f"), f(r.model_prefill_ms, ".0f"),
                   f(r.ratios.get("model_prefill_speedup"), ".2f"), f(r.ratios.get("ideal_model_speedup"), ".2f"),
                   f(None if "fraction_of_ideal" not in r.ratios else 100 * r.ratios["fraction_of_ideal"], ".0f"),
                   f(r.decode_step_ms, ".1f"),
-                  f(r.ratios.get("decode_step_speedup"), ".2f"), f(r.decode_tok_s, ".1f"),
+                  f(r.ratios.get("decode_step_speedup"), ".2f"), f(r.ratios.get("ideal_decode_speedup"), ".2f"),
+                  f(None if dec_frac is None else 100 * dec_frac, ".0f"), f(r.decode_tok_s, ".1f"),
                   f(None if r.kv_bytes is None else r.kv_bytes / 2**20, ".1f"), f(r.ratios.get("kv_bytes_fraction"), ".3f"))
     out_console.print(t)
     for r in report.results:
         if r.method == "dense" and "attention_share" in r.ratios:
             out_console.print(f"N={r.n}: attention share of dense prefill a = {r.ratios['attention_share']:.3f}; "
                               "ideal whole-model speed-up = 1/((1-a)+a*density)")
+        if r.method == "dense" and "decode_attention_share" in r.ratios:
+            out_console.print(f"N={r.n}: attention share of the dense decode step a = "
+                              f"{r.ratios['decode_attention_share']:.3f}; ideal decode speed-up = "
+                              "1/((1-a)+a*KV density)")
 
 
 def main():  # pragma: no cover

@@ -78,3 +78,18 @@ def test_bench_reports_the_fraction_of_ideal(tiny_model_dir):
         ideal = 1 / ((1 - a) + a * x["density"])
         assert x["ratios"]["ideal_model_speedup"] == pytest.approx(ideal)
         assert x["ratios"]["fraction_of_ideal"] == pytest.approx(x["ratios"]["model_prefill_speedup"] / ideal)
+
+
+def test_bench_reports_the_decode_fraction_of_ideal(tiny_model_dir):
+    """The decode bound: a = dense decode attention (every layer over an N-slot cache) / dense decode step."""
+    r = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--density", "0.3", "--lengths", "256",
+                            "--repeats", "1", "--decode-steps", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout[r.stdout.index("{"):])["results"]
+    dense = next(x for x in res if x["method"] == "dense")
+    a = dense["ratios"]["decode_attention_share"]
+    assert 0 < a <= 1 and a == pytest.approx(min(1.0, dense["attn_decode_ms"] / dense["decode_step_ms"]))
+    for x in res:
+        ideal = 1 / ((1 - a) + a * x["kv_density"])
+        assert x["ratios"]["ideal_decode_speedup"] == pytest.approx(ideal)
+        assert x["ratios"]["decode_fraction_of_ideal"] == pytest.approx(x["ratios"]["decode_step_speedup"] / ideal)
