@@ -20,13 +20,16 @@ class KeyPositions:
 
     ``q_pos`` (B, q) and ``k_pos`` (B, k) int positions (None: keys at 0..k-1, the queries the last q of them);
     ``k_valid`` (B, k) bool marks real keys (None: all); ``allowed`` (B or 1, 1, q, k) bool is a custom mask from
-    the caller, intersected with the pattern (None: none).
+    the caller, intersected with the pattern (None: none); ``selected`` (B, Hkv, k) bool marks the keys each KV
+    head keeps by content selection, added to the pattern for every later query (None: none;
+    :func:`plans.span.sees_or_selected`).
     """
 
     q_pos: torch.Tensor | None = None
     k_pos: torch.Tensor | None = None
     k_valid: torch.Tensor | None = None
     allowed: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -113,12 +113,11 @@ def reference_attention(
     *,
     positions: KeyPositions = KeyPositions(),
     score: ScoreOptions = ScoreOptions(),
-    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, q, D), k/v (B, Hkv, k, D) un-repeated -> (B, Hq, q, D).
 
-    ``selected`` (B, Hkv, k) bool: keys each KV head keeps by content selection, shared by its query heads
-    (:func:`pattern_mask`; None: none).
+    ``positions.selected`` (B, Hkv, k) bool: keys each KV head keeps by content selection, shared by its query
+    heads (:func:`pattern_mask`).
 
     Without ``positions``, queries are the last q of k contiguous tokens (plain causal prefill / decode).
     ``positions.allowed`` and ``score`` (native window, softcap, s_aux, dropout): see :func:`pattern_mask` and
@@ -134,6 +133,7 @@ def reference_attention(
     if q_pos is None:
         q_pos = k_pos[:, nk - nq :]
     n_rep = hq // k.shape[1]
+    selected = positions.selected
     if selected is not None:
         selected = repeat_kv(selected[..., None], n_rep)[..., 0].to(q.device)
     mask = pattern_mask(q_pos, k_pos, k_valid, sink.to(q.device), span.to(q.device), score.native_window,

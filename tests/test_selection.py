@@ -12,6 +12,7 @@ import torch
 import attention_kernels.native_cpu as native_cpu
 from attention_kernels.banded import head_pattern
 from attention_kernels.native_cpu import sink_window_prefill
+from attention_kernels.options import KeyPositions
 from attention_kernels.reference import reference_attention
 from attention_kernels.selection import select_blocks, selected_keys, snapkv_votes
 
@@ -104,7 +105,7 @@ def test_native_with_selected_blocks_equals_explicit(b, hq, hkv, n, d, block, la
     keys = selected_keys(sel, block, n)
     want = _explicit(q, k, v, sink, span, keys, d**-0.5)
     assert (out.double() - want).abs().max() < 1e-5
-    ref = reference_attention(q.double(), k.double(), v.double(), sink, span, selected=keys)
+    ref = reference_attention(q.double(), k.double(), v.double(), sink, span, positions=KeyPositions(selected=keys))
     assert (ref - want).abs().max() < 1e-10
 
 
