@@ -103,7 +103,11 @@ def plan_show(
         emit_json(view.to_dict())
         return
     p, n = view.plan, view.n
-    t = Table(title=f"{plan}  ({p.model.model_type}, {p.granularity}, source={p.source}) — spans at N={n}")
+    # the header on its own line, never wrapped: as a table title it wrapped to the table's width (a narrow table
+    # cut a long path into pieces)
+    out_console.print(f"{plan}  ({p.model.model_type}, {p.granularity}, source={p.source}) — spans at N={n}",
+                      soft_wrap=True)
+    t = Table()
     t.add_column("layer", justify="right")
     for h in range(p.heads_per_layer):
         t.add_column(f"h{h}", justify="right")
