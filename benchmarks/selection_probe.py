@@ -33,7 +33,8 @@ from attention_kernels.banded import head_pattern
 from attention_kernels.native_cpu import native_kernel, sink_window_prefill
 from attention_kernels.selection import select_blocks, snapkv_votes
 from common import command_line, machine, utc_minute, write_results
-from compressor.evaluation import answer_score, heldout_corpus, make_samples
+from compressor.evaluation import answer_score, heldout_corpus
+from profilers.data import ruler
 from compressor.models import load_model
 from compressor.statistics import mcnemar_exact, wilson_interval
 from plans.span import prefill_density, split_span_tensor
@@ -113,12 +114,15 @@ class Method:
 
 
 def run_method(model, samples, m: Method, args, layers: int, heads: int) -> dict:
+    """Score ``samples`` ((Sample, context end) pairs) under method ``m``; outcomes, Wilson interval, density."""
     name, span, k, block, n = m.name, m.span, m.k, args.block, args.n
     Probe.span, Probe.k, Probe.block, Probe.obs, Probe.extra_entries = span, k, block, args.obs, []
     outcomes = []
     dens = []
-    for s in samples:
-        Probe.obs_end = int(s.loss_mask.nonzero()[0])  # first answer token: observation rows end here
+    for s, context_end in samples:
+        # question at the end: the observation rows end at the first answer token (they hold the question);
+        # context first: they end with the context, before the question is known (multi-turn)
+        Probe.obs_end = int(s.loss_mask.nonzero()[0]) if args.protocol == "question_at_end" else context_end
         Probe.extra_entries = []
         if name == "dense":
             model.set_attn_implementation("sdpa")
@@ -149,6 +153,10 @@ def main() -> None:
     ap.add_argument("--obs", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=240)
+    ap.add_argument("--protocol", choices=["question_at_end", "context_first"], default="question_at_end",
+                    help="where the observation rows end: at the answer (they hold the question) or at the context's end")
+    ap.add_argument("--select-only", action="store_true", help="only the select method (the others see no question)")
+    ap.add_argument("--out", default="selection_probe", help="results name under benchmarks/results/")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,8 +168,10 @@ def main() -> None:
     layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
     depths = [0.1, 0.5, 0.9]
     per = -(-args.items // len(depths))
-    data = make_samples(args.task, tok, [args.n], depths, per, args.seed, heldout_corpus("austen"))
-    samples = [s for d in depths for s in data[(args.n, d)]][: args.items]
+    hs = ruler.Haystack("text", "\n\n".join(heldout_corpus("austen")), "heldout")  # as compressor.evaluation
+    kw = ruler.haystack_options(args.task, hs)
+    samples = [(ruler.to_sample(it, tok), it.context_span[1]) for d in depths
+               for it in ruler.make_items(args.task, tok, args.n, d, per, args.seed, style="plain", **kw)][: args.items]
     sel_span = SINK + args.select_window
     rows = []
     with torch.no_grad():
@@ -172,7 +182,7 @@ def main() -> None:
         methods = [("dense", args.n, 0), ("uniform", span_for_density(args.density, args.n), 0),
                    ("uniform_equal_density", span_for_density(select["prefill_density"], args.n), 0),
                    ("uniform_kv", sel_span + args.k * args.block, 0)]
-        for name, span, k in methods:
+        for name, span, k in ([] if args.select_only else methods):
             r = run_method(model, samples, Method(name, span, k), args, layers, heads)
             r["mcnemar_p_vs_select"] = mcnemar_exact(select["outcomes"], r["outcomes"]).p_value
             rows.append(r)
@@ -180,17 +190,19 @@ def main() -> None:
                   f"McNemar p {r['mcnemar_p_vs_select']:.3g}", flush=True)
     meta = {"command": command_line(), "machine": machine("threads"), "date": utc_minute(), "task": args.task,
             "N": args.n, "items": len(samples), "depths": depths, "haystack": "austen (held-out split)",
-            "obs_rows": args.obs, "seed": args.seed}
+            "obs_rows": args.obs, "seed": args.seed, "protocol": args.protocol}
     if not args.no_write:
-        write_results(RESULTS / "selection_probe.json", {"meta": meta, "rows": rows}, to_markdown(meta, rows))
+        write_results(RESULTS / f"{args.out}.json", {"meta": meta, "rows": rows}, to_markdown(meta, rows))
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     lines = ["# Probe (issue 24): content-selected blocks vs a uniform window, every head the same pattern", "",
              f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}",
              f"- {meta['task']}, N = {meta['N']}, {meta['items']} held-out items (depths {meta['depths']} in turn, "
-             f"{meta['haystack']}, seed {meta['seed']}); observation window: the last {meta['obs_rows']} prompt rows "
-             "(question + answer prefix); question at the end of the prompt",
+             f"{meta['haystack']}, seed {meta['seed']}); observation window: the last {meta['obs_rows']} rows "
+             + ("of the prompt (question + answer prefix): protocol question_at_end"
+                if meta.get("protocol", "question_at_end") == "question_at_end" else
+                "of the context, before the question (multi-turn): protocol context_first"),
              "- exact greedy match of every answer token; Wilson 95% interval; exact McNemar vs `select` on the same items",
              "", "| method | pattern (every head) | prefill density | kept keys / head | correct | Wilson 95% | McNemar p vs select |",
              "|---|---|---|---|---|---|---|"]
@@ -201,7 +213,12 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['method']} | {pat} | {r['prefill_density']:.3f} | {r['kv_keys_per_head'] or '-'} | "
                      f"{r['correct']}/{r['n']} | {r['wilson95'][0]:.2f}–{r['wilson95'][1]:.2f} | "
                      f"{'-' if p is None else format(p, '.2g')} |")
-    lines += ["", "Notes:", ""] + [f"- {x}" for x in NOTES]
+    notes = list(NOTES)
+    if meta.get("protocol") == "context_first":
+        notes[0] = ("Multi-turn protocol: the observation rows are the last rows of the context, before the question "
+                    "is known; the question and answer rows then see what was selected. Only `select` runs here: the "
+                    "other methods select nothing, so they score as in selection_probe.md on the same items.")
+    lines += ["", "Notes:", ""] + [f"- {x}" for x in notes]
     return "\n".join(lines) + "\n"
 
 
