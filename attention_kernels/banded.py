@@ -2,7 +2,8 @@
 
 The native kernel (:mod:`attention_kernels.native_cpu`, ``csrc/sink_window_cpu.c``) takes every head of an
 fp32 / bf16 / fp16 call in one pass per 16-row block over the gathered sink + window keys. The composition
-("banded_v2", docs/cpu-kernels.md §3) is the fallback (no C compiler, fp64, ``kernel="sdpa"``). For one head with ``sink_eff = S`` and ``window = W`` (``span = S + W``, semantics in ``plans/span.py``):
+("banded_v2", docs/cpu-kernels.md §3) is the fallback (no C compiler, fp64, ``kernel="sdpa"``). For one head
+with ``sink_eff = S`` and ``window = W`` (``span = S + W``, semantics in ``plans/span.py``):
 
 1. rows ``[0, span)`` see every earlier key: one causal SDPA call on that prefix;
 2. rows ``[span, N)``, windows below ``CHUNK_SWITCH``: query blocks of ``Bq`` rows, one call over a zero-copy

@@ -47,10 +47,8 @@ def pattern_mask(
     sink_eff, window = split_span_tensor(sink, span)
     i, j = q_pos[:, None, :, None], k_pos[:, None, None, :]
     se, w = sink_eff[:, :, None, None], window[:, :, None, None]
-    if selected is None:
-        ok = k_valid[:, None, None, :] & sees(i, j, se, w)
-    else:
-        ok = k_valid[:, None, None, :] & sees_or_selected(i, j, se, w, selected[:, :, None, :])
+    seen = sees(i, j, se, w) if selected is None else sees_or_selected(i, j, se, w, selected[:, :, None, :])
+    ok = k_valid[:, None, None, :] & seen
     if native_window is not None:
         ok = ok & (i - j < native_window)
     if allowed is not None:

@@ -96,6 +96,20 @@ def flex_runner(q, k, v, sink: torch.Tensor, span: torch.Tensor):
     return (lambda: compiled(q, k, v, block_mask=block_mask)), compile_s, mask_s
 
 
+def rotated_times(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """One warm-up call of each function, then ``repeats`` rounds in rotating order: seconds per call and round."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    times = {m: [] for m in fns}
+    for r in range(repeats):
+        for m in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            fns[m]()
+            times[m].append(time.perf_counter() - t)
+    return times
+
+
 def bench(n: int, h: int, d: int, target: float, repeats: int, dtype=torch.float32, flex: bool = True) -> dict:
     spans = make_windows(n, h, target)
     density = sum(prefill_density(s, n) for s in spans) / h
@@ -113,27 +127,16 @@ def bench(n: int, h: int, d: int, target: float, repeats: int, dtype=torch.float
     def composition():
         return banded_attention(q, k, v, sink, span, kernel="sdpa")
 
-    def timed(fn):
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
     fns = {"dense": dense, "banded": banded, "composition": composition}
-    extra = {"kernel": "native" if native_kernel() is not None else "sdpa composition (no C compiler)"}
+    extra = {}
     if flex:
         run, compile_s, mask_s = flex_runner(q, k, v, sink, span)
         err = float((run() - banded()).abs().max())
         if err > 1e-3:
             raise AssertionError(f"FlexAttention differs from the banded kernel by {err} at N={n}")
         fns["flex"] = run
-        extra |= {"flex_compile_s": round(compile_s, 1), "flex_block_mask_s": round(mask_s, 2), "flex_max_abs_diff": err}
-    for fn in fns.values():  # warm-up
-        fn()
-    times = {m: [] for m in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for m in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
-            times[m].append(timed(fns[m]))
+        extra = {"flex_compile_s": round(compile_s, 1), "flex_block_mask_s": round(mask_s, 2), "flex_max_abs_diff": err}
+    times = rotated_times(fns, repeats)
     med = lambda m: statistics.median(times["dense"][i] / times[m][i] for i in range(repeats))  # noqa: E731
     speed = med("banded")
     row = {
@@ -146,7 +149,7 @@ def bench(n: int, h: int, d: int, target: float, repeats: int, dtype=torch.float
         "composition_ms": round(1000 * statistics.median(times["composition"]), 1),
         "composition_speedup": round(med("composition"), 2),
         "composition_pct_of_ideal": round(100 * med("composition") * density, 1),
-        **({} if flex else extra),
+        "kernel": "native" if native_kernel() is not None else "sdpa composition (no C compiler)",
     }
     if flex:
         fs = med("flex")
@@ -181,15 +184,7 @@ def bench_spans(n: int, h: int, d: int, spans: list[int], repeats: int) -> dict:
         "native": lambda: banded_attention(q, k, v, sink, span, kernel="native"),
         "composition": lambda: banded_attention(q, k, v, sink, span, kernel="sdpa"),
     }
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    times = {m: [] for m in fns}
-    for r in range(repeats):
-        for m in names[r % len(names):] + names[: r % len(names)]:
-            t = time.perf_counter()
-            fns[m]()
-            times[m].append(time.perf_counter() - t)
+    times = rotated_times(fns, repeats)
     out = {"density": round(density, 4)}
     for m in ("native", "composition"):
         speed = statistics.median(times["dense"][i] / times[m][i] for i in range(repeats))

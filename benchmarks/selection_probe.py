@@ -85,7 +85,7 @@ def probe_attention(module, query, key, value, attention_mask, scaling=None, dro
         j = torch.arange(n)
         in_sink = j < int(se[0])
         extra = ((n - j) - torch.clamp(n - j, max=int(w[0]))).clamp(min=0)  # rows past the window that see key j
-        Probe.extra_entries.append(int((keys & ~in_sink)[:, :].mul(extra).sum()) * (hq // hkv))
+        Probe.extra_entries.append(int((keys & ~in_sink).mul(extra).sum()) * (hq // hkv))
     out = sink_window_prefill(query, key, value, se, w, scale, selected=sel, block=Probe.block)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 

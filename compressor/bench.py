@@ -80,7 +80,8 @@ def attention_only_ms(plan: Plan | None, n: int, dtype=torch.float32, seed: int 
 
 def attention_decode_only(n: int, layers: int, hq: int, hkv: int, d: int, dtype=torch.float32, seed: int = 0):
     """A closure running one dense decode step's attention for every layer: one query token over an N-slot KV
-    cache per layer (:func:`attention_kernels.cpu_decode.sdpa_decode`, the kernel the dense cache path uses)."""
+    cache per layer, one grouped-query SDPA call each (:func:`attention_kernels.cpu_decode.sdpa_decode`, the
+    dense baseline of ``benchmarks/decode_cpu.py``); a separate cache per layer, as a real model reads."""
     from attention_kernels.cpu_decode import sdpa_decode
 
     g = torch.Generator().manual_seed(seed)

@@ -66,30 +66,27 @@ def test_bench_cli_throughput_and_bad_budget(tiny_model_dir, tmp_path):
     assert bad.exit_code == 2 and "--kv-budget" in bad.output
 
 
-def test_bench_reports_the_fraction_of_ideal(tiny_model_dir):
-    r = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--density", "0.3", "--lengths", "256",
-                            "--repeats", "1", "--no-decode", "--json"])
-    assert r.exit_code == 0, r.output
-    res = json.loads(r.stdout[r.stdout.index("{"):])["results"]
+def _check_amdahl(res: list[dict], share: str, measured: tuple[str, str], density: str, speedup: str,
+                  ideal_key: str, fraction: str) -> None:
+    """The dense row's share a = attention ms / step ms (clipped to 1); every row's ideal 1/((1-a)+a*density)
+    and the fraction of it reached."""
     dense = next(x for x in res if x["method"] == "dense")
-    a = dense["ratios"]["attention_share"]
-    assert 0 < a <= 1 and a == pytest.approx(min(1.0, dense["attn_prefill_ms"] / dense["model_prefill_ms"]))
+    a = dense["ratios"][share]
+    assert 0 < a <= 1 and a == pytest.approx(min(1.0, dense[measured[0]] / dense[measured[1]]))
     for x in res:
-        ideal = 1 / ((1 - a) + a * x["density"])
-        assert x["ratios"]["ideal_model_speedup"] == pytest.approx(ideal)
-        assert x["ratios"]["fraction_of_ideal"] == pytest.approx(x["ratios"]["model_prefill_speedup"] / ideal)
+        ideal = 1 / ((1 - a) + a * x[density])
+        assert x["ratios"][ideal_key] == pytest.approx(ideal)
+        assert x["ratios"][fraction] == pytest.approx(x["ratios"][speedup] / ideal)
 
 
-def test_bench_reports_the_decode_fraction_of_ideal(tiny_model_dir):
-    """The decode bound: a = dense decode attention (every layer over an N-slot cache) / dense decode step."""
+def test_bench_reports_the_fractions_of_ideal(tiny_model_dir):
+    """Prefill: a = dense attention / dense whole-model prefill, at the prefill density. Decode: a = dense decode
+    attention (every layer over an N-slot cache) / dense decode step, at the KV density."""
     r = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--density", "0.3", "--lengths", "256",
                             "--repeats", "1", "--decode-steps", "3", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout[r.stdout.index("{"):])["results"]
-    dense = next(x for x in res if x["method"] == "dense")
-    a = dense["ratios"]["decode_attention_share"]
-    assert 0 < a <= 1 and a == pytest.approx(min(1.0, dense["attn_decode_ms"] / dense["decode_step_ms"]))
-    for x in res:
-        ideal = 1 / ((1 - a) + a * x["kv_density"])
-        assert x["ratios"]["ideal_decode_speedup"] == pytest.approx(ideal)
-        assert x["ratios"]["decode_fraction_of_ideal"] == pytest.approx(x["ratios"]["decode_step_speedup"] / ideal)
+    _check_amdahl(res, "attention_share", ("attn_prefill_ms", "model_prefill_ms"), "density",
+                  "model_prefill_speedup", "ideal_model_speedup", "fraction_of_ideal")
+    _check_amdahl(res, "decode_attention_share", ("attn_decode_ms", "decode_step_ms"), "kv_density",
+                  "decode_step_speedup", "ideal_decode_speedup", "decode_fraction_of_ideal")
